@@ -1,0 +1,3 @@
+from airflow_glidein.cli import main
+
+raise SystemExit(main())

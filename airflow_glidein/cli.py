@@ -1,0 +1,102 @@
+"""``python -m airflow_glidein``: check a configuration, plan from a queue file."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from airflow_glidein.config import Config, ConfigError, load_config
+
+log = logging.getLogger("airflow_glidein")
+
+
+def _summary(cfg: Config) -> str:
+    lines = [f"factory {cfg.factory.name}: bootstrap {cfg.factory.bootstrap_url}, "
+             f"collector {cfg.factory.collector or '(none: registration not observed)'}"]
+    lines.append(f"{len(cfg.entries)} entries:")
+    for e in cfg.entries:
+        lines.append(f"  {e.name}: {e.middleware} {e.region or ''} image={e.image or '-'} flavor={e.flavor or '-'} "
+                     f"{e.cores} cores/{e.memory_mb} MB/{e.gpus} GPUs, trust domain {e.trust_domain} "
+                     f"({e.auth_method}), max {e.limits.max_pilots} pilots")
+    lines.append(f"{len(cfg.frontends)} frontends:")
+    for f in cfg.frontends:
+        lines.append(f"  {f.name}: entries {', '.join(f.entries)}; credentials {', '.join(f.credentials)}; "
+                     f"schedule {f.schedule or 'manual'}")
+    lines.append(f"{len(cfg.credentials)} credentials:")
+    for c in cfg.credentials:
+        lines.append(f"  {c.id}: {c.type} for {c.purpose}, trust domain {c.trust_domain}, connection {c.conn_id}")
+    return "\n".join(lines)
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        print(f"{exc.path}: configuration rejected ({len(exc.problems)} problem(s)):", file=sys.stderr)
+        for p in exc.problems:
+            print(f"  - {p}", file=sys.stderr)
+        return 1
+    print(_summary(cfg))
+    print("configuration OK")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from airflow_glidein import credentials, demand, planning, report
+    from airflow_glidein.classads import Matcher
+
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    names = [args.frontend] if args.frontend else [f.name for f in cfg.frontends]
+    out = {}
+    for name in names:
+        try:
+            fe = cfg.frontend(name)
+        except KeyError as exc:
+            print(exc.args[0], file=sys.stderr)
+            return 1
+        entries = [cfg.entry(e) for e in fe.entries]
+        attrs = demand.match_attributes(fe.match_expr, entries)
+        try:
+            groups = demand.read_queue_file(args.queue, attrs)
+        except ValueError as exc:
+            print(str(exc), file=sys.stderr)
+            return 1
+        demand.match_groups(groups, Matcher(fe.match_expr, {e.name: (e.machine_attrs(), e.requirements) for e in entries}))
+        choice = credentials.select(cfg, name)
+        request = planning.plan_frontend(cfg, name, groups, choice)
+        request["demand"] = demand.summarize(groups)
+        out[name] = request
+        if not args.json:
+            d = request["demand"]
+            print(f"{d['idle']} idle / {d['running']} running jobs in {d['groups']} groups "
+                  f"({d['idle_unmatched']} idle match no entry)")
+            print(report.plan_table(request))
+            print()
+    if args.json:
+        json.dump(out, sys.stdout, indent=2, sort_keys=True)
+        print()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m airflow_glidein", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("check-config", help="validate a configuration file and print its summary")
+    p.add_argument("config")
+    p.set_defaults(func=cmd_check_config)
+    p = sub.add_parser("plan", help="print the frontends' plans for a condor_q -json file; touches no cloud")
+    p.add_argument("config")
+    p.add_argument("--queue", required=True, help="condor_q -json or condor_q -autocluster -json output")
+    p.add_argument("--frontend", help="only this frontend")
+    p.add_argument("--json", action="store_true", help="print the requests as JSON")
+    p.set_defaults(func=cmd_plan)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    return args.func(args)

@@ -1,0 +1,374 @@
+"""The configuration file: factory, entries, frontends and credentials.
+
+One YAML file, loaded into typed models. A bad file is rejected with a
+message naming the file, the field path and the problem; values are never
+echoed back, so a secret pasted into the wrong field is not printed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from airflow_glidein import classads
+
+MIDDLEWARES = ("ec2", "openstack", "opennebula", "htcondor_g")
+CLOUD_MIDDLEWARES = ("ec2", "openstack", "opennebula")
+
+CREDENTIAL_TYPES = (
+    "x509_proxy",
+    "ec2_key_pair",
+    "openstack_app_credential",
+    "openstack_password",
+    "opennebula_password",
+    "idtoken",
+    "scitoken",
+    "ssh_key",
+)
+# glideinWMS auth method names each credential type satisfies.
+AUTH_METHODS = {
+    "x509_proxy": {"grid_proxy"},
+    "ec2_key_pair": {"key_pair"},
+    "openstack_app_credential": {"app_credential"},
+    "openstack_password": {"username_password"},
+    "opennebula_password": {"username_password"},
+    "idtoken": {"idtoken"},
+    "scitoken": {"scitoken"},
+    "ssh_key": {"ssh_key"},
+}
+# Parameters, not secrets (glideinWMS: key_pair+vm_id+vm_type).
+AUTH_PARAMETERS = {"vm_id", "vm_type"}
+
+NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
+Name = Annotated[str, Field(pattern=NAME)]
+NonNeg = Annotated[int, Field(ge=0)]
+Pos = Annotated[int, Field(gt=0)]
+
+
+class ConfigError(Exception):
+    """A configuration file that cannot be used; str() lists every problem."""
+
+    def __init__(self, path: str | os.PathLike, problems: list[str]):
+        self.path = str(path)
+        self.problems = problems
+        super().__init__("\n".join(f"{self.path}: {p}" for p in problems))
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_classad(value: str) -> str:
+    classads.parse_expr(value)  # raises ValueError with the parser's reason
+    return value
+
+
+ClassAdExpr = Annotated[str, AfterValidator(_check_classad)]
+
+
+class EntryLimits(Model):
+    """Entry-wide limits; they hold across all frontends using the entry."""
+
+    max_pilots: NonNeg = 100  # pilots in any live state at this entry
+    max_idle: NonNeg = 20  # pilots booting or registered idle
+    max_per_cycle: NonNeg = 20  # launches per factory cycle
+    batch_size: Pos = 10  # instances per provider call (one launch id each)
+
+
+class PilotPolicy(Model):
+    boot_timeout: Pos = 900  # s to register with the collector
+    idle_timeout: Pos = 1200  # s a registered pilot may stay unclaimed
+    max_lifetime: Pos = 86400  # s from launch until the pilot is retired
+    retire_window: NonNeg = 3600  # s a retiring busy pilot may finish its jobs
+
+
+class PolicyOverride(Model):
+    boot_timeout: Pos | None = None
+    idle_timeout: Pos | None = None
+    max_lifetime: Pos | None = None
+    retire_window: NonNeg | None = None
+
+
+class ApiBudget(Model):
+    """Provider calls allowed per window, shared by every worker (token bucket)."""
+
+    requests: Pos = 500
+    per_seconds: Pos = 300
+
+
+class Entry(Model):
+    name: Name
+    middleware: Literal["ec2", "openstack", "opennebula", "htcondor_g"]
+    region: str | None = None
+    endpoint: str | None = None  # names the API endpoint (budget, pool); the URL itself is in the connection
+    image: str | None = None
+    allow_vo_image: bool = False
+    flavor: str | None = None  # EC2 instance type, Nova flavor, OpenNebula template
+    cores: Pos = 1
+    memory_mb: Pos = 2048
+    gpus: NonNeg = 0
+    attrs: dict[str, str | int | float | bool] = {}
+    requirements: ClassAdExpr | None = None  # over the job (TARGET), with the entry's ad as MY
+    trust_domain: Name
+    auth_method: str = "key_pair"
+    limits: EntryLimits = EntryLimits()
+    policy: PilotPolicy = PilotPolicy()
+    api_budget: ApiBudget = ApiBudget()
+    options: dict[str, Any] = {}  # middleware-specific settings (subnet, network, key name, ...)
+
+    @field_validator("auth_method")
+    @classmethod
+    def _known_auth(cls, v: str) -> str:
+        known = set().union(*AUTH_METHODS.values()) | AUTH_PARAMETERS
+        bad = [t for t in v.split("+") if t not in known]
+        if bad or not v:
+            raise ValueError(f"unknown auth method {'+'.join(bad) or '(empty)'}; known: {', '.join(sorted(known))}")
+        return v
+
+    @model_validator(mode="after")
+    def _cloud_needs_image(self) -> Entry:
+        if self.middleware in CLOUD_MIDDLEWARES:
+            if not self.image:
+                raise ValueError(f"a {self.middleware} entry needs an image")
+            if not self.flavor:
+                raise ValueError(f"a {self.middleware} entry needs a flavor (instance type)")
+        return self
+
+    @property
+    def auth_tokens(self) -> set[str]:
+        return set(self.auth_method.split("+")) - AUTH_PARAMETERS
+
+    @property
+    def api_endpoint(self) -> str:
+        """What an API budget and an Airflow pool are keyed by."""
+        return self.endpoint or f"{self.middleware}-{self.region or 'default'}"
+
+    def machine_attrs(self) -> dict[str, Any]:
+        """The ClassAd a pilot of this entry will advertise, as matching sees it."""
+        ad = {"Cpus": self.cores, "Memory": self.memory_mb, "GPUs": self.gpus, "GLIDEIN_Entry_Name": self.name}
+        ad.update(self.attrs)
+        return ad
+
+
+class DemandSource(Model):
+    """Where a frontend reads its demand: schedds through htcondor2, or a file."""
+
+    collector: str | None = None
+    schedds: list[str] = []  # empty with a collector: every schedd it knows
+    queue_file: str | None = None  # condor_q -json or condor_q -autocluster -json
+    constraint: ClassAdExpr = "true"
+    timeout: Pos = 30
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DemandSource:
+        if not self.queue_file and not self.collector and not self.schedds:
+            raise ValueError("name a collector, schedds, or a queue_file")
+        return self
+
+
+class FrontendLimits(Model):
+    max_running: NonNeg = 10000  # this frontend's pilots in all entries
+    max_idle: NonNeg = 100  # this frontend's booting + idle pilots in all entries
+    max_running_per_entry: NonNeg = 10000
+    max_idle_per_entry: NonNeg = 100
+
+
+class Frontend(Model):
+    name: Name
+    schedule: str | None = "*/5 * * * *"
+    demand: DemandSource
+    match_expr: ClassAdExpr = "true"  # over job.* and glidein.*
+    start_expr: ClassAdExpr = "true"  # becomes the pilots' START expression
+    entries: list[str] = Field(min_length=1)
+    credentials: list[str] = Field(min_length=1)
+    vo_image: str | None = None
+    limits: FrontendLimits = FrontendLimits()
+    policy: PolicyOverride = PolicyOverride()
+    request_ttl: Pos = 1800  # s after which the factory ignores this frontend's last request
+
+
+class Credential(Model):
+    id: Name
+    type: Literal[CREDENTIAL_TYPES]  # type: ignore[valid-type]
+    conn_id: str = Field(min_length=1)
+    trust_domain: Name
+    purpose: Literal["provision", "pilot"]
+
+    @property
+    def auth_methods(self) -> set[str]:
+        return AUTH_METHODS[self.type]
+
+
+class GlobalLimits(Model):
+    """Totals across all frontends and entries of this factory."""
+
+    max_pilots: NonNeg = 100000
+    max_idle: NonNeg = 1000
+
+
+class Factory(Model):
+    name: Name
+    bootstrap_url: str = Field(pattern=r"^https?://")
+    schedule: str | None = "*/5 * * * *"
+    collector: str | None = None  # where pilots register; None: registration is not observed
+    limits: GlobalLimits = GlobalLimits()
+
+
+class Config(Model):
+    factory: Factory
+    entries: list[Entry] = Field(min_length=1)
+    frontends: list[Frontend] = []
+    credentials: list[Credential] = []
+
+    @model_validator(mode="after")
+    def _references(self) -> Config:
+        problems = []
+        for kind, items, key in (
+            ("entry", self.entries, "name"),
+            ("frontend", self.frontends, "name"),
+            ("credential", self.credentials, "id"),
+        ):
+            seen = set()
+            for item in items:
+                name = getattr(item, key)
+                if name in seen:
+                    problems.append(f"duplicate {kind} {key} {name!r}")
+                seen.add(name)
+        entries = {e.name: e for e in self.entries}
+        creds = {c.id for c in self.credentials}
+        for fe in self.frontends:
+            for name in fe.entries:
+                if name not in entries:
+                    problems.append(f"frontend {fe.name!r} names unknown entry {name!r}")
+            for cid in fe.credentials:
+                if cid not in creds:
+                    problems.append(f"frontend {fe.name!r} names unknown credential {cid!r}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def entry(self, name: str) -> Entry:
+        return next(e for e in self.entries if e.name == name)
+
+    def frontend(self, name: str) -> Frontend:
+        for fe in self.frontends:
+            if fe.name == name:
+                return fe
+        raise KeyError(f"no frontend {name!r} in the configuration")
+
+    def credential(self, cid: str) -> Credential:
+        return next(c for c in self.credentials if c.id == cid)
+
+    def policy_for(self, entry: Entry, frontend: str | None) -> PilotPolicy:
+        """The entry's pilot policy with the frontend's overrides applied."""
+        fe = next((f for f in self.frontends if f.name == frontend), None)
+        if fe is None:
+            return entry.policy
+        overrides = {k: v for k, v in fe.policy.model_dump().items() if v is not None}
+        return entry.policy.model_copy(update=overrides)
+
+
+_BRANCH = re.compile(r"^(str|int|float|bool|none|list|dict)$|\[")  # pydantic's union/validator tags
+
+
+def _loc(data: Any, loc: tuple) -> str:
+    """A readable field path, naming list items by name: entries[aws-east].limits.max_pilots."""
+    parts: list[str] = []
+    node = data
+    for item in loc:
+        if isinstance(item, int):
+            child = node[item] if isinstance(node, list) and 0 <= item < len(node) else None
+            name = (child.get("name") or child.get("id")) if isinstance(child, dict) else None
+            parts.append(f"[{name}]" if isinstance(name, str) else f"[{item}]")
+            node = child
+        elif isinstance(item, str) and _BRANCH.search(item) and not (isinstance(node, dict) and item in node):
+            continue
+        else:
+            parts.append(f".{item}")
+            node = node.get(item) if isinstance(node, dict) else None
+    return "".join(parts).lstrip(".") or "(top level)"
+
+
+def _message(err: dict) -> str:
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        return "unknown field"
+    if err["type"] == "missing":
+        return "required field is missing"
+    for prefix in ("Value error, ", "Assertion failed, "):
+        if msg.startswith(prefix):
+            msg = msg[len(prefix) :]
+    return msg
+
+
+def parse_config(data: Any, path: str | os.PathLike = "<config>") -> Config:
+    if not isinstance(data, dict):
+        raise ConfigError(path, ["the file must hold a mapping with factory, entries, frontends, credentials"])
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors(include_input=False, include_url=False):
+            problems.append(f"{_loc(data, err['loc'])}: {_message(err)}")
+        raise ConfigError(path, problems) from None
+
+
+def load_config(path: str | os.PathLike) -> Config:
+    """Load and validate one configuration file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(path, [f"cannot read the file: {exc.strerror}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ConfigError(path, [f"{where}not valid YAML ({getattr(exc, 'problem', None) or exc})"]) from None
+    _resolve_paths(data, path.parent)
+    return parse_config(data, path)
+
+
+def _resolve_paths(data: Any, base: Path) -> None:
+    """Relative queue files are relative to the configuration file."""
+    if not isinstance(data, dict) or not isinstance(data.get("frontends"), list):
+        return
+    for fe in data["frontends"]:
+        src = fe.get("demand") if isinstance(fe, dict) else None
+        if isinstance(src, dict) and isinstance(src.get("queue_file"), str) and not os.path.isabs(src["queue_file"]):
+            src["queue_file"] = str(base / src["queue_file"])
+
+
+@lru_cache(maxsize=8)
+def _cached(path: str, stamp: tuple[int, int]) -> Config:
+    return load_config(path)
+
+
+def config_path() -> str:
+    """The configuration file named by Airflow's [glidein] config_file."""
+    path = os.environ.get("AIRFLOW__GLIDEIN__CONFIG_FILE")
+    if not path:
+        from airflow.sdk import conf
+
+        path = conf.get("glidein", "config_file", fallback=None)
+    if not path:
+        raise ConfigError("[glidein] config_file", ["not set: point it (or AIRFLOW__GLIDEIN__CONFIG_FILE) at the YAML file"])
+    return path
+
+
+def get_config(path: str | None = None) -> Config:
+    """The configuration, re-read only when the file changes (cheap at DAG parse)."""
+    path = path or config_path()
+    try:
+        st = os.stat(path)
+        stamp = (st.st_mtime_ns, st.st_size)
+    except OSError:
+        stamp = (-1, -1)
+    return _cached(str(path), stamp)

@@ -1,0 +1,41 @@
+"""Provider metadata for Airflow's providers manager (entry point apache_airflow_provider)."""
+
+from __future__ import annotations
+
+from airflow_glidein import __version__
+
+
+def get_provider_info() -> dict:
+    return {
+        "package-name": "airflow-glidein",
+        "name": "Glidein (HTCondor pilots on clouds and grids)",
+        "description": "Pilot-based cloud bursting for HTCondor pools: frontends, a factory, and middleware hooks.",
+        "versions": [__version__],
+        "integrations": [
+            {"integration-name": "HTCondor glideins", "external-doc-url": "https://glideinwms.fnal.gov/",
+             "tags": ["software"]},
+        ],
+        "operators": [
+            {"integration-name": "HTCondor glideins",
+             "python-modules": ["airflow_glidein.operators.frontend", "airflow_glidein.operators.factory"]},
+        ],
+        "hooks": [
+            {"integration-name": "HTCondor glideins",
+             "python-modules": ["airflow_glidein.hooks.ec2", "airflow_glidein.hooks.htcondor"]},
+        ],
+        "connection-types": [
+            {
+                "connection-type": "htcondor",
+                "hook-class-name": "airflow_glidein.hooks.htcondor.HTCondorHook",
+                "hook-name": "HTCondor pool",
+                "conn-fields": {
+                    "collector": {"label": "Collector (host[:port])", "schema": {"type": ["string", "null"]}},
+                },
+                "ui-field-behaviour": {
+                    "hidden-fields": ["schema", "login", "port", "extra"],
+                    "relabeling": {"host": "Collector host", "password": "Pool token (IDTOKEN)"},
+                    "placeholders": {"host": "cm.example.org:9618"},
+                },
+            },
+        ],
+    }

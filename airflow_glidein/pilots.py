@@ -1,0 +1,113 @@
+"""Pilot records and states (DESIGN.md's state machine).
+
+A pilot is one provisioned resource; its id is the provider's id qualified by
+entry. Its state comes from what the provider and the collector say now.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+# Pilot states
+REQUESTED = "requested"
+BOOTING = "booting"
+IDLE = "idle"  # registered, unclaimed
+BUSY = "busy"  # registered, running jobs
+RETIRING = "retiring"
+TERMINATING = "terminating"
+TERMINATED = "terminated"
+BOOT_FAILED = "boot_failed"
+LOST = "lost"
+STOPPED = "stopped"
+STUCK = "stuck"
+ORPHAN = "orphan"
+
+STATES = (REQUESTED, BOOTING, IDLE, BUSY, RETIRING, TERMINATING, TERMINATED,
+          BOOT_FAILED, LOST, STOPPED, STUCK, ORPHAN)
+CAPACITY = (REQUESTED, BOOTING, IDLE)  # what the factory subtracts from a requested level
+LIVE = tuple(s for s in STATES if s != TERMINATED)  # holds quota at the provider
+
+# Provider states, as every hook normalises them
+P_PENDING, P_RUNNING, P_STOPPING, P_STOPPED = "pending", "running", "stopping", "stopped"
+P_TERMINATING, P_TERMINATED, P_ERROR = "terminating", "terminated", "error"
+
+# Tags every pilot carries at its provider
+TAG_FACTORY = "glidein:factory"
+TAG_FRONTEND = "glidein:frontend"
+TAG_ENTRY = "glidein:entry"
+TAG_LAUNCH = "glidein:launch"
+TAG_REQUEST = "glidein:request"
+
+
+@dataclass
+class ProviderInstance:
+    """One instance as a hook lists it."""
+
+    id: str
+    state: str  # one of the P_* states
+    launched: float  # epoch seconds
+    tags: dict[str, str] = field(default_factory=dict)
+    detail: str = ""  # provider status text, fault message
+
+    @property
+    def launch_id(self) -> str | None:
+        return self.tags.get(TAG_LAUNCH)
+
+
+@dataclass
+class Pilot:
+    id: str
+    entry: str
+    frontend: str | None
+    launch: str | None
+    state: str
+    launched: float
+    provider_state: str
+    detail: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Pilot:
+        return cls(**d)
+
+
+def observe(
+    inst: ProviderInstance,
+    entry: str,
+    known_frontends: Iterable[str],
+    startd: Mapping[str, Any] | None = None,
+) -> Pilot:
+    """The pilot's state from the provider's listing and its startd ad (if any)."""
+    frontend = inst.tags.get(TAG_FRONTEND)
+    if inst.state == P_TERMINATED:
+        state = TERMINATED
+    elif inst.state == P_TERMINATING:
+        state = TERMINATING
+    elif inst.state in (P_STOPPING, P_STOPPED):
+        state = STOPPED
+    elif inst.state == P_ERROR:
+        state = BOOT_FAILED
+    elif frontend not in set(known_frontends):
+        state = ORPHAN
+    elif startd is not None:
+        activity = str(startd.get("State", ""))
+        state = BUSY if activity == "Claimed" else RETIRING if activity in ("Drained", "Preempting") else IDLE
+    else:
+        state = BOOTING
+    return Pilot(inst.id, entry, frontend, inst.launch_id, state, inst.launched, inst.state, inst.detail)
+
+
+def counts(pilots: Iterable[Pilot]) -> dict[str, dict[str, dict[str, int]]]:
+    """{entry: {frontend: {state: n, "total": n}}}, for plans and reports."""
+    out: dict[str, dict[str, Counter]] = {}
+    for p in pilots:
+        c = out.setdefault(p.entry, {}).setdefault(p.frontend or "-", Counter())
+        c[p.state] += 1
+        if p.state in LIVE:
+            c["total"] += 1
+    return {e: {f: dict(c) for f, c in fes.items()} for e, fes in out.items()}

@@ -1,0 +1,150 @@
+"""The factory's decisions, as pure functions: what to launch, what to reap.
+
+Requests are levels: the factory launches the requested idle level minus the
+pilots that already boot or idle, within each frontend's max_running, then
+applies the entry-wide limits across all frontends that use the entry, then
+the factory-wide totals. Running the factory twice on the same request
+launches nothing twice, because the second run subtracts the first's pilots.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterable, Mapping
+from datetime import datetime
+from typing import Any
+
+from airflow_glidein import pilots as P
+from airflow_glidein.config import Config
+from airflow_glidein.planning import apportion
+
+
+def latest_requests(events: Iterable[Mapping[str, Any]], config: Config, now: float) -> dict[str, dict]:
+    """The newest unexpired request of every configured frontend.
+
+    ``events`` are asset events as {"extra": request, "timestamp": epoch}, any order.
+    """
+    known = {f.name: f for f in config.frontends}
+    best: dict[str, dict] = {}
+    for ev in events:
+        req = ev.get("extra") or {}
+        name = req.get("frontend")
+        ts = float(ev.get("timestamp", 0))
+        if name not in known and not req.get("burst"):
+            continue  # a removed frontend's request is not acted on
+        ttl = req.get("ttl") or (known[name].request_ttl if name in known else 0)
+        if now - ts > ttl:
+            continue
+        if name not in best or ts > best[name]["published"]:
+            best[name] = {**req, "published": ts}
+    return best
+
+
+def launch_id(run_key: str, frontend: str, entry: str, batch: int) -> str:
+    """Names one provider call; the same in every retry of the same factory run."""
+    return f"{run_key}.{frontend}.{entry}.{batch}"
+
+
+def run_key(run_id: str) -> str:
+    return hashlib.sha256(run_id.encode()).hexdigest()[:10]
+
+
+def plan_launches(
+    config: Config,
+    requests: Mapping[str, Mapping[str, Any]],
+    pilots: Iterable[P.Pilot],
+    key: str,
+    blocked: Mapping[str, str] | None = None,
+) -> list[dict[str, Any]]:
+    """Per entry with something to launch: its batches and the reasoning."""
+    blocked = blocked or {}
+    pilots = list(pilots)
+    by_entry: dict[str, list[P.Pilot]] = {}
+    for p in pilots:
+        by_entry.setdefault(p.entry, []).append(p)
+    g = config.factory.limits
+    live_all = sum(p.state in P.LIVE for p in pilots)
+    cap_all = sum(p.state in P.CAPACITY for p in pilots)
+    global_room = max(0, min(g.max_pilots - live_all, g.max_idle - cap_all))
+
+    work = []
+    for entry in config.entries:
+        asks = {f: r["entries"][entry.name] for f, r in sorted(requests.items()) if entry.name in r.get("entries", {})}
+        if not asks:
+            continue
+        here = by_entry.get(entry.name, [])
+        why: dict[str, Any] = {"frontends": {}}
+        deficits = {}
+        for f, ask in asks.items():
+            mine = [p for p in here if p.frontend == f]
+            capacity = sum(p.state in P.CAPACITY for p in mine)
+            live = sum(p.state in P.LIVE for p in mine)
+            deficit = max(0, min(int(ask["idle"]) - capacity, int(ask.get("max_running", math.inf)) - live))
+            deficits[f] = deficit
+            why["frontends"][f] = {"level": ask["idle"], "capacity": capacity, "live": live,
+                                   "max_running": ask.get("max_running"), "deficit": deficit}
+        lim = entry.limits
+        live_e = sum(p.state in P.LIVE for p in here)
+        cap_e = sum(p.state in P.CAPACITY for p in here)
+        rooms = [
+            (lim.max_pilots - live_e, "entry.max_pilots"),
+            (lim.max_idle - cap_e, "entry.max_idle"),
+            (lim.max_per_cycle, "entry.max_per_cycle"),
+            (global_room, "factory.limits"),
+        ]
+        if entry.name in blocked:
+            rooms.append((0, f"entry backoff: {blocked[entry.name]}"))
+        room, room_by = min(rooms, key=lambda r: r[0])
+        room = max(room, 0)
+        want = sum(deficits.values())
+        alloc = deficits if want <= room else apportion(room, deficits)
+        why["room"] = room
+        why["bound_by"] = "demand" if want <= room else room_by
+        global_room -= sum(alloc.values())
+        launches = []
+        for f, n in alloc.items():
+            ask = asks[f]
+            request = requests[f]
+            for b in range(math.ceil(n / lim.batch_size)):
+                count = min(lim.batch_size, n - b * lim.batch_size)
+                launches.append({
+                    "launch_id": launch_id(key, f, entry.name, b),
+                    "frontend": f,
+                    "count": count,
+                    "request": str(request.get("cycle", "")),
+                    "provision": ask.get("provision"),
+                    "pilot": ask.get("pilot"),
+                    "image": ask.get("image") or entry.image,
+                    "start_expr": request.get("start_expr", "true"),
+                    "policy": (request.get("policy") or {}).get(entry.name) or config.policy_for(entry, f).model_dump(),
+                })
+        work.append({"entry": entry.name, "launches": launches, "why": why})
+    return work
+
+
+def reap(config: Config, pilots: Iterable[P.Pilot], now: float) -> list[dict[str, str]]:
+    """Pilots to terminate now, each with its reason."""
+    out = []
+    entries = {e.name: e for e in config.entries}
+    for p in pilots:
+        if p.state in (P.TERMINATED, P.TERMINATING):
+            continue
+        entry = entries.get(p.entry)
+        if entry is None:
+            continue  # never an automatic removal of what we do not know (glideinWMS #282)
+        age = now - p.launched
+        policy = config.policy_for(entry, p.frontend)
+        if age > policy.max_lifetime:
+            out.append({"id": p.id, "entry": p.entry, "reason": f"past max_lifetime ({int(age)} s > {policy.max_lifetime} s)"})
+        elif p.state == P.STOPPED:
+            out.append({"id": p.id, "entry": p.entry, "reason": "stopped, still holding quota"})
+    return out
+
+
+def epoch(ts: datetime | float | str) -> float:
+    if isinstance(ts, (int, float)):
+        return float(ts)
+    if isinstance(ts, str):
+        ts = datetime.fromisoformat(ts)
+    return ts.timestamp()

@@ -1,0 +1,69 @@
+"""The factory DAG, glidein_factory: provision what the frontends request, reap what must go.
+
+Runs on every ``glidein_requests`` event and on a timer. One run at a time, so
+entry-wide limits hold across frontends without locks.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pendulum
+from airflow.sdk import DAG, AssetOrTimeSchedule, CronTriggerTimetable
+
+from airflow_glidein.assets import GLIDEIN_REQUESTS
+from airflow_glidein.config import config_path, get_config
+from airflow_glidein.operators import (
+    CollectRequestsOperator,
+    FactoryReportOperator,
+    InventoryOperator,
+    PlanLaunchesOperator,
+    ReapPilotsOperator,
+    SubmitPilotsOperator,
+)
+
+DOC = """
+### Glidein factory `{name}`
+
+The only DAG that talks to resource providers. Each run:
+
+1. `collect_requests` - the newest unexpired request of every frontend (`glidein_requests` events);
+2. `inventory` - our instances at every entry, listed by tag, joined with the collector's startd ads;
+3. `plan_launches` - per entry, requested level minus pilots already booting or idle, within
+   each frontend's max running, the entry's limits (across all frontends) and the factory totals;
+4. `submit_pilots` - mapped per entry; idempotent per launch id, so a retry starts no duplicate;
+5. `reap_pilots` - terminates pilots past their lifetime and stopped VMs;
+6. `report` - publishes pilot counts on `glidein_status` (the frontends read it) and prints them.
+
+Entries: {entries}.
+"""
+
+CONFIG = config_path()
+_cfg = get_config(CONFIG)
+_schedule = (
+    AssetOrTimeSchedule(timetable=CronTriggerTimetable(_cfg.factory.schedule, timezone="UTC"), assets=[GLIDEIN_REQUESTS])
+    if _cfg.factory.schedule
+    else [GLIDEIN_REQUESTS]
+)
+
+with DAG(
+    dag_id="glidein_factory",
+    schedule=_schedule,
+    start_date=pendulum.datetime(2024, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    tags=["glidein", "factory"],
+    doc_md=DOC.format(name=_cfg.factory.name, entries=", ".join(f"`{e.name}` ({e.middleware})" for e in _cfg.entries)),
+    default_args={"retries": 3, "retry_delay": timedelta(seconds=20)},
+) as glidein_factory:
+    _requests = CollectRequestsOperator(task_id="collect_requests", config_file=CONFIG)
+    _inventory = InventoryOperator(task_id="inventory", config_file=CONFIG)
+    _plan = PlanLaunchesOperator(
+        task_id="plan_launches", requests=_requests.output, inventory=_inventory.output, config_file=CONFIG
+    )
+    _submit = SubmitPilotsOperator.partial(task_id="submit_pilots", config_file=CONFIG).expand(work=_plan.output)
+    _reap = ReapPilotsOperator(task_id="reap_pilots", inventory=_inventory.output, config_file=CONFIG)
+    FactoryReportOperator(
+        task_id="report", inventory=_inventory.output, submitted=_submit.output, reaped=_reap.output,
+        config_file=CONFIG, trigger_rule="all_done",
+    )

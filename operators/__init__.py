@@ -1,0 +1,29 @@
+"""Airflow operators of airflow-glidein (installed as airflow_glidein.operators)."""
+
+from airflow_glidein.operators.factory import (
+    CollectRequestsOperator,
+    FactoryReportOperator,
+    InventoryOperator,
+    PlanLaunchesOperator,
+    ReapPilotsOperator,
+    SubmitPilotsOperator,
+)
+from airflow_glidein.operators.frontend import (
+    PlanPilotsOperator,
+    PublishRequestOperator,
+    QueryDemandOperator,
+    SelectCredentialsOperator,
+)
+
+__all__ = [
+    "CollectRequestsOperator",
+    "FactoryReportOperator",
+    "InventoryOperator",
+    "PlanLaunchesOperator",
+    "PlanPilotsOperator",
+    "PublishRequestOperator",
+    "QueryDemandOperator",
+    "ReapPilotsOperator",
+    "SelectCredentialsOperator",
+    "SubmitPilotsOperator",
+]

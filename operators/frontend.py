@@ -1,0 +1,132 @@
+"""The frontend's operators: query demand, select credentials, plan, publish the request.
+
+A frontend never calls a provider: its only output is a request (a level per
+entry) published as an event on the ``glidein_requests`` asset.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from airflow_glidein import credentials as creds
+from airflow_glidein import demand, planning, report
+from airflow_glidein.assets import GLIDEIN_REQUESTS, GLIDEIN_STATUS
+from airflow_glidein.classads import Matcher
+from airflow_glidein.hooks.htcondor import HTCondorHook
+from airflow_glidein.operators.base import GlideinBaseOperator
+from airflow_glidein.pilots import CAPACITY
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+
+
+class QueryDemandOperator(GlideinBaseOperator):
+    """Idle and running jobs of a frontend, grouped and matched against its entries.
+
+    Returns (XCom) the job groups with the entries each matches, a summary,
+    and the schedds that did not answer.
+    """
+
+    template_fields: Sequence[str] = ("frontend", "config_file")
+
+    def __init__(self, *, frontend: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.frontend = frontend
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        fe = self.config.frontend(self.frontend)
+        entries = [self.config.entry(e) for e in fe.entries]
+        attrs = demand.match_attributes(fe.match_expr, entries)
+        hook = HTCondorHook(collector=fe.demand.collector)
+        groups, missing = demand.collect(fe.demand, attrs, hook.schedd_names, hook.query_jobs, self.log)
+        matcher = Matcher(fe.match_expr, {e.name: (e.machine_attrs(), e.requirements) for e in entries})
+        demand.match_groups(groups, matcher)
+        summary = demand.summarize(groups)
+        self.log.info(
+            "Frontend %s: %d idle and %d running jobs in %d groups; %d idle jobs match no entry",
+            fe.name, summary["idle"], summary["running"], summary["groups"], summary["idle_unmatched"],
+        )
+        return {"groups": [g.to_dict() for g in groups], "summary": summary, "missing_schedds": missing}
+
+
+class SelectCredentialsOperator(GlideinBaseOperator):
+    """Per entry of the frontend, the provisioning and pilot credential ids to use (ids only)."""
+
+    template_fields: Sequence[str] = ("frontend", "config_file")
+
+    def __init__(self, *, frontend: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.frontend = frontend
+
+    def execute(self, context: Context) -> dict[str, dict]:
+        choice = creds.select(self.config, self.frontend)
+        for entry, c in sorted(choice.items()):
+            if "skip" in c:
+                self.log.warning("Frontend %s leaves entry %s out of this cycle: %s", self.frontend, entry, c["skip"])
+        return choice
+
+
+class PlanPilotsOperator(GlideinBaseOperator):
+    """glideinWMS-style plan: a level of idle pilots per entry, each number with its reason."""
+
+    template_fields: Sequence[str] = ("frontend", "demand", "credentials", "config_file")
+
+    def __init__(self, *, frontend: str, demand: Any, credentials: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("inlets", [GLIDEIN_STATUS])
+        super().__init__(**kwargs)
+        self.frontend = frontend
+        self.demand = demand
+        self.credentials = credentials
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        groups = [demand.JobGroup.from_dict(g) for g in self.demand["groups"]]
+        pilots = self._my_pilots(context)
+        request = planning.plan_frontend(self.config, self.frontend, groups, self.credentials, pilots)
+        request["missing_schedds"] = self.demand.get("missing_schedds", [])
+        request["demand"] = self.demand.get("summary", {})
+        self.log.info("%s", report.plan_table(request))
+        return request
+
+    def _my_pilots(self, context: Context) -> dict[str, dict[str, int]]:
+        """This frontend's pilots per entry, from the factory's latest status event."""
+        try:
+            events = context["inlet_events"][GLIDEIN_STATUS]
+            status = events[-1].extra if len(events) else {}
+        except (KeyError, IndexError):
+            status = {}
+        out = {}
+        for entry, fes in (status.get("pilots") or {}).items():
+            c = fes.get(self.frontend) or {}
+            out[entry] = {
+                "booting": sum(c.get(s, 0) for s in CAPACITY if s != "idle"),
+                "idle": c.get("idle", 0),
+                "busy": c.get("busy", 0),
+                "total": c.get("total", 0),
+            }
+        return out
+
+
+class PublishRequestOperator(GlideinBaseOperator):
+    """Publish the plan as this frontend's request: an event on ``glidein_requests``."""
+
+    template_fields: Sequence[str] = ("frontend", "request", "config_file")
+
+    def __init__(self, *, frontend: str, request: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("outlets", [GLIDEIN_REQUESTS])
+        super().__init__(**kwargs)
+        self.frontend = frontend
+        self.request = request
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        fe = self.config.frontend(self.frontend)
+        request = {
+            **self.request,
+            "cycle": context["run_id"],
+            "ttl": fe.request_ttl,
+        }
+        request.pop("demand", None)
+        context["outlet_events"][GLIDEIN_REQUESTS].extra = request
+        levels = {e: p["idle"] for e, p in request["entries"].items()}
+        self.log.info("Frontend %s requests idle pilot levels %s", fe.name, levels)
+        return {"cycle": request["cycle"], "levels": levels, "skipped": request["skipped"]}

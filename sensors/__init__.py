@@ -1,0 +1,1 @@
+"""Airflow sensors and triggers of airflow-glidein (installed as airflow_glidein.sensors)."""

@@ -1,0 +1,55 @@
+"""Test session setup: a throwaway AIRFLOW_HOME with SQLite, moto's EC2 server on 127.0.0.1.
+
+Environment must be set before Airflow is imported, so it happens at import
+of this module, which pytest loads first.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+_HOME = tempfile.mkdtemp(prefix="glidein-airflow-home-")
+os.environ.update({
+    "AIRFLOW_HOME": _HOME,
+    "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
+    "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+    "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
+    "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{_HOME}/airflow.db",
+    "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
+    "AWS_EC2_METADATA_DISABLED": "true",
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AIRFLOW__GLIDEIN__CONFIG_FILE": str(REPO / "examples" / "glidein.yaml"),
+})
+
+import pytest  # noqa: E402
+
+from tests.helpers import MotoEC2, migrate_db  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def airflow_db():
+    migrate_db()
+    return _HOME
+
+
+@pytest.fixture(scope="session")
+def moto_server():
+    server = MotoEC2()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def ec2(moto_server, monkeypatch):
+    """A clean moto EC2 and the Airflow connections that point at it."""
+    moto_server.reset()
+    for conn_id in ("glidein_aws_demo", "glidein_aws_test", "glidein_aws_other"):
+        monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", moto_server.connection_json())
+    monkeypatch.setenv("AIRFLOW_CONN_GLIDEIN_CMS_POOL_TOKEN", '{"conn_type": "generic", "password": "pool-token-value"}')
+    return moto_server

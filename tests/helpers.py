@@ -1,0 +1,134 @@
+"""Helpers shared by the tests: Airflow DAG runs from the real dags/ folder, moto, configs."""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+DAGS = REPO / "dags"
+
+
+def migrate_db() -> None:
+    from airflow.utils.db import initdb
+
+    initdb()
+
+
+class MotoEC2:
+    """moto's real server (ThreadedMotoServer) on 127.0.0.1, an ephemeral port."""
+
+    def __init__(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+
+    def start(self) -> None:
+        self.server.start()
+        host, port = self.server.get_host_and_port()
+        self.url = f"http://{host}:{port}"
+
+    def stop(self) -> None:
+        self.server.stop()
+
+    def reset(self) -> None:
+        req = urllib.request.Request(f"{self.url}/moto-api/reset", method="POST")
+        urllib.request.urlopen(req).read()
+
+    def connection_json(self, region: str = "us-east-1") -> str:
+        return json.dumps({
+            "conn_type": "aws",
+            "login": "testing-access-key",
+            "password": "testing-secret-key",
+            "extra": {"endpoint_url": self.url, "region_name": region},
+        })
+
+    def client(self, region: str = "us-east-1"):
+        import boto3
+
+        return boto3.client("ec2", region_name=region, endpoint_url=self.url,
+                            aws_access_key_id="x", aws_secret_access_key="y")
+
+    def instances(self, region: str = "us-east-1", live_only: bool = True) -> list[dict]:
+        out = []
+        for page in self.client(region).get_paginator("describe_instances").paginate():
+            for r in page["Reservations"]:
+                for i in r["Instances"]:
+                    if live_only and i["State"]["Name"] in ("terminated", "shutting-down"):
+                        continue
+                    i["TagMap"] = {t["Key"]: t["Value"] for t in i.get("Tags", [])}
+                    out.append(i)
+        return out
+
+
+def write_config(tmp_path: Path, data: dict[str, Any], monkeypatch=None, name: str = "glidein.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    if monkeypatch is not None:
+        monkeypatch.setenv("AIRFLOW__GLIDEIN__CONFIG_FILE", str(path))
+    return path
+
+
+def example_config() -> dict[str, Any]:
+    data = yaml.safe_load((REPO / "examples" / "glidein.yaml").read_text())
+    for fe in data["frontends"]:
+        fe["demand"]["queue_file"] = str(REPO / "examples" / fe["demand"]["queue_file"])
+    return data
+
+
+def write_queue(tmp_path: Path, jobs: list[dict[str, Any]], name: str = "queue.json") -> str:
+    path = tmp_path / name
+    path.write_text(json.dumps(jobs))
+    return str(path)
+
+
+def idle_jobs(n: int, sites: str, cpus: int = 1, memory: int = 2000, start: int = 1, status: int = 1) -> list[dict]:
+    return [
+        {"ClusterId": start, "ProcId": i, "JobStatus": status, "RequestCpus": cpus, "RequestMemory": memory,
+         "DESIRED_Sites": sites, "QDate": 1_700_000_000, "Owner": "user"}
+        for i in range(n)
+    ]
+
+
+def run_dag(dag_id: str):
+    """Parse dags/ like the scheduler does and run one DAG with dag.test(); returns the DagRun."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(dag_folder=str(DAGS))
+    assert not bag.import_errors, bag.import_errors
+    dag = bag.get_dag(dag_id)
+    assert dag is not None, f"{dag_id} not in {sorted(bag.dag_ids)}"
+    return dag.test()
+
+
+def xcom(dagrun, task_id: str, map_index: int | None = -1) -> Any:
+    """A task's return value from the metadata DB (tests only; tasks never read it)."""
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        rows = session.scalars(XComModel.get_many(
+            run_id=dagrun.run_id, dag_ids=dagrun.dag_id, task_ids=task_id, key="return_value",
+            map_indexes=map_index,
+        )).all()
+        values = [XComModel.deserialize_value(r) for r in rows]
+    if map_index is None:
+        return values
+    return values[0] if values else None
+
+
+def task_states(dagrun) -> dict[str, str]:
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        tis = dagrun.get_task_instances(session=session)
+        return {(ti.task_id if ti.map_index < 0 else f"{ti.task_id}[{ti.map_index}]"): str(ti.state) for ti in tis}
+
+
+def env_config(path: Path | str) -> None:
+    os.environ["AIRFLOW__GLIDEIN__CONFIG_FILE"] = str(path)
