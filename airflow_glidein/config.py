@@ -218,6 +218,8 @@ class Factory(Model):
     schedule: str | None = "*/5 * * * *"
     collector: str | None = None  # where pilots register; None: registration is not observed
     limits: GlobalLimits = GlobalLimits()
+    retries: NonNeg = 3  # Airflow task retries of the glidein DAGs
+    retry_delay: NonNeg = 20  # s between them
 
 
 class Config(Model):

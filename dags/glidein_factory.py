@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pendulum
-from airflow.sdk import DAG, AssetOrTimeSchedule, CronTriggerTimetable
+from airflow.sdk import DAG, AssetOrTimeSchedule, CronTriggerTimetable, XComArg
 
 from airflow_glidein.assets import GLIDEIN_REQUESTS
 from airflow_glidein.config import config_path, get_config
@@ -17,7 +17,7 @@ from airflow_glidein.operators import (
     CollectRequestsOperator,
     FactoryReportOperator,
     InventoryOperator,
-    PlanLaunchesOperator,
+    PlanCycleOperator,
     ReapPilotsOperator,
     SubmitPilotsOperator,
 )
@@ -29,10 +29,11 @@ The only DAG that talks to resource providers. Each run:
 
 1. `collect_requests` - the newest unexpired request of every frontend (`glidein_requests` events);
 2. `inventory` - our instances at every entry, listed by tag, joined with the collector's startd ads;
-3. `plan_launches` - per entry, requested level minus pilots already booting or idle, within
-   each frontend's max running, the entry's limits (across all frontends) and the factory totals;
+3. `plan_cycle` - what to terminate (past lifetime, stopped VMs) and, per entry, what to launch:
+   requested level minus pilots already booting or idle, within each frontend's max running,
+   the entry's limits (across all frontends) and the factory totals;
 4. `submit_pilots` - mapped per entry; idempotent per launch id, so a retry starts no duplicate;
-5. `reap_pilots` - terminates pilots past their lifetime and stopped VMs;
+5. `reap_pilots` - carries out the terminations;
 6. `report` - publishes pilot counts on `glidein_status` (the frontends read it) and prints them.
 
 Entries: {entries}.
@@ -54,15 +55,18 @@ with DAG(
     max_active_runs=1,
     tags=["glidein", "factory"],
     doc_md=DOC.format(name=_cfg.factory.name, entries=", ".join(f"`{e.name}` ({e.middleware})" for e in _cfg.entries)),
-    default_args={"retries": 3, "retry_delay": timedelta(seconds=20)},
+    default_args={"retries": _cfg.factory.retries, "retry_delay": timedelta(seconds=_cfg.factory.retry_delay)},
 ) as glidein_factory:
     _requests = CollectRequestsOperator(task_id="collect_requests", config_file=CONFIG)
     _inventory = InventoryOperator(task_id="inventory", config_file=CONFIG)
-    _plan = PlanLaunchesOperator(
-        task_id="plan_launches", requests=_requests.output, inventory=_inventory.output, config_file=CONFIG
+    _plan = PlanCycleOperator(
+        task_id="plan_cycle", requests=_requests.output, inventory=_inventory.output, config_file=CONFIG
     )
     _submit = SubmitPilotsOperator.partial(task_id="submit_pilots", config_file=CONFIG).expand(work=_plan.output)
-    _reap = ReapPilotsOperator(task_id="reap_pilots", inventory=_inventory.output, config_file=CONFIG)
+    _reap = ReapPilotsOperator(
+        task_id="reap_pilots", terminations=XComArg(_plan, key="terminations"), inventory=_inventory.output,
+        config_file=CONFIG,
+    )
     FactoryReportOperator(
         task_id="report", inventory=_inventory.output, submitted=_submit.output, reaped=_reap.output,
         config_file=CONFIG, trigger_rule="all_done",

@@ -34,8 +34,9 @@ This DAG never talks to a cloud. Look at the log of `plan_pilots` for the plan t
 """
 
 CONFIG = config_path()
+_cfg = get_config(CONFIG)
 
-for _fe in get_config(CONFIG).frontends:
+for _fe in _cfg.frontends:
     with DAG(
         dag_id=f"glidein_frontend_{_fe.name}",
         schedule=_fe.schedule,
@@ -44,7 +45,7 @@ for _fe in get_config(CONFIG).frontends:
         max_active_runs=1,
         tags=["glidein", "frontend"],
         doc_md=DOC.format(name=_fe.name, entries="`, `".join(_fe.entries)),
-        default_args={"retries": 2, "retry_delay": timedelta(seconds=30)},
+        default_args={"retries": _cfg.factory.retries, "retry_delay": timedelta(seconds=_cfg.factory.retry_delay)},
     ) as _dag:
         _demand = QueryDemandOperator(task_id="query_demand", frontend=_fe.name, config_file=CONFIG)
         _creds = SelectCredentialsOperator(task_id="select_credentials", frontend=_fe.name, config_file=CONFIG)

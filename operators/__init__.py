@@ -4,7 +4,7 @@ from airflow_glidein.operators.factory import (
     CollectRequestsOperator,
     FactoryReportOperator,
     InventoryOperator,
-    PlanLaunchesOperator,
+    PlanCycleOperator,
     ReapPilotsOperator,
     SubmitPilotsOperator,
 )
@@ -19,7 +19,7 @@ __all__ = [
     "CollectRequestsOperator",
     "FactoryReportOperator",
     "InventoryOperator",
-    "PlanLaunchesOperator",
+    "PlanCycleOperator",
     "PlanPilotsOperator",
     "PublishRequestOperator",
     "QueryDemandOperator",

@@ -91,12 +91,22 @@ class InventoryOperator(GlideinBaseOperator):
         return {str(ad["GLIDEIN_PILOT_ID"]): ad for ad in ads if "GLIDEIN_PILOT_ID" in ad}
 
 
+def _items(seq: Any) -> list:
+    """A mapped task's results; indexing by length avoids probing past the end."""
+    return [seq[i] for i in range(len(seq))] if seq else []
+
+
 def _pilots(inventory: dict[str, Any]) -> list[P.Pilot]:
     return [P.Pilot.from_dict({k: v for k, v in p.items() if k != "conn"}) for p in inventory["pilots"]]
 
 
-class PlanLaunchesOperator(GlideinBaseOperator):
-    """What to launch per entry: levels minus capacity, within every limit. One item per entry."""
+class PlanCycleOperator(GlideinBaseOperator):
+    """This cycle's decisions: what to terminate, and what to launch per entry.
+
+    Returns one launch work item per entry (mapped by submit_pilots) and
+    pushes the terminations under the XCom key ``terminations``. Pilots that
+    are about to be terminated are not counted as capacity.
+    """
 
     template_fields: Sequence[str] = ("requests", "inventory", "config_file")
 
@@ -106,15 +116,23 @@ class PlanLaunchesOperator(GlideinBaseOperator):
         self.inventory = inventory
 
     def execute(self, context: Context) -> list[dict[str, Any]]:
-        listed = set(self.inventory.get("errors", {}))
+        pilots = _pilots(self.inventory)
+        terminations = provisioning.reap(self.config, pilots, self.now())
+        going = {d["id"] for d in terminations}
+        for p in pilots:
+            if p.id in going:
+                p.state = P.TERMINATING
         # An entry we could not list is not launched on: we cannot subtract what we cannot see.
-        blocked = {e: "listing failed" for e in listed}
+        blocked = {e: "listing failed" for e in self.inventory.get("errors", {})}
         work = provisioning.plan_launches(
-            self.config, self.requests, _pilots(self.inventory), provisioning.run_key(context["run_id"]), blocked
+            self.config, self.requests, pilots, provisioning.run_key(context["run_id"]), blocked
         )
         for item in work:
             n = sum(b["count"] for b in item["launches"])
             self.log.info("Entry %s: launch %d (bound by %s) %s", item["entry"], n, item["why"]["bound_by"], item["why"])
+        for d in terminations:
+            self.log.info("Terminate %s at %s: %s", d["id"], d["entry"], d["reason"])
+        context["ti"].xcom_push(key="terminations", value=terminations)
         return [w for w in work if w["launches"]]
 
 
@@ -162,21 +180,21 @@ class SubmitPilotsOperator(GlideinBaseOperator):
 
 
 class ReapPilotsOperator(GlideinBaseOperator):
-    """Terminate what policy says must go (past max lifetime, stopped), entry by entry."""
+    """Carry out the cycle's terminations (past max lifetime, stopped), entry by entry."""
 
-    template_fields: Sequence[str] = ("inventory", "config_file")
+    template_fields: Sequence[str] = ("terminations", "inventory", "config_file")
 
-    def __init__(self, *, inventory: Any, **kwargs: Any) -> None:
+    def __init__(self, *, terminations: Any, inventory: Any, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self.terminations = terminations
         self.inventory = inventory
 
     def execute(self, context: Context) -> list[dict[str, str]]:
         cfg = self.config
         conn_of = {p["id"]: p["conn"] for p in self.inventory["pilots"]}
-        decisions = provisioning.reap(cfg, _pilots(self.inventory), self.now())
         done, failed = [], []
         by_target: dict[tuple[str, str], list[dict]] = {}
-        for d in decisions:
+        for d in self.terminations or []:
             by_target.setdefault((d["entry"], conn_of[d["id"]]), []).append(d)
         for (entry_name, conn_id), items in sorted(by_target.items()):
             try:
@@ -211,7 +229,7 @@ class FactoryReportOperator(GlideinBaseOperator):
                 pilots[d["id"]].state = P.TERMINATING
         now = self.now()
         launched = 0
-        for item in self.submitted or []:
+        for item in _items(self.submitted):
             for batch in item["launched"]:
                 for iid in batch["created"]:
                     launched += 1

@@ -54,6 +54,18 @@ class MotoEC2:
         return boto3.client("ec2", region_name=region, endpoint_url=self.url,
                             aws_access_key_id="x", aws_secret_access_key="y")
 
+    def age(self, instance_ids, seconds: float, region: str = "us-east-1") -> None:
+        """Move instances' LaunchTime back (moto runs in this process; there is no API for it)."""
+        from datetime import timedelta
+
+        from moto.core import DEFAULT_ACCOUNT_ID
+        from moto.ec2.models import ec2_backends
+
+        backend = ec2_backends[DEFAULT_ACCOUNT_ID][region]
+        for iid in instance_ids:
+            inst = backend.get_instance(iid)
+            inst.launch_time = inst.launch_time - timedelta(seconds=seconds)
+
     def instances(self, region: str = "us-east-1", live_only: bool = True) -> list[dict]:
         out = []
         for page in self.client(region).get_paginator("describe_instances").paginate():
