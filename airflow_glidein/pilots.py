@@ -28,7 +28,8 @@ ORPHAN = "orphan"
 STATES = (REQUESTED, BOOTING, IDLE, BUSY, RETIRING, TERMINATING, TERMINATED,
           BOOT_FAILED, LOST, STOPPED, STUCK, ORPHAN)
 CAPACITY = (REQUESTED, BOOTING, IDLE)  # what the factory subtracts from a requested level
-LIVE = tuple(s for s in STATES if s != TERMINATED)  # holds quota at the provider
+ACTIVE = CAPACITY + (BUSY, RETIRING)  # what counts against a frontend's max running
+LIVE = tuple(s for s in STATES if s != TERMINATED)  # holds quota at the provider (entry/factory limits)
 
 # Provider states, as every hook normalises them
 P_PENDING, P_RUNNING, P_STOPPING, P_STOPPED = "pending", "running", "stopping", "stopped"

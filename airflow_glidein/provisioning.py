@@ -78,10 +78,10 @@ def plan_launches(
         for f, ask in asks.items():
             mine = [p for p in here if p.frontend == f]
             capacity = sum(p.state in P.CAPACITY for p in mine)
-            live = sum(p.state in P.LIVE for p in mine)
-            deficit = max(0, min(int(ask["idle"]) - capacity, int(ask.get("max_running", math.inf)) - live))
+            active = sum(p.state in P.ACTIVE for p in mine)
+            deficit = max(0, min(int(ask["idle"]) - capacity, int(ask.get("max_running", math.inf)) - active))
             deficits[f] = deficit
-            why["frontends"][f] = {"level": ask["idle"], "capacity": capacity, "live": live,
+            why["frontends"][f] = {"level": ask["idle"], "capacity": capacity, "active": active,
                                    "max_running": ask.get("max_running"), "deficit": deficit}
         lim = entry.limits
         live_e = sum(p.state in P.LIVE for p in here)
