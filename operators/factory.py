@@ -126,7 +126,11 @@ class SubmitPilotsOperator(GlideinBaseOperator):
             self.log.info("Entry %s launch %s: %d created, %d already there",
                           entry.name, spec.launch_id, len(result["created"]), len(result["existing"]))
             launched.append({"launch_id": spec.launch_id, "frontend": spec.frontend, **result})
+        _launch_succeeded(entry.name, self.now())
         return {"entry": entry.name, "launched": launched}
+
+
+LAUNCH_FAILED = "launch failed"
 
 
 def _launch_failed(entry: str, exc: Exception, now: float) -> None:
@@ -134,4 +138,13 @@ def _launch_failed(entry: str, exc: Exception, now: float) -> None:
     store = state.store()
     failures = pilotdb.load_health(store).get(entry, {}).get("failures", 0) + 1
     pilotdb.save_health(store, [{"entry": entry, "failures": failures, "until": L.backoff_until(failures, now),
-                                 "reason": f"launch failed: {type(exc).__name__}: {str(exc)[:200]}", "updated": now}])
+                                 "reason": f"{LAUNCH_FAILED}: {type(exc).__name__}: {str(exc)[:200]}",
+                                 "updated": now}])
+
+
+def _launch_succeeded(entry: str, now: float) -> None:
+    """All of an entry's launches went through: launch errors no longer hold it back."""
+    store = state.store()
+    health = pilotdb.load_health(store).get(entry)
+    if health and health["failures"] and str(health["reason"]).startswith(LAUNCH_FAILED):
+        pilotdb.save_health(store, [{"entry": entry, "failures": 0, "until": now, "reason": "", "updated": now}])
