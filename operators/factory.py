@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk.exceptions import AirflowException
 
 from airflow_glidein import pilots as P
-from airflow_glidein import provisioning, report, userdata
+from airflow_glidein import provisioning, report
+from airflow_glidein.bootstrap.launches import userdata_for
 from airflow_glidein.assets import GLIDEIN_REQUESTS, GLIDEIN_STATUS, REQUEST_EVENTS_WINDOW
 from airflow_glidein.config import Config, Entry
 from airflow_glidein.credentials import usable_on
@@ -163,14 +164,8 @@ class SubmitPilotsOperator(GlideinBaseOperator):
                 count=batch["count"],
                 image=batch["image"],
                 request=batch["request"],
-                userdata=userdata.build(entry.middleware, {
-                    "factory": cfg.factory.name,
-                    "entry": entry.name,
-                    "frontend": batch["frontend"],
-                    "launch_id": batch["launch_id"],
-                    "bootstrap_url": cfg.factory.bootstrap_url,
-                    "policy": batch["policy"],
-                }),
+                # registers the launch and its bootstrap token, then signs the envelope
+                userdata=userdata_for(cfg, entry, batch, conn_id),
             )
             result = hook.launch(spec)
             self.log.info("Entry %s launch %s: %d created, %d already there",
