@@ -119,6 +119,7 @@ class VM:
     root: Path
     server: BootstrapServer
     env: dict[str, str] = field(default_factory=dict)
+    wrapper: Path = WRAPPER
 
     def __post_init__(self) -> None:
         self.work = self.root / "var-lib-glidein"
@@ -151,7 +152,7 @@ class VM:
     def wrapper_cmd(self, *args: str) -> list[str]:
         for key in ("GLIDEIN_IMDS_URL", "GLIDEIN_OPENSTACK_METADATA_URL", "GLIDEIN_POWEROFF_CMD"):
             assert "169.254" not in self.env[key] and "poweroff" not in self.env[key].split()[0], key
-        return ["sh", str(WRAPPER), *args]
+        return ["sh", str(self.wrapper), *args]
 
     def boot(self, *args: str, timeout: float = 60, **env: str) -> subprocess.CompletedProcess:
         self.env.update(env)
