@@ -2,7 +2,7 @@
 
 Mounts the bootstrap service on the API server at /glidein: the pilot routes
 (/glidein/bootstrap/...) and the authenticated pilot log viewer
-(/glidein/pilots), which the UI shows under Browse > Pilot logs.
+(/glidein/pilots/), which the UI shows under Browse > Pilot logs.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ class GlideinPlugin(AirflowPlugin):
     fastapi_apps = [{"app": create_app(ui=True), "url_prefix": URL_PREFIX, "name": "glidein bootstrap service"}]
     external_views = [{
         "name": "Pilot logs",
-        "href": f"{_base_path()}{URL_PREFIX}/pilots",
+        "href": f"{_base_path()}{URL_PREFIX}/pilots/",
         "destination": "nav",
         "category": "browse",
         "url_route": "glidein-pilot-logs",

@@ -144,10 +144,21 @@ def test_no_secret_in_userdata_and_only_hashes_in_the_store(cfg, ec2, bootstrap_
     assert token_of(text) not in stored and upload_token not in stored
 
 
-def test_viewer_needs_an_airflow_user(cfg, bootstrap_server):
-    r = httpx.get(f"{bootstrap_server.url}/glidein/pilots")
-    assert r.status_code == 401
-    assert httpx.get(f"{bootstrap_server.url}/glidein/pilots", headers=bootstrap_server.admin_headers()).status_code == 200
+def test_viewer_needs_an_airflow_user_and_lists_pilots_and_logs(cfg, bootstrap_server):
+    (iid,), text = launch(cfg)
+    assert upload(bootstrap_server, token_of(text), "early.log", b"hello <pilot>", iid=iid).status_code == 200
+    base = f"{bootstrap_server.url}/glidein/pilots"
+    for path in ("/", f"/aws-us-east-1/{iid}", f"/aws-us-east-1/{iid}/logs/early.log"):
+        assert httpx.get(base + path).status_code == 401
+    h = bootstrap_server.admin_headers()
+    index = httpx.get(base, headers=h, follow_redirects=True)
+    assert index.status_code == 200 and f"<a href='aws-us-east-1/{iid}'>" in index.text
+    page = httpx.get(str(index.url.join(f"aws-us-east-1/{iid}")), headers=h)  # follow the link
+    assert f"<a href='{iid}/logs/early.log'>" in page.text and "13 bytes" in page.text
+    assert httpx.get(str(page.url.join(f"{iid}/logs/early.log")), headers=h).text == "hello <pilot>"
+    assert httpx.get(f"{base}/aws-us-east-1/{iid}/logs/early.log", headers=h).text == "hello <pilot>"
+    missing = httpx.get(f"{base}/aws-us-east-1/{iid}/logs/none.log", headers=h)
+    assert missing.status_code == 404 and "has no log none.log" in missing.text
 
 
 def test_bad_signature_stops_the_wrapper_before_any_request(cfg, ec2, bootstrap_server, tmp_path):

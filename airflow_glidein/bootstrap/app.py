@@ -16,6 +16,7 @@ import base64
 import html
 import logging
 import time
+from urllib.parse import quote
 from typing import Annotated, Any
 
 from anyio import to_thread
@@ -188,17 +189,18 @@ def create_app(*, ui: bool, config_file: str | None = None, state_url: str | Non
         return PlainTextResponse(f"stored={name}\nbytes={size}\n")
 
     if ui:
-        _add_viewer(app, svc)
+        app.mount("/pilots", _Lazy(lambda: _viewer(svc)))
     return app
 
 
 def _may_read_factory_logs() -> Any:
     """A user who may read the factory DAG's task logs may read its pilots' logs."""
-    from airflow.api_fastapi.app import get_auth_manager
     from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity, DagDetails
     from airflow.api_fastapi.core_api.security import get_user
 
     def check(user: Any = Depends(get_user)) -> None:  # noqa: B008 - FastAPI's dependency idiom
+        from airflow.api_fastapi.app import get_auth_manager  # only in the API server, where it is loaded
+
         if not get_auth_manager().is_authorized_dag(method="GET", access_entity=DagAccessEntity.TASK_LOGS,
                                                     details=DagDetails(id=FACTORY_DAG), user=user):
             raise HTTPException(403, f"reading pilot logs needs read access to the task logs of {FACTORY_DAG}")
@@ -212,8 +214,27 @@ def _page(title: str, body: str) -> HTMLResponse:
                         f"<body><h2>{html.escape(title)}</h2>{body}</body></html>")
 
 
-def _add_viewer(app: FastAPI, svc: Service) -> None:
-    auth = [Depends(_may_read_factory_logs())]
+class _Lazy:
+    """An ASGI app built on its first request: the viewer's Airflow auth imports take a second or
+    more, and the plugin module is imported by every Airflow process, not only the API server."""
+
+    def __init__(self, build: Any) -> None:
+        self.build, self.app = build, None
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if self.app is None:
+            self.app = self.build()
+        await self.app(scope, receive, send)
+
+
+def _href(*parts: str) -> str:
+    """A relative link: right behind any prefix or proxy (the index is served at .../pilots/)."""
+    return html.escape("/".join(quote(p, safe="") for p in parts))
+
+
+def _viewer(svc: Service) -> FastAPI:
+    viewer = FastAPI(docs_url=None, redoc_url=None, openapi_url=None,
+                     dependencies=[Depends(_may_read_factory_logs())])
 
     def guarded(fn):
         try:
@@ -221,30 +242,32 @@ def _add_viewer(app: FastAPI, svc: Service) -> None:
         except LogRefused as exc:
             raise HTTPException(exc.status, str(exc)) from None
 
-    @app.get("/pilots", dependencies=auth)
+    @viewer.get("/")
     def pilots_index() -> HTMLResponse:
         rows = "".join(
-            f"<tr><td>{html.escape(e)}</td><td><a href='pilots/{html.escape(e)}/{html.escape(p)}'>"
+            f"<tr><td>{html.escape(e)}</td><td><a href='{_href(e, p)}'>"
             f"{html.escape(p)}</a></td></tr>" for e, p in guarded(svc.logs.pilots))
         return _page("Pilot logs", f"<table><tr><th>entry</th><th>pilot</th></tr>{rows}</table>"
                      if rows else "<p>No pilot has uploaded logs yet.</p>")
 
-    @app.get("/pilots/{entry}/{pilot_id}", dependencies=auth)
+    @viewer.get("/{entry}/{pilot_id}")
     def pilot_logs(entry: str, pilot_id: str) -> HTMLResponse:
         files = guarded(lambda: svc.logs.list(entry, pilot_id))
-        rows = "".join(f"<tr><td><a href='{html.escape(pilot_id)}/logs/{html.escape(n)}'>{html.escape(n)}</a></td>"
-                       f"<td>{size} bytes</td></tr>" for n, size in files)
+        rows = "".join(
+            f"<tr><td><a href='{_href(pilot_id, 'logs', n)}'>"
+            f"{html.escape(n)}</a></td><td>{size} bytes</td></tr>" for n, size in files)
         return _page(f"Logs of pilot {pilot_id} at {entry}",
                      f"<table>{rows}</table>" if rows else "<p>This pilot has uploaded no logs.</p>")
 
-    @app.get("/pilots/{entry}/{pilot_id}/logs.json", dependencies=auth)
+    @viewer.get("/{entry}/{pilot_id}/logs.json")
     def pilot_logs_json(entry: str, pilot_id: str) -> JSONResponse:
         files = guarded(lambda: svc.logs.list(entry, pilot_id))
         return JSONResponse({"entry": entry, "pilot_id": pilot_id,
                              "logs": [{"name": n, "bytes": size} for n, size in files]})
 
-    @app.get("/pilots/{entry}/{pilot_id}/logs/{name}", dependencies=auth)
+    @viewer.get("/{entry}/{pilot_id}/logs/{name}")
     def pilot_log(entry: str, pilot_id: str, name: str) -> PlainTextResponse:
         data = guarded(lambda: svc.logs.read(entry, pilot_id, name))
         return PlainTextResponse(data.decode(errors="replace"))
 
+    return viewer
