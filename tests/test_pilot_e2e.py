@@ -64,6 +64,7 @@ def test_launched_pilots_boot_join_and_return_their_logs(ec2, bootstrap_server, 
                      f"START = ({start_expr}) && (time() < GLIDEIN_ToRetire)", "STARTD_NOCLAIM_SHUTDOWN = 1200"):
             assert line in conf, (line, conf)
         assert (vm.work / "condor" / "tokens.d" / "pilot.idtoken").read_text() == "pool-token-value"
+        assert not (vm.work / "exchange").exists()  # the exchange's reply (credential, upload token) is gone
 
         logs = bootstrap_server.logs(entry, iid)
         assert {"glidein.log", "condor_master.stdout", "condor_master.stderr", "MasterLog", "StartLog",

@@ -85,6 +85,7 @@ class Service:
             log.warning("Listing launch %s at %s failed: %s", launch.launch_id, launch.entry, exc)
             raise tokens.Refused(503, f"cannot list launch {launch.launch_id} at its provider now; try again") from None
         ids = {i.id for i in listing if i.launch_id == launch.launch_id}
+        self._listings = {k: v for k, v in self._listings.items() if now - v[0] < LISTING_TTL}
         self._listings[launch.launch_id] = (now, ids)
         return pilot_id in ids
 

@@ -83,13 +83,14 @@ MASTER.DAEMON_SHUTDOWN = STARTD_StartTime =?= 0
 EOF
 } >"$CONDOR/condor_config"
 glidein_log "wrote $CONDOR/condor_config (collector ${collector:-none})"
+to_die=$(val to_die "$X")
+rm -f "$X"  # it held the credential (now only in tokens.d) and the upload token (kept in $UPLOAD)
 
 # -- condor_master in the foreground, until it ends --------------------------------------------
 stopped_by=""
 CONDOR_CONFIG=$CONDOR/condor_config condor_master -f >"$WORK/condor_master.stdout" 2>"$WORK/condor_master.stderr" &
 master=$!
 trap 'stopped_by=signal; glidein_log "signal received: stopping condor_master"; kill -TERM "$master" 2>/dev/null' TERM INT HUP
-to_die=$(val to_die "$X")
 # A hard stop in case the daemons ignore their own end of life.
 (
     trap 'kill "$nap" 2>/dev/null; exit 0' TERM
