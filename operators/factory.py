@@ -13,9 +13,10 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from airflow_glidein import lifecycle as L
-from airflow_glidein import pilotdb, provisioning, state, userdata
+from airflow_glidein import pilotdb, provisioning, state
 from airflow_glidein import pilots as P
 from airflow_glidein.assets import GLIDEIN_REQUESTS, REQUEST_EVENTS_WINDOW
+from airflow_glidein.bootstrap.launches import userdata_for
 from airflow_glidein.hooks import LaunchSpec, pilot_hook
 from airflow_glidein.operators.base import GlideinBaseOperator
 
@@ -109,14 +110,8 @@ class SubmitPilotsOperator(GlideinBaseOperator):
                 count=batch["count"],
                 image=batch["image"],
                 request=batch["request"],
-                userdata=userdata.build(entry.middleware, {
-                    "factory": cfg.factory.name,
-                    "entry": entry.name,
-                    "frontend": batch["frontend"],
-                    "launch_id": batch["launch_id"],
-                    "bootstrap_url": cfg.factory.bootstrap_url,
-                    "policy": batch["policy"],
-                }),
+                # registers the launch and its bootstrap token, then signs the envelope
+                userdata=userdata_for(cfg, entry, batch, conn_id),
             )
             try:
                 result = hook.launch(spec)
