@@ -165,11 +165,13 @@ def resume_run(dag_id: str, run_id: str):
     dag = DagBag(dag_folder=str(DAGS)).get_dag(dag_id)
     scheduler_dag = DagSerialization.deserialize_dag(DagSerialization.serialize_dag(dag))
     with create_session() as session:
-        dr = session.query(DagRun).filter(DagRun.dag_id == dag_id, DagRun.run_id == run_id).one()
-        dr.dag = scheduler_dag
         deadline = time.time() + 300
-        while dr.state == DagRunState.RUNNING and time.time() < deadline:
+        while time.time() < deadline:
             session.expire_all()
+            dr = session.query(DagRun).filter(DagRun.dag_id == dag_id, DagRun.run_id == run_id).one()
+            if dr.state != DagRunState.RUNNING:
+                break
+            dr.dag = scheduler_dag
             schedulable, _ = dr.update_state(session=session)
             for ti in schedulable:
                 if ti.state != TaskInstanceState.UP_FOR_RESCHEDULE:
@@ -181,5 +183,5 @@ def resume_run(dag_id: str, run_id: str):
                 time.sleep(0.2)
             for ti in ready:
                 _run_task(ti=ti, task=dag.task_dict[ti.task_id], run_triggerer=True)
-        session.refresh(dr)
-        return dr
+        session.expire_all()
+        return session.query(DagRun).filter(DagRun.dag_id == dag_id, DagRun.run_id == run_id).one()
