@@ -65,17 +65,17 @@ def rotate(tied: list[str], last: tuple[str, str] | None, cycle: str) -> str:
 
 def _pick(
     candidates: list[Credential], validity: Mapping[str, Validity], lifetime: int, last, cycle: str
-) -> tuple[str | None, list[str]]:
+) -> tuple[str | None, dict[str, str]]:
     """The chosen id (or None) and why each refused candidate was refused."""
     usable: dict[str, float] = {}
-    refused = []
+    refused = {}
     for c in candidates:
         v = validity.get(c.id, Validity(True))
         need = c.min_lifetime if c.min_lifetime is not None else lifetime
         if not v.ok:
-            refused.append(f"{c.id}: {v.reason}")
+            refused[c.id] = v.reason
         elif v.remaining is not None and v.remaining < need:
-            refused.append(f"{c.id}: expires in {duration(v.remaining)}, before the {duration(need)} it must last")
+            refused[c.id] = f"expires in {duration(v.remaining)}, before the {duration(need)} it must last"
         else:
             usable[c.id] = math.inf if v.remaining is None else v.remaining
     if not usable:
@@ -96,7 +96,7 @@ def select(
 
     ``validity`` is what reading each credential told (unread: usable);
     ``last`` the rotation position of the previous cycle. A chosen entry also
-    lists under "refused" the candidates passed over, and why.
+    maps under "refused" each candidate passed over to why.
     """
     fe = config.frontend(frontend)
     validity = validity or {}
@@ -107,15 +107,17 @@ def select(
         entry = config.entry(name)
         lifetime = config.policy_for(entry, frontend).max_lifetime
         choice: dict = {}
-        reasons, passed_over = [], []
+        reasons: list[str] = []
+        passed_over: dict[str, str] = {}
         for purpose in PURPOSES:
             candidates = [c for c in creds if c.purpose == purpose and usable_on(c, entry)]
             picked, refused = _pick(candidates, validity, lifetime, last.get((name, purpose)), cycle)
             if picked:
                 choice[purpose] = picked
-                passed_over += refused
+                passed_over.update(refused)
             elif candidates:
-                reasons.append(f"no usable {purpose} credential ({'; '.join(refused)})")
+                why = "; ".join(f"{cid}: {r}" for cid, r in refused.items())
+                reasons.append(f"no usable {purpose} credential ({why})")
             else:
                 reasons.append(
                     f"no {purpose} credential of trust domain {entry.trust_domain!r}"

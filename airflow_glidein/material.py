@@ -337,7 +337,7 @@ def duration(seconds: float) -> str:
     s = abs(seconds)
     if s < 120:
         return f"{int(s)} s"
-    if s < 7200:
+    if s < 3600:
         return f"{int(s // 60)} min"
     if s < 172800:
         return f"{s / 3600:.1f} h"

@@ -90,8 +90,9 @@ class SelectCredentialsOperator(GlideinBaseOperator):
             if "skip" in c:
                 self.log.warning("Frontend %s leaves entry %s out of this cycle: %s", fe.name, name, c["skip"])
                 continue
-            for why in c.pop("refused", []):
-                self.log.warning("Entry %s: credential passed over: %s", name, why)
+            for cid, why in c.pop("refused", {}).items():
+                if validity[cid].ok:  # the unreadable ones were named above
+                    self.log.warning("Entry %s: credential %s passed over: %s", name, cid, why)
             self.log.info("Entry %s: provision with %s, pilots join with %s%s", name, c["provision"], c["pilot"],
                           f", VO image {c['image']}" if "image" in c else "")
         return choice

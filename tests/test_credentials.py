@@ -221,7 +221,7 @@ def test_longest_remaining_lifetime_wins_and_too_short_ones_are_named():
                 "tok": Validity(True, remaining=3600.0)}
     choice = C.select(cfg, "cms", validity)
     # east's pilots live 12 h, west's 24 h (default): the 1 h token serves neither
-    assert choice["east"]["skip"] == ("no usable pilot credential (tok: expires in 60 min, "
+    assert choice["east"]["skip"] == ("no usable pilot credential (tok: expires in 1.0 h, "
                                       "before the 12.0 h it must last)")
     assert choice["east"]["missing"] == ["pilot"]
     assert "before the 24.0 h it must last" in choice["west"]["skip"]
@@ -236,7 +236,7 @@ def test_min_lifetime_overrides_the_pilot_lifetime_and_refusals_are_listed():
                 "tok": Validity(True, remaining=3600.0)}
     choice = C.select(cfg, "cms", validity)
     assert choice["east"]["provision"] == "aws-b" and choice["east"]["pilot"] == "tok"
-    assert choice["east"]["refused"] == ["aws-a: expires in 60 min, before the 12.0 h it must last"]
+    assert choice["east"]["refused"] == {"aws-a": "expires in 1.0 h, before the 12.0 h it must last"}
 
 
 def test_invalid_credential_is_skipped_and_the_other_serves():
