@@ -169,3 +169,43 @@ def test_pilot_payload_refuses_a_provisioning_credential(connections):
     assert secrets.pilot_payload(cfg, "cms-token").endswith(".cms-token-signature-0001")
     with pytest.raises(ValueError, match="'cms-aws' is a provision credential"):
         secrets.pilot_payload(cfg, "cms-aws")
+
+
+def test_connection_types_are_valid_provider_info_and_resolve_to_their_hooks(airflow_db):
+    import json
+    from importlib.resources import files
+
+    import jsonschema
+    from airflow.providers_manager import ProvidersManager
+
+    from airflow_glidein.get_provider_info import get_provider_info
+
+    info = get_provider_info()
+    jsonschema.validate(info, json.loads(files("airflow").joinpath("provider_info.schema.json").read_text()))
+    hooks = ProvidersManager().hooks
+    for conn_type in ("glidein_x509", "glidein_token", "glidein_ssh", "glidein_openstack", "glidein_opennebula"):
+        assert hooks[conn_type].hook_class_name.startswith("airflow_glidein.secrets.")
+        assert hooks[conn_type].connection_id_attribute_name == "glidein_credential_conn_id"
+
+
+@pytest.mark.parametrize("conn_id, ok, message", [
+    ("cms_cern_proxy", True, "x509_proxy: 4.0 d left; subject=CN="),
+    ("cms_token", True, "idtoken: 3.0 d left; iss=cm.cms.example.org"),
+    ("atlas_proxy_broken", False, "x509_proxy: malformed PEM: no readable certificate"),
+    ("atlas_cern_proxy", False, "x509_proxy: expired 3.0 h ago"),
+    ("cms_cern_app", True, "openstack_app_credential: does not expire; auth_url=https://keystone.cern.example:5000/v3"),
+])
+def test_the_ui_test_button_reads_and_checks_the_material(connections, conn_id, ok, message):
+    from airflow.sdk import BaseHook
+
+    hook = BaseHook.get_connection(conn_id).get_hook()
+    assert isinstance(hook, secrets.CredentialHook)
+    result = hook.test_connection()
+    assert result[0] is ok and result[1].startswith(message), result
+
+
+def test_openstack_hook_gives_the_sdk_arguments(connections):
+    hook = secrets.OpenStackCredentialHook("cms_cern_app")
+    assert hook.connect_args() == {"auth_type": "v3applicationcredential", "auth": {
+        "auth_url": "https://keystone.cern.example:5000/v3", "application_credential_id": "cms-appcred-id",
+        "application_credential_secret": "cms-appcred-secret-0001"}}
