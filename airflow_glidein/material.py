@@ -109,22 +109,25 @@ def inspect(cred_type: str, conn: ConnFields, now: float) -> Validity:
 
 
 def secret_values(cred_type: str, conn: ConnFields) -> list[str]:
-    """Every string that must be masked: whole values, and the parts one might log alone."""
+    """Every string that must be masked: each private key block of a PEM, else the whole value, and a JWT's signature.
+
+    Few and short on purpose: the masker recompiles one regex per added
+    secret, so masking every line of every key costs seconds per task.
+    Certificates are public and stay readable.
+    """
     values = [conn.password] + [conn.get(k) for k in SECRET_EXTRA]
     out: list[str] = []
     for v in values:
         if not isinstance(v, str) or not v.strip():
             continue
         v = v.strip()
-        out.append(v)
-        for key in _PEM_KEY.finditer(v):  # a private key block and each of its lines
-            out.append(key.group(0))
-            out += [line for line in key.group(0).splitlines()[1:-1] if len(line) >= 16]
+        keys = [k.group(0) for k in _PEM_KEY.finditer(v)]
+        out += keys if keys else [v]
         if v.count(".") == 2 and " " not in v:  # a JWT: its signature alone
             sig = v.rsplit(".", 1)[1]
             if len(sig) >= 16:
                 out.append(sig)
-    return out
+    return list(dict.fromkeys(out))
 
 
 # -- readers: (expiry epoch or None, info) or raise Invalid -----------------

@@ -159,14 +159,13 @@ def test_openstack_and_opennebula_arguments_for_the_hooks():
         "http://one/RPC2", "u:p")
 
 
-def test_secret_values_cover_key_blocks_key_lines_and_token_signatures(ca):
+def test_secret_values_are_key_blocks_whole_secrets_and_token_signatures(ca):
     pem = ca.proxy()
-    key = pki.private_key_pem(pem)
-    values = M.secret_values("x509_proxy", x509(pem))
-    assert pem.strip() in values and key in values
-    assert all(line in values for line in key.splitlines()[1:-1] if len(line) >= 16)
+    assert M.secret_values("x509_proxy", x509(pem)) == [pki.private_key_pem(pem)]  # certificates are public
     tok = jwt_token({"iss": "x"}, signature="a-signature-of-some-length")
-    assert "a-signature-of-some-length" in M.secret_values("idtoken", token(tok))
+    assert M.secret_values("idtoken", token(tok)) == [tok, "a-signature-of-some-length"]
+    aws = ConnFields("aws", login="AKIA1", password="pw-secret", extra={"aws_session_token": "session-tok"})
+    assert M.secret_values("ec2_key_pair", aws) == ["pw-secret", "session-tok"]
 
 
 def test_pilot_payload_is_the_token_or_the_proxy(ca):
