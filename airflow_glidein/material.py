@@ -108,7 +108,7 @@ def inspect(cred_type: str, conn: ConnFields, now: float) -> Validity:
         return Validity(False, f"cannot be read ({type(exc).__name__})")
 
 
-def secret_values(cred_type: str, conn: ConnFields) -> list[str]:
+def secret_values(conn: ConnFields) -> list[str]:
     """Every string that must be masked: each private key block of a PEM, else the whole value, and a JWT's signature.
 
     Few and short on purpose: the masker recompiles one regex per added

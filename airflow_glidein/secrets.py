@@ -28,7 +28,7 @@ from airflow_glidein.config import Config, Credential
 from airflow_glidein.material import ConnFields, Validity
 
 
-def read_conn(conn_id: str, cred_type: str) -> ConnFields:
+def read_conn(conn_id: str) -> ConnFields:
     """A connection's fields, its secrets masked before they are returned."""
     conn = BaseHook.get_connection(conn_id)
     fields = ConnFields(
@@ -40,13 +40,13 @@ def read_conn(conn_id: str, cred_type: str) -> ConnFields:
         port=conn.port,
         extra=conn.extra_dejson or {},
     )
-    for value in material.secret_values(cred_type, fields):
+    for value in material.secret_values(fields):
         mask_secret(value)
     return fields
 
 
 def read(cred: Credential) -> ConnFields:
-    return read_conn(cred.conn_id, cred.type)
+    return read_conn(cred.conn_id)
 
 
 def check(config: Config, ids: Iterable[str], now: float | None = None) -> dict[str, Validity]:
@@ -92,7 +92,7 @@ class CredentialHook(BaseHook):
 
     @cached_property
     def fields(self) -> ConnFields:
-        return read_conn(self.conn_id, self.cred_type or self.cred_types[0])
+        return read_conn(self.conn_id)
 
     def kind(self) -> str:
         return self.cred_type or self.cred_types[0]

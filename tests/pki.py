@@ -54,13 +54,17 @@ class CA:
         return cert, key
 
     def proxy(self, cn: str = "Pilot User", hours: float = 48, user_hours: float = 24 * 365,
-              start_hours: float = -0.1) -> str:
+              start_hours: float = -0.1, passphrase: bytes | None = None) -> str:
         """A proxy file: proxy certificate, its key, then the user certificate (the chain)."""
         user, user_key = self.user(cn, user_hours)
         key = ec.generate_private_key(ec.SECP256R1())
         subject = _name(cn, str(x509.random_serial_number() % 10**9))
         start = NOW + timedelta(hours=min(start_hours, hours - 12))
         cert = _cert(subject, user.subject, key, user_key, start, NOW + timedelta(hours=hours), proxy=True)
+        if passphrase:
+            enc = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                    serialization.BestAvailableEncryption(passphrase)).decode()
+            return _pem(cert) + enc + _pem(user)
         return _pem(cert) + _pem(key) + _pem(user)
 
 

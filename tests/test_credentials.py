@@ -57,6 +57,7 @@ def swap_key(pem: str, key: str) -> str:
     (lambda ca: ca.proxy()[:200], "malformed PEM: no readable certificate"),
     (lambda ca: "just some text, not PEM at all", "malformed PEM: no readable certificate"),
     (lambda ca: swap_key(ca.proxy(), ""), "no private key"),
+    (lambda ca: ca.proxy(passphrase=b"pass-phrase"), "the private key is encrypted"),
     (lambda ca: ca.proxy().replace("-----BEGIN PRIVATE KEY-----\n", "-----BEGIN PRIVATE KEY-----\nAAAA"),
      "malformed PEM: the private key cannot be read"),
     (lambda ca: swap_key(ca.proxy(), pki.private_key_pem(ca.proxy())), "does not belong to the first certificate"),
@@ -161,11 +162,11 @@ def test_openstack_and_opennebula_arguments_for_the_hooks():
 
 def test_secret_values_are_key_blocks_whole_secrets_and_token_signatures(ca):
     pem = ca.proxy()
-    assert M.secret_values("x509_proxy", x509(pem)) == [pki.private_key_pem(pem)]  # certificates are public
+    assert M.secret_values(x509(pem)) == [pki.private_key_pem(pem)]  # certificates are public
     tok = jwt_token({"iss": "x"}, signature="a-signature-of-some-length")
-    assert M.secret_values("idtoken", token(tok)) == [tok, "a-signature-of-some-length"]
+    assert M.secret_values(token(tok)) == [tok, "a-signature-of-some-length"]
     aws = ConnFields("aws", login="AKIA1", password="pw-secret", extra={"aws_session_token": "session-tok"})
-    assert M.secret_values("ec2_key_pair", aws) == ["pw-secret", "session-tok"]
+    assert M.secret_values(aws) == ["pw-secret", "session-tok"]
 
 
 def test_pilot_payload_is_the_token_or_the_proxy(ca):
