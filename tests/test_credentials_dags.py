@@ -77,7 +77,6 @@ def connections(monkeypatch, tmp_path):
     }
     for conn_id, value in values.items():
         monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", value)
-    monkeypatch.setenv("GLIDEIN_STATE_URL", f"sqlite:///{tmp_path}/state.db")
     return values
 
 

@@ -83,7 +83,6 @@ def secrets_in_connections(ec2, monkeypatch, tmp_path) -> list[str]:
     }
     for conn_id, value in conns.items():
         monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", value)
-    monkeypatch.setenv("GLIDEIN_STATE_URL", f"sqlite:///{tmp_path}/state.db")
     secrets = [AWS_SECRET, TOKEN_SIG, SCITOKEN_SIG, OS_SECRET, BROKEN_JSON_SECRET, MALFORMED_PEM_SECRET]
     for pem in (proxy, cern_proxy, ssh):  # every line of every private key
         key = pem[pem.index("-----BEGIN"):] if "OPENSSH" in pem else pki.private_key_pem(pem)
@@ -95,10 +94,10 @@ def hits(text: str, secrets: list[str]) -> list[str]:
     return [s[:12] + "..." for s in secrets if s in text]
 
 
-def metadata_db_text() -> str:
-    home = Path(os.environ["AIRFLOW_HOME"])
-    return "".join((home / n).read_bytes().decode("latin-1") for n in ("airflow.db", "airflow.db-wal")
-                   if (home / n).exists())
+def sqlite_text(path: Path) -> str:
+    """A SQLite database's bytes with its write-ahead log (recent writes live there)."""
+    files = [path, path.with_name(path.name + "-wal")]
+    return "".join(f.read_bytes().decode("latin-1") for f in files if f.exists())
 
 
 def log_files_text() -> str:
@@ -138,10 +137,12 @@ def test_no_secret_in_logs_xcom_rendered_fields_plan_tags_or_userdata(
 
     # the searches
     assert hits(logs, secrets) == []
-    db = metadata_db_text()
+    db = sqlite_text(Path(os.environ["AIRFLOW_HOME"]) / "airflow.db")
     assert fe.run_id in db and '"provision"' in db  # XCom and the published request are in this file
     assert hits(db, secrets) == []
-    assert hits((tmp_path / "state.db").read_bytes().decode("latin-1"), secrets) == []
+    state_db = sqlite_text(Path(os.environ["GLIDEIN_STATE_URL"].removeprefix("sqlite:///")))  # conftest: one per test
+    assert "glidein_credential_rotation" in state_db and "sec-aws" in state_db
+    assert hits(state_db, secrets) == []
     for inst in instances:
         tags = json.dumps(inst["TagMap"])
         attr = ec2.client(inst["Placement"]["AvailabilityZone"][:-1]).describe_instance_attribute(
