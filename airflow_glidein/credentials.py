@@ -28,7 +28,8 @@ from airflow_glidein.config import Config, Credential, Entry
 from airflow_glidein.material import Validity, duration
 from airflow_glidein.state import METADATA, StateStore
 
-__all__ = ["Validity", "usable_on", "select", "ignored_vo_image", "load_rotation", "save_rotation"]
+__all__ = ["Validity", "usable_on", "select", "ignored_vo_image", "refuse_ask", "image_for", "load_rotation",
+           "save_rotation"]
 
 TIE_SECONDS = 600  # lifetimes this close count as equal (renewals of one proxy differ by minutes)
 PURPOSES = ("provision", "pilot")
@@ -132,6 +133,31 @@ def select(
             choice["refused"] = passed_over
         out[name] = choice
     return out
+
+
+def refuse_ask(config: Config, entry: Entry, ask: Mapping) -> str | None:
+    """Why the factory must not launch a request's ask at this entry, or None.
+
+    The factory checks again what the frontend chose: a stale request (the
+    configuration changed) or a hand-made one must not use a credential of
+    another trust domain.
+    """
+    for purpose in PURPOSES:
+        cid = ask.get(purpose)
+        if not cid:
+            return f"the request names no {purpose} credential"
+        try:
+            cred = config.credential(cid)
+        except KeyError:
+            return f"{purpose} credential {cid!r} is not in the configuration"
+        if cred.purpose != purpose or not usable_on(cred, entry):
+            return f"credential {cid!r} is not a {purpose} credential usable at trust domain {entry.trust_domain!r}"
+    return None
+
+
+def image_for(entry: Entry, ask: Mapping) -> str | None:
+    """The request's (VO) image where the entry allows one, else the entry's own."""
+    return ask.get("image") if ask.get("image") and entry.allow_vo_image else entry.image
 
 
 def ignored_vo_image(config: Config, frontend: str) -> list[str]:

@@ -288,3 +288,24 @@ def test_a_pilot_credential_must_be_able_to_join_a_pool():
     data["credentials"][0]["purpose"] = "pilot"
     with pytest.raises(ConfigError, match=r"credentials\[aws-a\]: a ec2_key_pair cannot join a pool"):
         parse_config(data)
+
+
+def test_the_factory_refuses_a_request_with_a_credential_of_another_domain_and_keeps_entry_images():
+    from airflow_glidein.provisioning import plan_launches
+
+    cfg = parse_config(config())
+    good = {"idle": 2, "max_running": 10, "provision": "aws-a", "pilot": "tok", "image": "ami-vo"}
+    requests = {"cms": {"cycle": "c1", "entries": {
+        "east": good,  # east does not allow VO images
+        "west": good,
+        "cern": {"idle": 2, "max_running": 10, "provision": "aws-a", "pilot": "cern-proxy"},  # an aws key at CERN
+    }}}
+    work = {w["entry"]: w for w in plan_launches(cfg, requests, [], "k")}
+    assert [b["image"] for b in work["east"]["launches"]] == ["ami-1"]
+    assert [b["image"] for b in work["west"]["launches"]] == ["ami-vo"]
+    assert work["cern"]["launches"] == []
+    assert work["cern"]["why"]["frontends"]["cms"]["refused"] == (
+        "credential 'aws-a' is not a provision credential usable at trust domain 'cern'")
+    stale = {"cms": {"entries": {"east": {"idle": 1, "max_running": 10, "provision": "gone", "pilot": "tok"}}}}
+    assert plan_launches(cfg, stale, [], "k")[0]["why"]["frontends"]["cms"]["refused"] == (
+        "provision credential 'gone' is not in the configuration")
