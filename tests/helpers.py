@@ -142,6 +142,16 @@ def task_states(dagrun) -> dict[str, str]:
         return {(ti.task_id if ti.map_index < 0 else f"{ti.task_id}[{ti.map_index}]"): str(ti.state) for ti in tis}
 
 
+def jwt_token(claims: dict[str, Any], signature: str = "c2lnbmF0dXJlLW5vdC1jaGVja2Vk") -> str:
+    """A JWT with these claims (HS256 header; the signature is opaque: we never verify it)."""
+    import base64
+
+    def part(obj: dict) -> str:
+        return base64.urlsafe_b64encode(json.dumps(obj).encode()).decode().rstrip("=")
+
+    return f"{part({'alg': 'HS256', 'typ': 'JWT'})}.{part(claims)}.{signature}"
+
+
 def env_config(path: Path | str) -> None:
     os.environ["AIRFLOW__GLIDEIN__CONFIG_FILE"] = str(path)
 
