@@ -24,6 +24,7 @@ PILOTS = Table(
     Column("id", String(128), primary_key=True),
     Column("entry", String(64), nullable=False, index=True),
     Column("frontend", String(64)),
+    Column("burst", String(128)),  # the burst a pilot serves (tag), or NULL
     Column("launch", String(256)),
     Column("launched", Float, nullable=False),
     Column("state", String(32), nullable=False),
@@ -31,6 +32,7 @@ PILOTS = Table(
     Column("conn", String(256)),
     Column("detail", Text, default=""),
     Column("startd", Text),  # compact JSON of the startd ad's few attributes, or NULL
+    Column("policy", Text),  # JSON of the pilot's own policy from its tags (bursts), or NULL
     Column("memory", Text, nullable=False, default="{}"),
     Column("updated", Float, nullable=False),
 )
@@ -45,7 +47,7 @@ ENTRY_HEALTH = Table(
     Column("updated", Float, nullable=False),
 )
 
-_JSON_COLS = ("startd", "memory")
+_JSON_COLS = ("startd", "memory", "policy")
 
 
 def _upsert(store: StateStore, table: Table, rows: list[dict[str, Any]], key: str) -> None:

@@ -38,9 +38,24 @@ def provision_conns(config: Config, entry: Entry) -> list[str]:
     return sorted({c.conn_id for c in config.credentials if c.purpose == "provision" and usable_on(c, entry)})
 
 
+def as_pilot(row: dict[str, Any], state: str | None = None) -> P.Pilot:
+    return P.Pilot(row["id"], row["entry"], row.get("frontend"), row.get("launch"), state or row["state"],
+                   row["launched"], row.get("provider_state") or "", burst=row.get("burst"))
+
+
 def pilot_counts(rows: Any) -> dict[str, dict[str, dict[str, int]]]:
-    return P.counts(P.Pilot(r["id"], r["entry"], r.get("frontend"), r.get("launch"), r["state"], r["launched"],
-                            r.get("provider_state") or "") for r in rows)
+    return P.counts(as_pilot(r) for r in rows)
+
+
+def tag_policy(tags: dict[str, str]) -> dict[str, int] | None:
+    """A pilot's own policy carried in its tags (bursts set theirs), for reaping."""
+    out = {}
+    for field, tag in (("max_lifetime", P.TAG_MAX_LIFETIME), ("idle_timeout", P.TAG_IDLE_TIMEOUT)):
+        try:
+            out[field] = int(tags[tag])
+        except (KeyError, ValueError):
+            continue
+    return out or None
 
 
 class InventoryOperator(GlideinBaseOperator):
@@ -71,7 +86,8 @@ class InventoryOperator(GlideinBaseOperator):
                 policy = cfg.policy_for(entry, frontend)
                 st, mem = L.transition(L.Memory.from_dict(prev and prev["memory"]), obs, now, policy.boot_timeout)
                 rows.append({
-                    "id": iid, "entry": entry.name, "frontend": frontend, "launch": inst.launch_id,
+                    "id": iid, "entry": entry.name, "frontend": frontend, "burst": inst.tags.get(P.TAG_BURST),
+                    "policy": tag_policy(inst.tags), "launch": inst.launch_id,
                     "launched": inst.launched, "state": st, "provider_state": inst.state, "conn": conn_id,
                     "detail": inst.detail, "startd": {k: startd[k] for k in STARTD_KEEP if k in startd} if startd else None,
                     "memory": mem.to_dict(), "updated": now, "_prev": prev and prev["state"],

@@ -47,6 +47,18 @@ def moto_server():
 
 
 @pytest.fixture(autouse=True)
+def fresh_requests(request):
+    """Each test starts with no glidein_requests/glidein_status events: old requests must not leak in."""
+    if "airflow_db" not in request.fixturenames:
+        return
+    from airflow.models.asset import AssetEvent
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        session.query(AssetEvent).delete()
+
+
+@pytest.fixture(autouse=True)
 def state_store(tmp_path, monkeypatch):
     """Each test its own glidein state store (pilot table, backoff, tokens, budgets)."""
     url = f"sqlite:///{tmp_path}/glidein_state.db"
