@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from airflow_glidein import lifecycle as L
-from airflow_glidein import pilotdb, provisioning, state
+from airflow_glidein import metrics, pilotdb, provisioning, state
 from airflow_glidein import pilots as P
 from airflow_glidein.assets import GLIDEIN_REQUESTS, REQUEST_EVENTS_WINDOW
 from airflow_glidein.bootstrap.launches import userdata_for
@@ -118,7 +118,9 @@ class SubmitPilotsOperator(GlideinBaseOperator):
                 result = hook.launch(spec)
             except Exception as exc:
                 _launch_failed(entry.name, exc, self.now())
+                metrics.incr(1, "failures", entry.name, "launch", entry=entry.name, kind="launch")
                 raise
+            metrics.incr(len(result["created"]), "launches", entry.name, entry=entry.name, frontend=spec.frontend)
             self.log.info("Entry %s launch %s: %d created, %d already there",
                           entry.name, spec.launch_id, len(result["created"]), len(result["existing"]))
             launched.append({"launch_id": spec.launch_id, "frontend": spec.frontend, **result})

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk.exceptions import AirflowSkipException
 
 from airflow_glidein import credentials as creds
-from airflow_glidein import demand, material, planning, report, secrets, state
+from airflow_glidein import demand, material, metrics, planning, report, secrets, state
 from airflow_glidein.assets import GLIDEIN_REQUESTS, GLIDEIN_STATUS
 from airflow_glidein.classads import Matcher
 from airflow_glidein.hooks.htcondor import HTCondorHook
@@ -166,8 +166,14 @@ class PublishRequestOperator(GlideinBaseOperator):
             "cycle": context["run_id"],
             "ttl": self.request.get("ttl") or fe.request_ttl,  # a burst brings its own lifetime
         }
-        request.pop("demand", None)
+        summary = request.pop("demand", None) or {}
         levels = {e: p["idle"] for e, p in request["entries"].items()}
+        if not request.get("burst"):
+            metrics.gauge(summary.get("idle_unmatched", 0), "demand", "unmatched", fe.name, frontend=fe.name)
+            for e, p in request["entries"].items():
+                jobs = p.get("why", {}).get("idle_jobs", 0)
+                metrics.gauge(jobs, "demand", "idle_jobs", fe.name, e, frontend=fe.name, entry=e)
+                metrics.gauge(p["idle"], "request", "level", fe.name, e, frontend=fe.name, entry=e)
         if request.pop("dry_run", False):
             raise AirflowSkipException(f"dry run: not publishing {levels}")
         context["outlet_events"][GLIDEIN_REQUESTS].extra = request

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk.exceptions import AirflowException
 
 from airflow_glidein import lifecycle as L
-from airflow_glidein import pilotdb, report, state
+from airflow_glidein import metrics, pilotdb, report, state
 from airflow_glidein import pilots as P
 from airflow_glidein.assets import GLIDEIN_STATUS
 from airflow_glidein.config import Config, Entry
@@ -77,6 +77,7 @@ class InventoryOperator(GlideinBaseOperator):
                 except Exception as exc:  # one provider down must not stop the other entries
                     self.log.warning("Entry %s: listing with connection %s failed: %s", entry.name, conn_id, exc)
                     errors[entry.name] = f"{type(exc).__name__}: {str(exc)[:300]}"
+                    metrics.incr(1, "failures", entry.name, "listing", entry=entry.name, kind="listing")
             for iid, (inst, conn_id) in listed.items():
                 prev = remembered.pop(iid, None)
                 frontend = inst.tags.get(P.TAG_FRONTEND)
@@ -121,6 +122,8 @@ class InventoryOperator(GlideinBaseOperator):
         new_failures = Counter(r["entry"] for r in rows if r["state"] == P.BOOT_FAILED and r["_prev"] != P.BOOT_FAILED)
         registered = {r["entry"] for r in rows if (r["memory"].get("first_registered") or -1) == now}
         changes = []
+        for entry, n in new_failures.items():
+            metrics.incr(n, "failures", entry, "boot", entry=entry, kind="boot")
         for entry in set(new_failures) | registered:
             failures = 0 if entry in registered else health.get(entry, {}).get("failures", 0) + new_failures[entry]
             reason = f"{new_failures[entry]} pilots failed to boot" if failures else ""
@@ -166,8 +169,10 @@ class ReapPilotsOperator(GlideinBaseOperator):
                     )
             except Exception as exc:
                 self.log.warning("Entry %s: %s of %d pilots failed: %s", entry_name, kind, len(ids), exc)
+                metrics.incr(1, "failures", entry_name, "terminate", entry=entry_name, kind="terminate")
                 failed += items
                 continue
+            metrics.incr(len(ids), "terminations", entry_name, kind, entry=entry_name, action=kind)
             for a in items:
                 self.log.info("%s %s at %s: %s", kind, a.id, a.entry, a.reason)
                 mem = rows[a.id].get("memory") or {}
@@ -233,6 +238,7 @@ class FactoryReportOperator(GlideinBaseOperator):
             "errors": (self.inventory or {}).get("errors", {}),
         }
         context["outlet_events"][GLIDEIN_STATUS].extra = status
+        metrics.pilots(counts, P.STATES)
         lines = [f"Factory {cfg.factory.name}: {launched} launched, "
                  + ", ".join(f"{n} {k}" for k, n in sorted(status["actions"].items())) if actions else
                  f"Factory {cfg.factory.name}: {launched} launched, nothing reaped"]
