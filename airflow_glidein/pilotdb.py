@@ -26,6 +26,8 @@ PILOTS = Table(
     Column("frontend", String(64)),
     Column("burst", String(128)),  # the burst a pilot serves (tag), or NULL
     Column("launch", String(256)),
+    Column("request", String(256)),  # the frontend run (or burst run) whose request it serves
+    Column("factory_run", String(256)),  # the factory run that launched it
     Column("launched", Float, nullable=False),
     Column("state", String(32), nullable=False),
     Column("provider_state", String(32)),

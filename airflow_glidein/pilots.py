@@ -41,6 +41,7 @@ TAG_FRONTEND = "glidein:frontend"
 TAG_ENTRY = "glidein:entry"
 TAG_LAUNCH = "glidein:launch"
 TAG_REQUEST = "glidein:request"
+TAG_FACTORY_RUN = "glidein:factory_run"  # the factory DAG run that launched it
 TAG_BURST = "glidein:burst"  # only on pilots of an ad-hoc burst: the burst's id
 TAG_MAX_LIFETIME = "glidein:max_lifetime"  # a burst's own pilot policy, read back by reaping
 TAG_IDLE_TIMEOUT = "glidein:idle_timeout"

@@ -80,6 +80,8 @@ class PlanCycleOperator(GlideinBaseOperator):
         for a in actions:
             self.log.info("%s %s at %s: %s", a.action, a.id, a.entry, a.reason)
         context["ti"].xcom_push(key="actions", value=[a.to_dict() for a in actions])
+        context["ti"].xcom_push(key="decisions", value={
+            w["entry"]: {**w["why"], "launch": sum(b["count"] for b in w["launches"])} for w in work})
         return [w for w in work if w["launches"]]
 
 
@@ -110,7 +112,7 @@ class SubmitPilotsOperator(GlideinBaseOperator):
                 count=batch["count"],
                 image=batch["image"],
                 request=batch["request"],
-                extra_tags=burst_tags(batch),
+                extra_tags={P.TAG_FACTORY_RUN: context["run_id"], **burst_tags(batch)},
                 # registers the launch and its bootstrap token, then signs the envelope
                 userdata=userdata_for(cfg, entry, batch, conn_id),
             )

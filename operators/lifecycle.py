@@ -89,6 +89,7 @@ class InventoryOperator(GlideinBaseOperator):
                 rows.append({
                     "id": iid, "entry": entry.name, "frontend": frontend, "burst": inst.tags.get(P.TAG_BURST),
                     "policy": tag_policy(inst.tags), "launch": inst.launch_id,
+                    "request": inst.tags.get(P.TAG_REQUEST), "factory_run": inst.tags.get(P.TAG_FACTORY_RUN),
                     "launched": inst.launched, "state": st, "provider_state": inst.state, "conn": conn_id,
                     "detail": inst.detail, "startd": {k: startd[k] for k in STARTD_KEEP if k in startd} if startd else None,
                     "memory": mem.to_dict(), "updated": now, "_prev": prev and prev["state"],
@@ -204,14 +205,15 @@ class ReapPilotsOperator(GlideinBaseOperator):
 class FactoryReportOperator(GlideinBaseOperator):
     """Publish pilot counts (and backoff, stuck pilots) on ``glidein_status``; print the cycle's summary."""
 
-    template_fields: Sequence[str] = ("inventory", "submitted", "actions", "config_file")
+    template_fields: Sequence[str] = ("inventory", "submitted", "actions", "decisions", "config_file")
 
-    def __init__(self, *, inventory: Any, submitted: Any, actions: Any, **kwargs: Any) -> None:
+    def __init__(self, *, inventory: Any, submitted: Any, actions: Any, decisions: Any = None, **kwargs: Any) -> None:
         kwargs.setdefault("outlets", [GLIDEIN_STATUS])
         super().__init__(**kwargs)
         self.inventory = inventory
         self.submitted = submitted
         self.actions = actions
+        self.decisions = decisions
 
     def execute(self, context: Context) -> dict[str, Any]:
         cfg, now, store = self.config, self.now(), state.store()
@@ -236,6 +238,8 @@ class FactoryReportOperator(GlideinBaseOperator):
             "stuck": stuck,
             "backoff": backoff,
             "errors": (self.inventory or {}).get("errors", {}),
+            "decisions": self.decisions or {},
+            "run_id": context["run_id"],
         }
         context["outlet_events"][GLIDEIN_STATUS].extra = status
         metrics.pilots(counts, P.STATES)
