@@ -100,6 +100,10 @@ class PilotHook(BaseHook):
         """The middleware's stronger variant (force-delete, terminate-hard); default: terminate again."""
         return self._terminate(ids)
 
+    def _needs_force(self, inst: P.ProviderInstance) -> bool:
+        """True if only the forced variant can end this instance now (e.g. Nova's SOFT_DELETED)."""
+        return False
+
     def _throttled(self, outcome: Any) -> float | None:
         """If this result or exception means "slow down": the seconds the provider asks (0: unsaid)."""
         return None
@@ -184,15 +188,18 @@ class PilotHook(BaseHook):
         report = TerminationReport()
         left = list(dict.fromkeys(ids))
         refused: Refusals = {}
+        only_force: set[str] = set()  # e.g. soft-deleted: asking again cannot help
         for step, force in (("terminate", False), ("terminate again", False), ("force", True)):
             if not left:
                 break
-            refused.update(self.terminate(left, force=force))
-            report.steps.append(f"{step}: {len(left)}")
+            batch = left if force else [i for i in left if i not in only_force]
+            refused.update(self.terminate(batch, force=force))
+            report.steps.append(f"{step}: {len(batch)}")
             B.CLOCK.sleep(settle)
             there = self.still_there(left)
             report.gone += [i for i in left if i not in there]
             left = [i for i in left if i in there]
+            only_force = {i for i in left if self._needs_force(there[i])}
             for iid in left:
                 inst = there[iid]
                 why = refused.get(iid) or inst.detail

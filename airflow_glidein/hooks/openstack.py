@@ -238,6 +238,9 @@ class OpenStackPilotHook(PilotHook):
                 refused[sid] = _message(exc)
         return refused
 
+    def _needs_force(self, inst: P.ProviderInstance) -> bool:
+        return inst.detail.startswith("SOFT_DELETED")
+
     def _throttled(self, outcome: Any) -> float | None:
         if isinstance(outcome, requests.Response) and outcome.status_code in THROTTLE_STATUS:
             try:

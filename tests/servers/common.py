@@ -19,8 +19,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 class Call:
     at: float
     method: str
-    path: str
+    path: str  # the URL path; for XML-RPC the method (and the action of one.vm.action)
     status: int = 0
+    query: str = ""
 
 
 class WallClock:
@@ -119,13 +120,13 @@ class TestServer:
         self.httpd.shutdown()
         self.httpd.server_close()
 
-    def log_call(self, method: str, path: str) -> tuple[Call, float | None]:
+    def log_call(self, method: str, path: str, query: str = "") -> tuple[Call, float | None]:
         """Record a request and decide on throttling; returns (call, retry_after or None)."""
         with self.lock:
             if hasattr(self.clock, "advance"):
                 self.clock.advance()
             now = self.clock.time()
-            call = Call(now, method, path)
+            call = Call(now, method, path, query=query)
             self.calls.append(call)
             return call, self.throttle.admit(now)
 

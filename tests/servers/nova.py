@@ -335,7 +335,7 @@ class _Handler(QuickHandler):
         srv = self.owner
         url = urlparse(self.path)
         body = self._body() if method in ("POST", "PUT") else {}
-        self._call, retry_after = srv.log_call(method, url.path)
+        self._call, retry_after = srv.log_call(method, url.path, url.query)
         if retry_after is not None:
             self._send(429, _err("overLimit", 429, "This request was rate-limited."),
                        {"Retry-After": str(max(1, math.ceil(retry_after)))})

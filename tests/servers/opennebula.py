@@ -304,7 +304,8 @@ class _Handler(QuickHandler):
         srv = self.owner
         raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         params, method = xmlrpc.client.loads(raw)
-        call, retry_after = srv.log_call("POST", method)
+        what = f"{method} {params[1]}" if method == "one.vm.action" and len(params) > 1 else method
+        call, retry_after = srv.log_call("POST", what)
         if retry_after is not None:
             call.status = srv.throttle_status
             body = b"Too many requests"
