@@ -231,7 +231,7 @@ class FactoryReportOperator(GlideinBaseOperator):
         launched = 0
         for item in _items(self.submitted):
             for batch in item["launched"]:
-                for iid in batch["created"]:
+                for iid in batch["created"] + batch.get("existing", []):  # a retry finds what an earlier try made
                     launched += 1
                     pilots[iid] = P.Pilot(iid, item["entry"], batch["frontend"], batch["launch_id"],
                                           P.REQUESTED, now, P.P_PENDING)
