@@ -21,7 +21,8 @@ def get_provider_info() -> dict:
         ],
         "hooks": [
             {"integration-name": "HTCondor glideins",
-             "python-modules": ["airflow_glidein.hooks.ec2", "airflow_glidein.hooks.htcondor"]},
+             "python-modules": ["airflow_glidein.hooks.ec2", "airflow_glidein.hooks.htcondor",
+                                "airflow_glidein.hooks.openstack", "airflow_glidein.hooks.opennebula"]},
         ],
         "connection-types": [
             {
@@ -35,6 +36,28 @@ def get_provider_info() -> dict:
                     "hidden-fields": ["schema", "login", "port", "extra"],
                     "relabeling": {"host": "Collector host", "password": "Pool token (IDTOKEN)"},
                     "placeholders": {"host": "cm.example.org:9618"},
+                },
+            },
+            {
+                "connection-type": "openstack",
+                "hook-class-name": "airflow_glidein.hooks.openstack.OpenStackPilotHook",
+                "hook-name": "Glidein pilots on OpenStack",
+                "ui-field-behaviour": {
+                    "hidden-fields": ["schema", "port"],
+                    "relabeling": {"host": "Auth URL (Keystone v3)", "login": "User or application credential id",
+                                   "password": "Password or application credential secret"},
+                    "placeholders": {"host": "https://keystone.example.org:5000/v3",
+                                     "extra": '{"auth_type": "v3applicationcredential", "region_name": "RegionOne"}'},
+                },
+            },
+            {
+                "connection-type": "opennebula",
+                "hook-class-name": "airflow_glidein.hooks.opennebula.OpenNebulaPilotHook",
+                "hook-name": "Glidein pilots on OpenNebula",
+                "ui-field-behaviour": {
+                    "hidden-fields": ["schema", "port"],
+                    "relabeling": {"host": "XML-RPC endpoint", "login": "OpenNebula user", "password": "Password"},
+                    "placeholders": {"host": "https://one.example.org:2633/RPC2", "extra": '{"verify": true}'},
                 },
             },
         ],

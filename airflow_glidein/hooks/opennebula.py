@@ -58,14 +58,6 @@ class OpenNebulaPilotHook(PilotHook):
     hook_name = "Glidein pilots on OpenNebula"
     page_size = 1000
 
-    @classmethod
-    def get_ui_field_behaviour(cls) -> dict[str, Any]:
-        return {
-            "hidden-fields": ["schema", "port"],
-            "relabeling": {"host": "XML-RPC endpoint", "login": "OpenNebula user", "password": "Password"},
-            "placeholders": {"host": "https://one.example.org:2633/RPC2", "extra": '{"verify": true}'},
-        }
-
     @cached_property
     def one(self) -> Any:
         import pyone

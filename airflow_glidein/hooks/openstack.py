@@ -92,17 +92,6 @@ class OpenStackPilotHook(PilotHook):
     conn_type = "openstack"
     hook_name = "Glidein pilots on OpenStack"
 
-    @classmethod
-    def get_ui_field_behaviour(cls) -> dict[str, Any]:
-        return {
-            "hidden-fields": ["schema", "port"],
-            "relabeling": {"host": "Auth URL (Keystone v3)", "login": "User or application credential id",
-                           "password": "Password or application credential secret"},
-            "placeholders": {"host": "https://keystone.example.org:5000/v3",
-                             "extra": '{"auth_type": "v3applicationcredential", "region_name": "RegionOne"}'},
-        }
-
-    # -- the SDK connection ------------------------------------------------
     @cached_property
     def conn(self) -> Any:
         import openstack
