@@ -220,6 +220,8 @@ class Factory(Model):
     limits: GlobalLimits = GlobalLimits()
     retries: NonNeg = 3  # Airflow task retries of the glidein DAGs
     retry_delay: NonNeg = 20  # s between them
+    verify_timeout: Pos = 120  # s the factory waits for terminated pilots to disappear
+    verify_poll: Pos = 15  # s between those checks (each lists the entry: API budget)
 
 
 class Config(Model):

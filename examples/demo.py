@@ -71,6 +71,7 @@ def main() -> int:
         from airflow.dag_processing.dagbag import DagBag
         from airflow.utils.db import initdb
 
+        from airflow_glidein import lifecycle as L
         from airflow_glidein import pilots as P
         from airflow_glidein import report
         from airflow_glidein.config import get_config
@@ -100,7 +101,10 @@ def main() -> int:
         rows = []
         for entry in cfg.entries:
             listed = pilot_hook(entry, cfg.factory.name, "glidein_aws_demo").list_pilots()
-            pilots = [P.observe(inst, entry.name, frontends) for inst in listed]
+            # No collector: what the provider lists is all we know of each pilot.
+            pilots = [P.Pilot(i.id, entry.name, i.tags.get(P.TAG_FRONTEND), i.launch_id,
+                              L.transition(L.Memory(), L.Observation(i.state, i.launched, True, collector=False),
+                                           0, 0)[0], i.launched, i.state) for i in listed]
             for fe in frontends:
                 mine = [p for p in pilots if p.frontend == fe]
                 states = ", ".join(f"{n} {s}" for s, n in sorted(Counter(p.state for p in mine).items())) or "-"

@@ -47,6 +47,14 @@ def moto_server():
     server.stop()
 
 
+@pytest.fixture(autouse=True)
+def state_store(tmp_path, monkeypatch):
+    """Each test its own glidein state store (pilot table, backoff, tokens, budgets)."""
+    url = f"sqlite:///{tmp_path}/glidein_state.db"
+    monkeypatch.setenv("GLIDEIN_STATE_URL", url)
+    return url
+
+
 @pytest.fixture
 def ec2(moto_server, monkeypatch):
     """A clean moto EC2 and the Airflow connections that point at it."""

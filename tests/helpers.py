@@ -118,14 +118,14 @@ def run_dag(dag_id: str):
     return dag.test()
 
 
-def xcom(dagrun, task_id: str, map_index: int | None = -1) -> Any:
+def xcom(dagrun, task_id: str, map_index: int | None = -1, key: str = "return_value") -> Any:
     """A task's return value from the metadata DB (tests only; tasks never read it)."""
     from airflow.models.xcom import XComModel
     from airflow.utils.session import create_session
 
     with create_session() as session:
         rows = session.scalars(XComModel.get_many(
-            run_id=dagrun.run_id, dag_ids=dagrun.dag_id, task_ids=task_id, key="return_value",
+            run_id=dagrun.run_id, dag_ids=dagrun.dag_id, task_ids=task_id, key=key,
             map_indexes=map_index,
         )).all()
         values = [XComModel.deserialize_value(r) for r in rows]
