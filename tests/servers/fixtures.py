@@ -9,18 +9,6 @@ from tests.servers.nova import NovaServer
 from tests.servers.opennebula import OneServer
 
 
-@pytest.fixture(autouse=True)
-def _fresh_api_budget():
-    """Every test starts with an unspent API budget (the store outlives tests; the clock does not)."""
-    from sqlalchemy import delete
-
-    from airflow_glidein import budget, state
-
-    with state.store().begin() as conn:
-        conn.execute(delete(budget.SPENT))
-    yield
-
-
 @pytest.fixture(scope="session")
 def nova_server():
     server = NovaServer().start()
