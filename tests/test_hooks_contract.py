@@ -2,14 +2,17 @@
 
 EC2: the Amazon provider's EC2Hook against moto. OpenStack: openstacksdk
 against tests/servers/nova.py. OpenNebula: pyone against
-tests/servers/opennebula.py. What the provider holds is always read on the
-server side, never through the hook under test.
+tests/servers/opennebula.py. HTCondor-G: htcondor2 against the schedd
+stand-in (tests/standins/condor.py, from the demand work). What the provider
+holds is always read on the server side, never through the hook under test.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+
+import importlib.util
 
 import pytest
 
@@ -20,6 +23,8 @@ from airflow_glidein.hooks import LaunchSpec, pilot_hook
 
 FACTORY = "test-factory"
 MIDDLEWARES = ["ec2", "openstack", "opennebula"]
+if importlib.util.find_spec("tests.standins.condor") is not None:  # the schedd stand-in of the demand work
+    MIDDLEWARES.append("htcondor_g")
 
 
 @dataclass
@@ -83,9 +88,30 @@ def _opennebula(request) -> Cloud:
                  lambda: len(one.calls))
 
 
+def _htcondor_g(request) -> Cloud:
+    from airflow_glidein.hooks.htcondor_g import ATTR
+    from tests.standins import condor
+
+    monkeypatch, tmp_path = request.getfixturevalue("monkeypatch"), request.getfixturevalue("tmp_path")
+    pool = condor.Pool("contract-cm.test:9618")
+    schedd = pool.add_schedd("schedd.contract.test")
+    pool.install(monkeypatch)
+    request.addfinalizer(pool.close)
+    monkeypatch.setenv("AIRFLOW_CONN_GLIDEIN_GRID_TEST", '{"conn_type": "generic", "password": "a-scitoken"}')
+    entry = Entry(name="osg-test", middleware="htcondor_g", trust_domain="osg", auth_method="scitoken",
+                  options={"collector": pool.address, "schedd": "schedd.contract.test", "terminate_settle": 0,
+                           "grid_resource": "condor ce.example.org ce.example.org:9619",
+                           "credential_dir": str(tmp_path / "creds")})
+    return Cloud(entry, "glidein_grid_test",
+                 lambda: {f"{c}.{p}": {tag: str(ad[attr]) for tag, attr in ATTR.items() if attr in ad}
+                          for (c, p), ad in schedd.jobs.items()},
+                 lambda: schedd.calls)
+
+
 @pytest.fixture(params=MIDDLEWARES)
 def cloud(request) -> Cloud:
-    return {"ec2": _ec2, "openstack": _openstack, "opennebula": _opennebula}[request.param](request)
+    return {"ec2": _ec2, "openstack": _openstack, "opennebula": _opennebula,
+            "htcondor_g": _htcondor_g}[request.param](request)
 
 
 def test_launch_a_batch_tags_every_instance(cloud):
