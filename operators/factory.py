@@ -13,9 +13,10 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from airflow_glidein import lifecycle as L
-from airflow_glidein import pilotdb, provisioning, state, userdata
+from airflow_glidein import pilotdb, provisioning, state
 from airflow_glidein import pilots as P
 from airflow_glidein.assets import GLIDEIN_REQUESTS, REQUEST_EVENTS_WINDOW
+from airflow_glidein.bootstrap.launches import userdata_for
 from airflow_glidein.hooks import LaunchSpec, pilot_hook
 from airflow_glidein.operators.base import GlideinBaseOperator
 
@@ -109,14 +110,8 @@ class SubmitPilotsOperator(GlideinBaseOperator):
                 count=batch["count"],
                 image=batch["image"],
                 request=batch["request"],
-                userdata=userdata.build(entry.middleware, {
-                    "factory": cfg.factory.name,
-                    "entry": entry.name,
-                    "frontend": batch["frontend"],
-                    "launch_id": batch["launch_id"],
-                    "bootstrap_url": cfg.factory.bootstrap_url,
-                    "policy": batch["policy"],
-                }),
+                # registers the launch and its bootstrap token, then signs the envelope
+                userdata=userdata_for(cfg, entry, batch, conn_id),
             )
             try:
                 result = hook.launch(spec)
@@ -126,7 +121,11 @@ class SubmitPilotsOperator(GlideinBaseOperator):
             self.log.info("Entry %s launch %s: %d created, %d already there",
                           entry.name, spec.launch_id, len(result["created"]), len(result["existing"]))
             launched.append({"launch_id": spec.launch_id, "frontend": spec.frontend, **result})
+        _launch_succeeded(entry.name, self.now())
         return {"entry": entry.name, "launched": launched}
+
+
+LAUNCH_FAILED = "launch failed"
 
 
 def _launch_failed(entry: str, exc: Exception, now: float) -> None:
@@ -134,4 +133,13 @@ def _launch_failed(entry: str, exc: Exception, now: float) -> None:
     store = state.store()
     failures = pilotdb.load_health(store).get(entry, {}).get("failures", 0) + 1
     pilotdb.save_health(store, [{"entry": entry, "failures": failures, "until": L.backoff_until(failures, now),
-                                 "reason": f"launch failed: {type(exc).__name__}: {str(exc)[:200]}", "updated": now}])
+                                 "reason": f"{LAUNCH_FAILED}: {type(exc).__name__}: {str(exc)[:200]}",
+                                 "updated": now}])
+
+
+def _launch_succeeded(entry: str, now: float) -> None:
+    """All of an entry's launches went through: launch errors no longer hold it back."""
+    store = state.store()
+    health = pilotdb.load_health(store).get(entry)
+    if health and health["failures"] and str(health["reason"]).startswith(LAUNCH_FAILED):
+        pilotdb.save_health(store, [{"entry": entry, "failures": 0, "until": now, "reason": "", "updated": now}])

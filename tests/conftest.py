@@ -63,3 +63,14 @@ def ec2(moto_server, monkeypatch):
         monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", moto_server.connection_json())
     monkeypatch.setenv("AIRFLOW_CONN_GLIDEIN_CMS_POOL_TOKEN", '{"conn_type": "generic", "password": "pool-token-value"}')
     return moto_server
+
+
+@pytest.fixture(scope="session")
+def bootstrap_server(airflow_db):
+    """The real bootstrap service: Airflow's API server app (our plugin at /glidein) on 127.0.0.1."""
+    from tests.pilot_helpers import BootstrapServer
+
+    server = BootstrapServer()
+    server.start()
+    yield server
+    server.stop()

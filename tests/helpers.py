@@ -144,3 +144,42 @@ def task_states(dagrun) -> dict[str, str]:
 
 def env_config(path: Path | str) -> None:
     os.environ["AIRFLOW__GLIDEIN__CONFIG_FILE"] = str(path)
+
+
+def resume_run(dag_id: str, run_id: str):
+    """Carry on an existing DAG run the way the scheduler would (dag.test's loop, on a run it did not create).
+
+    Used after a task process was SIGKILLed: the test marks the vanished task
+    up_for_retry (the scheduler's zombie handling), then this runs what is
+    schedulable until the run ends.
+    """
+    import time
+
+    from airflow.dag_processing.dagbag import DagBag
+    from airflow.models.dagrun import DagRun
+    from airflow.sdk.definitions.dag import _run_task
+    from airflow.serialization.serialized_objects import DagSerialization
+    from airflow.utils.session import create_session
+    from airflow.utils.state import DagRunState, TaskInstanceState
+
+    dag = DagBag(dag_folder=str(DAGS)).get_dag(dag_id)
+    scheduler_dag = DagSerialization.deserialize_dag(DagSerialization.serialize_dag(dag))
+    with create_session() as session:
+        dr = session.query(DagRun).filter(DagRun.dag_id == dag_id, DagRun.run_id == run_id).one()
+        dr.dag = scheduler_dag
+        deadline = time.time() + 300
+        while dr.state == DagRunState.RUNNING and time.time() < deadline:
+            session.expire_all()
+            schedulable, _ = dr.update_state(session=session)
+            for ti in schedulable:
+                if ti.state != TaskInstanceState.UP_FOR_RESCHEDULE:
+                    ti.try_number += 1
+                ti.state = TaskInstanceState.SCHEDULED
+            session.commit()
+            ready = [ti for ti in dr.get_task_instances(session=session) if ti.state == TaskInstanceState.SCHEDULED]
+            if not ready:
+                time.sleep(0.2)
+            for ti in ready:
+                _run_task(ti=ti, task=dag.task_dict[ti.task_id], run_triggerer=True)
+        session.refresh(dr)
+        return dr
