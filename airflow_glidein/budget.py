@@ -7,8 +7,10 @@ exactly ``per_seconds`` after it was spent. A classic bucket (refill at
 requests/per_seconds, capacity requests) lets up to twice the budget through
 in some window; returning each token one window after its use never lets
 more than ``requests`` calls into any window of ``per_seconds``, which is
-what the provider counts. The spent tokens are rows in the state store, so
-every worker process and every replica shares them.
+what the provider counts. A small guard (1% of the window, at most 1 s) is
+added, because the provider stamps a call when it arrives and network latency
+varies. The spent tokens are rows in the state store, so every worker
+process and every replica shares them.
 
 Time goes through ``CLOCK`` (time and sleep), one seam for the budget, the
 hooks' backoff and their termination checks.
@@ -61,7 +63,8 @@ class ApiBudget:
         self.endpoint = endpoint
         self.requests = int(requests)
         self.per_seconds = float(per_seconds)
-        self.max_wait = self.per_seconds if max_wait is None else float(max_wait)
+        self.hold = self.per_seconds + min(1.0, self.per_seconds * 0.01)  # how long a spent token stays out
+        self.max_wait = self.hold if max_wait is None else float(max_wait)
         self.url = url
 
     @classmethod
@@ -79,7 +82,7 @@ class ApiBudget:
             now = CLOCK.time()
             with store.begin() as conn:
                 conn.execute(delete(SPENT).where(SPENT.c.endpoint == self.endpoint,
-                                                 SPENT.c.at <= now - self.per_seconds))
+                                                 SPENT.c.at <= now - self.hold))
                 used = conn.execute(select(func.count()).where(SPENT.c.endpoint == self.endpoint)).scalar_one()
                 if used + n <= self.requests:
                     conn.execute(insert(SPENT), [{"endpoint": self.endpoint, "at": now}] * n)
@@ -89,7 +92,7 @@ class ApiBudget:
                     select(SPENT.c.at).where(SPENT.c.endpoint == self.endpoint)
                     .order_by(SPENT.c.at).offset(used + n - self.requests - 1).limit(1)
                 ).scalar_one()
-            wait = max(back + self.per_seconds - now, 0.001)
+            wait = max(back + self.hold - now, 0.001)
             if waited + wait > self.max_wait:
                 raise BudgetExhausted(
                     f"API budget of {self.endpoint} ({self.requests} calls per {self.per_seconds:g} s) "
@@ -106,4 +109,4 @@ class ApiBudget:
         now = CLOCK.time()
         with state.store(self.url).begin() as conn:
             return conn.execute(select(func.count()).where(
-                SPENT.c.endpoint == self.endpoint, SPENT.c.at > now - self.per_seconds)).scalar_one()
+                SPENT.c.endpoint == self.endpoint, SPENT.c.at > now - self.hold)).scalar_one()

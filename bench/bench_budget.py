@@ -29,10 +29,10 @@ def token_cost(n: int = 500) -> float:
 
 
 def five_hundred_servers() -> dict:
-    from airflow_glidein import budget, userdata
+    from airflow_glidein import budget
     from airflow_glidein.config import Entry
     from airflow_glidein.hooks import LaunchSpec, pilot_hook
-    from tests.servers.common import SimClock
+    from tests.servers.common import SimClock, signed_envelope
     from tests.servers.nova import NovaServer
 
     clock = SimClock(tick=0.01)
@@ -49,7 +49,7 @@ def five_hundred_servers() -> dict:
     for batch in range(10):
         launch = f"bench.cms.{batch}"
         hook.launch(LaunchSpec(launch_id=launch, frontend="cms", count=50, image="img-glidein",
-                               userdata=userdata.build("openstack", {"launch_id": launch})))
+                               userdata=signed_envelope("openstack", {"launch_id": launch})))
     ids = [i.id for i in hook.list_pilots()]
     report = hook.terminate_verified(ids, settle=10)
     wall = time.perf_counter() - t

@@ -17,9 +17,9 @@ import importlib.util
 import pytest
 
 from airflow_glidein import pilots as P
-from airflow_glidein import userdata
 from airflow_glidein.config import Entry
 from airflow_glidein.hooks import LaunchSpec, pilot_hook
+from tests.servers.common import signed_envelope
 
 FACTORY = "test-factory"
 MIDDLEWARES = ["ec2", "openstack", "opennebula"]
@@ -38,7 +38,7 @@ class Cloud:
         return pilot_hook(entry or self.entry, factory, self.conn_id)
 
     def spec(self, launch: str = "run1.cms.0", count: int = 3, frontend: str = "cms") -> LaunchSpec:
-        env = userdata.build(self.entry.middleware, {"factory": FACTORY, "entry": self.entry.name,
+        env = signed_envelope(self.entry.middleware, {"factory": FACTORY, "entry": self.entry.name,
                                                       "frontend": frontend, "launch_id": launch})
         return LaunchSpec(launch_id=launch, frontend=frontend, count=count, image=self.entry.image,
                           userdata=env, request="cycle-7")

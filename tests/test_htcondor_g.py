@@ -18,6 +18,7 @@ from airflow_glidein import pilots as P
 from airflow_glidein import userdata
 from airflow_glidein.config import Entry
 from airflow_glidein.hooks import LaunchSpec, pilot_hook
+from tests.servers.common import signed_envelope
 
 condor = pytest.importorskip("tests.standins.condor")  # the issue-3 stand-in
 
@@ -48,7 +49,7 @@ def entry(tmp_path, grid_resource: str = "condor ce.example.org ce.example.org:9
 
 
 def spec(count: int = 3, launch: str = "r1.cms.osg-ce.0", image: str | None = None) -> LaunchSpec:
-    env = userdata.build("htcondor_g", {"factory": FACTORY, "entry": "osg-ce", "launch_id": launch})
+    env = signed_envelope("htcondor_g", {"factory": FACTORY, "entry": "osg-ce", "launch_id": launch})
     return LaunchSpec(launch_id=launch, frontend="cms", count=count, image=image or "", userdata=env, request="c1")
 
 

@@ -11,6 +11,7 @@ from airflow_glidein import pilots as P
 from airflow_glidein import userdata
 from airflow_glidein.config import Entry
 from airflow_glidein.hooks import LaunchSpec, pilot_hook
+from tests.servers.common import signed_envelope
 from tests.servers.opennebula import STATES, parse_template
 
 FACTORY = "fnal-factory"
@@ -23,7 +24,7 @@ def entry(flavor: str = "4", image: str = "13", **options) -> Entry:
 
 
 def spec(count: int = 3, launch: str = "r1.nova.fermicloud.0") -> LaunchSpec:
-    env = userdata.build("opennebula", {"factory": FACTORY, "entry": "fermicloud", "launch_id": launch})
+    env = signed_envelope("opennebula", {"factory": FACTORY, "entry": "fermicloud", "launch_id": launch})
     return LaunchSpec(launch_id=launch, frontend="nova", count=count, image="13", userdata=env, request="c1")
 
 

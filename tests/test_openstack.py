@@ -11,6 +11,7 @@ from airflow_glidein import pilots as P
 from airflow_glidein import userdata
 from airflow_glidein.config import Entry
 from airflow_glidein.hooks import LaunchSpec, pilot_hook
+from tests.servers.common import signed_envelope
 
 FACTORY = "cern-factory"
 
@@ -23,7 +24,7 @@ def entry(**options) -> Entry:
 
 
 def spec(count: int = 3, launch: str = "r1.cms.cern-batch.0") -> LaunchSpec:
-    env = userdata.build("openstack", {"factory": FACTORY, "entry": "cern-batch", "launch_id": launch})
+    env = signed_envelope("openstack", {"factory": FACTORY, "entry": "cern-batch", "launch_id": launch})
     return LaunchSpec(launch_id=launch, frontend="cms", count=count, image="img-glidein", userdata=env,
                       request="cycle-1")
 

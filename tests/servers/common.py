@@ -139,3 +139,17 @@ class TestServer:
                 lo += 1
             best = max(best, hi - lo + 1)
         return best
+
+
+_KEY = None
+
+
+def signed_envelope(middleware: str, payload: dict) -> str:
+    """A real signed UserData envelope, with a key made once per test session."""
+    global _KEY
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from airflow_glidein import userdata
+
+    _KEY = _KEY or Ed25519PrivateKey.generate()
+    return userdata.build(middleware, payload, _KEY)
