@@ -14,6 +14,7 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from airflow_glidein import credentials
 from airflow_glidein import pilots as P
 from airflow_glidein.config import Config
 from airflow_glidein.planning import apportion
@@ -76,6 +77,10 @@ def plan_launches(
         why: dict[str, Any] = {"frontends": {}}
         deficits = {}
         for f, ask in asks.items():
+            if refused := credentials.refuse_ask(config, entry, ask):
+                deficits[f] = 0
+                why["frontends"][f] = {"level": ask["idle"], "refused": refused}
+                continue
             mine = [p for p in here if p.frontend == f]
             capacity = sum(p.state in P.CAPACITY for p in mine)
             active = sum(p.state in P.ACTIVE for p in mine)
@@ -114,7 +119,7 @@ def plan_launches(
                     "request": str(request.get("cycle", "")),
                     "provision": ask.get("provision"),
                     "pilot": ask.get("pilot"),
-                    "image": ask.get("image") or entry.image,
+                    "image": credentials.image_for(entry, ask),
                     "start_expr": request.get("start_expr", "true"),
                     "policy": (request.get("policy") or {}).get(entry.name) or config.policy_for(entry, f).model_dump(),
                 })

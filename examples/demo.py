@@ -10,6 +10,7 @@ not observed).
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
@@ -59,7 +60,11 @@ def main() -> int:
         "conn_type": "aws", "login": "demo-access-key", "password": "demo-secret-key",
         "extra": {"endpoint_url": endpoint, "region_name": "us-east-1"},
     })
-    os.environ["AIRFLOW_CONN_GLIDEIN_CMS_POOL_TOKEN"] = json.dumps({"conn_type": "generic", "password": "demo-idtoken"})
+    # An IDTOKEN is a JWT; this one is shaped like one (unsigned, no exp) so selection can read it.
+    claims = base64.urlsafe_b64encode(b'{"iss": "demo-pool", "sub": "pilot@demo-pool"}').decode().rstrip("=")
+    os.environ["AIRFLOW_CONN_GLIDEIN_CMS_POOL_TOKEN"] = json.dumps({
+        "conn_type": "glidein_token", "password": f"eyJhbGciOiJIUzI1NiJ9.{claims}.demo-signature",
+    })
 
     print("airflow-glidein demo")
     print(f"  EC2 is moto's emulator on {endpoint} (nothing real is launched or billed).")

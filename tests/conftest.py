@@ -6,6 +6,7 @@ of this module, which pytest loads first.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -28,7 +29,7 @@ os.environ.update({
 
 import pytest  # noqa: E402
 
-from tests.helpers import MotoEC2, migrate_db  # noqa: E402
+from tests.helpers import POOL_TOKEN, MotoEC2, migrate_db  # noqa: E402
 
 pytest_plugins = ["tests.servers.fixtures"]  # Nova/Keystone and OpenNebula servers, simulated clock
 
@@ -61,7 +62,8 @@ def ec2(moto_server, monkeypatch):
     moto_server.reset()
     for conn_id in ("glidein_aws_demo", "glidein_aws_test", "glidein_aws_other"):
         monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", moto_server.connection_json())
-    monkeypatch.setenv("AIRFLOW_CONN_GLIDEIN_CMS_POOL_TOKEN", '{"conn_type": "generic", "password": "pool-token-value"}')
+    monkeypatch.setenv("AIRFLOW_CONN_GLIDEIN_CMS_POOL_TOKEN",
+                       json.dumps({"conn_type": "generic", "password": POOL_TOKEN}))
     return moto_server
 
 

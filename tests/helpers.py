@@ -142,6 +142,21 @@ def task_states(dagrun) -> dict[str, str]:
         return {(ti.task_id if ti.map_index < 0 else f"{ti.task_id}[{ti.map_index}]"): str(ti.state) for ti in tis}
 
 
+def jwt_token(claims: dict[str, Any], signature: str = "c2lnbmF0dXJlLW5vdC1jaGVja2Vk") -> str:
+    """A JWT with these claims (HS256 header; the signature is opaque: we never verify it)."""
+    import base64
+
+    def part(obj: dict) -> str:
+        return base64.urlsafe_b64encode(json.dumps(obj).encode()).decode().rstrip("=")
+
+    return f"{part({'alg': 'HS256', 'typ': 'JWT'})}.{part(claims)}.{signature}"
+
+
+# The pool's IDTOKEN in the tests' pilot credential connection: a JWT without exp whose
+# signature part is a string the secrecy checks look for.
+POOL_TOKEN = jwt_token({"iss": "cm.example.org", "sub": "pilot@cm.example.org"}, signature="pool-token-value")
+
+
 def env_config(path: Path | str) -> None:
     os.environ["AIRFLOW__GLIDEIN__CONFIG_FILE"] = str(path)
 
@@ -165,11 +180,13 @@ def resume_run(dag_id: str, run_id: str):
     dag = DagBag(dag_folder=str(DAGS)).get_dag(dag_id)
     scheduler_dag = DagSerialization.deserialize_dag(DagSerialization.serialize_dag(dag))
     with create_session() as session:
-        dr = session.query(DagRun).filter(DagRun.dag_id == dag_id, DagRun.run_id == run_id).one()
-        dr.dag = scheduler_dag
         deadline = time.time() + 300
-        while dr.state == DagRunState.RUNNING and time.time() < deadline:
+        while time.time() < deadline:
             session.expire_all()
+            dr = session.query(DagRun).filter(DagRun.dag_id == dag_id, DagRun.run_id == run_id).one()
+            if dr.state != DagRunState.RUNNING:
+                break
+            dr.dag = scheduler_dag
             schedulable, _ = dr.update_state(session=session)
             for ti in schedulable:
                 if ti.state != TaskInstanceState.UP_FOR_RESCHEDULE:
@@ -181,5 +198,5 @@ def resume_run(dag_id: str, run_id: str):
                 time.sleep(0.2)
             for ti in ready:
                 _run_task(ti=ti, task=dag.task_dict[ti.task_id], run_triggerer=True)
-        session.refresh(dr)
-        return dr
+        session.expire_all()
+        return session.query(DagRun).filter(DagRun.dag_id == dag_id, DagRun.run_id == run_id).one()

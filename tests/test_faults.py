@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import os
 import random
+
+import pendulum
 import signal
 import subprocess
 import sys
@@ -143,7 +145,8 @@ def test_randomized_faults_never_duplicate_or_leak(ec2, tmp_path, monkeypatch, s
         # every termination decided this run happened, fault or not
         going = {a["id"] for a in actions if a["action"] != "retire"}
         assert not going & {i["InstanceId"] for i in instances(ec2, live_only=True)}
-    assert {t for t, _ in fired} == set(TASKS) and {p for _, p in fired} == set(POINTS), fired
+    if RUNS >= 100:  # a short local run (GLIDEIN_FAULT_RUNS) need not reach every point
+        assert set(fired) == {(t, p) for t in TASKS for p in POINTS}, fired
     print(f"{sum(fired.values())} faults fired in {run} runs: {dict(sorted(fired.items()))}")
 
 
@@ -151,27 +154,29 @@ def test_randomized_faults_never_duplicate_or_leak(ec2, tmp_path, monkeypatch, s
 def test_fault_point_retried_by_airflow(task, point, ec2, tmp_path, monkeypatch):
     cfg = example_config()
     cfg["factory"].update(retry_delay=0, verify_timeout=1, verify_poll=1)
-    cfg["entries"] = cfg["entries"][:1]
-    cfg["entries"][0]["limits"].update(batch_size=2)
-    cfg["entries"][0]["policy"] = {"max_lifetime": LIFETIME}
-    cfg["frontends"][0].update(entries=["aws-us-east-1"], request_ttl=100000)
-    cfg["frontends"][0]["demand"]["queue_file"] = write_queue(tmp_path, idle_jobs(5, "AWS_US_EAST_1", cpus=4))
+    for e in cfg["entries"]:
+        e["limits"]["batch_size"] = 2
+        e["policy"] = {"max_lifetime": LIFETIME}
+    cfg["frontends"][0]["request_ttl"] = 100000
     write_config(tmp_path, cfg, monkeypatch)
     run_dag("glidein_frontend_cms")
     faults = Faults().install(monkeypatch)
-    if task == "reap":
+    if task == "reap":  # pilots at both entries reach their end of life: two terminate calls
         run_dag("glidein_factory")
-        ec2.age([i["InstanceId"] for i in ec2.instances()], 2 * LIFETIME)
+        for region in REGIONS.values():
+            ec2.age([i["InstanceId"] for i in ec2.instances(region)], 2 * LIFETIME, region)
+    aged = {i["InstanceId"] for i in instances(ec2, live_only=True)}
     faults.arm(task, point, 2)
     run = run_dag("glidein_factory")
     assert faults.fired == [(task, point, 2)]
     states = task_states(run)
     assert str(run.state) == "success", states
-    alive = ec2.instances()
-    made = Counter(i["TagMap"][P.TAG_LAUNCH] for i in ec2.instances(live_only=False))
     planned = {b["launch_id"]: b["count"] for item in xcom(run, "plan_cycle") for b in item["launches"]}
-    assert all(made[lid] == n for lid, n in planned.items())  # each launch made exactly its count
-    assert len(alive) == 5 and all(made[lid] <= planned.get(lid, 99) for lid in made)
+    made = Counter(i["TagMap"][P.TAG_LAUNCH] for i in instances(ec2))
+    assert planned and all(made[lid] == n for lid, n in planned.items())  # each launch made exactly its count
+    alive = {i["InstanceId"] for i in instances(ec2, live_only=True)}
+    assert not alive & aged  # every end-of-life pilot went, despite the fault
+    assert len(alive) == 15
 
 
 KILLER = textwrap.dedent('''
@@ -214,6 +219,7 @@ def test_sigkill_after_the_api_call_then_retry_makes_no_duplicate(ec2, tmp_path,
         for ti in run.get_task_instances(session=session):
             if ti.state == TaskInstanceState.RUNNING:
                 ti.state = TaskInstanceState.UP_FOR_RETRY
+                ti.end_date = pendulum.now("UTC")
         run_id = run.run_id
     from tests.helpers import resume_run
 

@@ -188,10 +188,3 @@ def test_every_provider_call_takes_a_budget_token(cloud):
     assert cloud.calls() > 0
     assert hook.budget.used() == cloud.calls()
 
-
-def test_airflow_knows_the_connection_types(airflow_db):
-    from airflow.providers_manager import ProvidersManager
-
-    hooks = ProvidersManager().hooks
-    assert hooks["openstack"].hook_class_name.endswith("OpenStackPilotHook")
-    assert hooks["opennebula"].hook_class_name.endswith("OpenNebulaPilotHook")

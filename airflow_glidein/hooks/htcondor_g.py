@@ -11,10 +11,10 @@ local one).
 
 Credentials never go in a submit description: the provisioning connection's
 secret is written to a file readable by its owner only and the description
-names the file (``ec2_access_key_id``/``ec2_secret_access_key`` from the
-connection's login and password; ``x509userproxy`` from a PEM password or
-extra ``x509_proxy_file``; ``scitokens_file`` from a token password or extra
-``token_file``).
+names the file (``ec2_access_key_id``/``ec2_secret_access_key`` from an
+``aws`` connection; ``x509userproxy`` from a ``glidein_x509`` proxy;
+``scitokens_file`` from a ``glidein_token``; or extra ``x509_proxy_file`` /
+``token_file`` naming files already on the schedd host).
 
 Our ids are job attributes (GlideinFactory, GlideinEntry, GlideinFrontend,
 GlideinLaunch, GlideinRequest); listing ours is one schedd query by them. A
@@ -87,24 +87,27 @@ class HTCondorGPilotHook(PilotHook):
 
     def credential_commands(self) -> dict[str, str]:
         """Submit commands naming credential files (written here from the connection, mode 0600)."""
-        c = self.get_connection(self.conn_id)
-        extra = c.extra_dejson
+        from airflow_glidein.secrets import read_conn
+
+        c = read_conn(self.conn_id)  # secrets masked as they are read
         if self.grid_resource.startswith("ec2 "):
-            if not (c.login and c.password):
-                raise ValueError(f"Connection {self.conn_id}: an ec2 grid entry needs login (access key id) "
-                                 "and password (secret key)")
-            return {"ec2_access_key_id": self._secret_file("ec2_access_key_id", c.login),
-                    "ec2_secret_access_key": self._secret_file("ec2_secret_access_key", c.password)}
-        if extra.get("x509_proxy_file"):
-            return {"x509userproxy": extra["x509_proxy_file"]}
-        if extra.get("token_file"):
-            return {"scitokens_file": extra["token_file"]}
-        if c.password and c.password.lstrip().startswith("-----BEGIN"):
-            return {"x509userproxy": self._secret_file("x509_proxy", c.password)}
-        if c.password:
-            return {"scitokens_file": self._secret_file("token", c.password)}
-        raise ValueError(f"Connection {self.conn_id}: no grid credential (a PEM proxy or a token as password, "
-                         "or extra x509_proxy_file / token_file)")
+            key_id, secret = c.login or c.get("aws_access_key_id"), c.password or c.get("aws_secret_access_key")
+            if not (key_id and secret):
+                raise ValueError(f"Connection {self.conn_id}: an ec2 grid entry needs an access key id and "
+                                 "secret (login and password)")
+            return {"ec2_access_key_id": self._secret_file("ec2_access_key_id", key_id),
+                    "ec2_secret_access_key": self._secret_file("ec2_secret_access_key", secret)}
+        if c.get("x509_proxy_file"):
+            return {"x509userproxy": c.get("x509_proxy_file")}
+        if c.get("token_file"):
+            return {"scitokens_file": c.get("token_file")}
+        secret = c.get("proxy") or c.get("token") or (c.password or "").strip()
+        if secret.startswith("-----BEGIN"):
+            return {"x509userproxy": self._secret_file("x509_proxy", secret + "\n")}
+        if secret:
+            return {"scitokens_file": self._secret_file("token", secret)}
+        raise ValueError(f"Connection {self.conn_id}: no grid credential (a glidein_x509 proxy, a glidein_token "
+                         "token, or extra x509_proxy_file / token_file)")
 
     def description(self, spec: LaunchSpec, tags: dict[str, str]) -> htcondor2.Submit:
         opts = self.entry.options

@@ -1,7 +1,7 @@
-"""OpenNebula pilots through pyone (XML-RPC) and an Airflow ``opennebula`` connection.
+"""OpenNebula pilots through pyone (XML-RPC) and a ``glidein_opennebula`` connection.
 
 The connection's host is the XML-RPC endpoint (``http://one.example.org:2633/RPC2``),
-login and password the OpenNebula user. The entry's ``flavor`` names the VM
+login and password the OpenNebula user (airflow_glidein.secrets). The entry's ``flavor`` names the VM
 template (id or name), ``image`` the image (id or name) put in the
 template's first DISK; VCPU and MEMORY come from the entry's cores and memory.
 
@@ -54,7 +54,7 @@ class OpenNebulaPilotHook(PilotHook):
     middleware = "opennebula"
     conn_name_attr = "opennebula_conn_id"
     default_conn_name = "opennebula_default"
-    conn_type = "opennebula"
+    conn_type = "glidein_opennebula"
     hook_name = "Glidein pilots on OpenNebula"
     page_size = 1000
 
@@ -62,9 +62,12 @@ class OpenNebulaPilotHook(PilotHook):
     def one(self) -> Any:
         import pyone
 
-        c = self.get_connection(self.conn_id)
-        return pyone.OneServer(c.host, session=f"{c.login}:{c.password}",
-                               https_verify=c.extra_dejson.get("verify", True), protocol="xmlrpc")
+        from airflow_glidein.secrets import OpenNebulaCredentialHook
+
+        cred = OpenNebulaCredentialHook(self.conn_id)  # a glidein_opennebula connection, secrets masked
+        endpoint, session = cred.session()
+        return pyone.OneServer(endpoint, session=session, https_verify=cred.fields.extra.get("verify", True),
+                               protocol="xmlrpc")
 
     def _call(self, method: str, *args: Any) -> Any:
         fn = self.one

@@ -1,11 +1,10 @@
-"""OpenStack pilots through openstacksdk's compute proxy and an Airflow ``openstack`` connection.
+"""OpenStack pilots through openstacksdk's compute proxy and a ``glidein_openstack`` connection.
 
 The compute proxy needs only Keystone and Nova in the catalog (the cloud
-layer would also want Glance and Neutron). The connection holds the auth
-URL (host), an application credential (login = id, password = secret,
-extra ``auth_type: v3applicationcredential``) or a user and password
-(extra ``project_name``, ``user_domain_name``, ``project_domain_name``),
-or names a clouds.yaml cloud (extra ``cloud``).
+layer would also want Glance and Neutron). The connection is a
+``glidein_openstack`` credential (airflow_glidein.secrets: auth URL, an
+application credential or a user and password), or names a clouds.yaml
+cloud (extra ``cloud``).
 
 Nova has no idempotency token, so retry safety is the base class's
 check-before-create by launch id. To make that listing cheap, servers carry
@@ -89,39 +88,26 @@ class OpenStackPilotHook(PilotHook):
     middleware = "openstack"
     conn_name_attr = "openstack_conn_id"
     default_conn_name = "openstack_default"
-    conn_type = "openstack"
+    conn_type = "glidein_openstack"
     hook_name = "Glidein pilots on OpenStack"
 
     @cached_property
     def conn(self) -> Any:
         import openstack
 
-        c = self.get_connection(self.conn_id)
-        extra = c.extra_dejson
+        from airflow_glidein.secrets import OpenStackCredentialHook
+
+        cred = OpenStackCredentialHook(self.conn_id)  # a glidein_openstack connection, secrets masked
+        extra = cred.fields.extra
         region = self.entry.region or extra.get("region_name")
         if extra.get("cloud"):
             conn = openstack.connect(cloud=extra["cloud"], region_name=region, app_name="airflow-glidein")
         else:
-            auth_type = extra.get("auth_type") or "v3password"
-            auth: dict[str, Any] = {"auth_url": c.host}
-            if auth_type == "v3applicationcredential":
-                auth.update(application_credential_id=c.login, application_credential_secret=c.password)
-            elif auth_type == "v3password":
-                auth.update(username=c.login, password=c.password,
-                            user_domain_name=extra.get("user_domain_name", "Default"),
-                            project_domain_name=extra.get("project_domain_name", "Default"))
-                for key in ("project_name", "project_id"):
-                    if extra.get(key):
-                        auth[key] = extra[key]
-            else:
-                raise ValueError(f"Connection {self.conn_id}: auth_type {auth_type!r} is not supported "
-                                 "(v3applicationcredential or v3password)")
-            kwargs: dict[str, Any] = {"auth_type": auth_type, "auth": auth, "region_name": region,
+            kwargs: dict[str, Any] = {**cred.connect_args(), "region_name": region,
                                       "interface": extra.get("interface", "public"), "app_name": "airflow-glidein"}
-            if "verify" in extra:
-                kwargs["verify"] = extra["verify"]
-            if extra.get("cacert"):
-                kwargs["cacert"] = extra["cacert"]
+            for key in ("verify", "cacert"):
+                if key in extra:
+                    kwargs[key] = extra[key]
             conn = openstack.connection.Connection(**kwargs)
         adapter = _BudgetAdapter(self)
         conn.session.session.mount("http://", adapter)

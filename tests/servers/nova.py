@@ -94,14 +94,14 @@ class NovaServer(TestServer):
             return [self._view(s) for s in self.servers.values()]
 
     def connection_json(self, auth: str = "application_credential") -> str:
-        extra = {"region_name": "RegionOne", "project_name": "glidein", "project_domain_name": "Default",
-                 "user_domain_name": "Default"}
+        """A glidein_openstack connection (issue 4's layout) for this Keystone."""
+        extra: dict = {"auth_type": auth, "region_name": "RegionOne"}
         if auth == "application_credential":
             login, password = "app-cred-id", "app-cred-secret"
-            extra = {"region_name": "RegionOne", "auth_type": "v3applicationcredential"}
         else:
             login, password = "glidein", "user-secret"
-        return json.dumps({"conn_type": "openstack", "host": f"{self.base}/identity/v3",
+            extra.update(project_name="glidein", project_domain_name="Default", user_domain_name="Default")
+        return json.dumps({"conn_type": "glidein_openstack", "host": f"{self.base}/identity/v3",
                            "login": login, "password": password, "extra": extra})
 
     def compute_calls(self) -> list:

@@ -174,7 +174,7 @@ class OneServer(TestServer):
 
     def connection_json(self) -> str:
         user, password = self.session.split(":", 1)
-        return ('{"conn_type": "opennebula", "host": "%s/RPC2", "login": "%s", "password": "%s"}'
+        return ('{"conn_type": "glidein_opennebula", "host": "%s/RPC2", "login": "%s", "password": "%s"}'
                 % (self.base, user, password))
 
     # -- the model ---------------------------------------------------------------
