@@ -67,6 +67,7 @@ class Throttle:
     def set(self, limit: int | None, window: float = 300.0) -> None:
         self.limit, self.window = limit, window
         self._accepted.clear()
+        self.refused = 0
 
     def admit(self, now: float) -> float | None:
         """None if admitted, else the seconds until a slot frees (Retry-After)."""
