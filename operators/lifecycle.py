@@ -221,7 +221,7 @@ class FactoryReportOperator(GlideinBaseOperator):
         launched = 0
         for item in _items(self.submitted):
             for batch in item["launched"]:
-                for iid in batch["created"]:
+                for iid in batch["created"] + batch.get("existing", []):  # a retry finds what an earlier try made
                     launched += 1
                     rows.append({"id": iid, "entry": item["entry"], "frontend": batch["frontend"],
                                  "launch": batch["launch_id"], "state": P.REQUESTED, "launched": now})

@@ -31,6 +31,8 @@ import pytest  # noqa: E402
 
 from tests.helpers import POOL_TOKEN, MotoEC2, migrate_db  # noqa: E402
 
+pytest_plugins = ["tests.servers.fixtures"]  # Nova/Keystone and OpenNebula servers, simulated clock
+
 
 @pytest.fixture(scope="session")
 def airflow_db():
