@@ -16,9 +16,12 @@ variant). What all middlewares need is here, once:
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import json
 import logging
 import random
+import time
 from abc import abstractmethod
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -35,6 +38,31 @@ T = TypeVar("T")
 Refusals = dict[str, str]  # instance id -> why the provider refused to act on it now
 
 log = logging.getLogger(__name__)
+
+CLIENT_TTL = 900.0  # s a provider client is shared within one process
+_clients: dict[tuple, tuple[float, Any]] = {}
+
+
+def conn_fingerprint(conn_id: str) -> str:
+    """A digest of an Airflow connection's whole content: a rotated secret makes a new client."""
+    c = BaseHook.get_connection(conn_id)
+    body = json.dumps([c.conn_type, c.host, c.login, c.password, c.schema, c.port, c.extra], default=str)
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+def shared_client(key: tuple, build: Callable[[], T]) -> T:
+    """One provider client per process for the same key (connection content, region, endpoint).
+
+    Clients are costly to build (boto3 loads its service models, openstacksdk
+    logs in and discovers), and a factory task builds a hook per entry and batch.
+    """
+    now = time.monotonic()
+    hit = _clients.get(key)
+    if hit is not None and now - hit[0] < CLIENT_TTL:
+        return hit[1]
+    client = build()
+    _clients[key] = (now, client)
+    return client
 
 
 @dataclass

@@ -20,7 +20,7 @@ from functools import cached_property
 from typing import Any
 
 from airflow_glidein import pilots as P
-from airflow_glidein.hooks.base import LaunchSpec, PilotHook
+from airflow_glidein.hooks.base import LaunchSpec, PilotHook, conn_fingerprint, shared_client
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +46,21 @@ class EC2PilotHook(PilotHook):
 
     @cached_property
     def client(self) -> Any:
+        budget = self.budget
+        key = ("ec2", conn_fingerprint(self.conn_id), self.entry.region, budget.endpoint, budget.requests,
+               budget.per_seconds)
+        return shared_client(key, lambda: self._new_client(budget))
+
+    def _new_client(self, budget: Any) -> Any:
         from airflow.providers.amazon.aws.hooks.ec2 import EC2Hook
 
         client = EC2Hook(api_type="client_type", aws_conn_id=self.conn_id, region_name=self.entry.region).conn
-        client.meta.events.register("before-send.ec2", self._charge)
-        return client
 
-    def _charge(self, **_: Any) -> None:
-        self.budget.acquire()  # returning None lets botocore send the request
+        def charge(**_: Any) -> None:
+            budget.acquire()  # every request takes a token; returning None lets botocore send it
+
+        client.meta.events.register("before-send.ec2", charge)
+        return client
 
     def _throttled(self, outcome: Any) -> float | None:
         return 0.0 if isinstance(outcome, Exception) and _error_code(outcome) in THROTTLING else None
