@@ -177,6 +177,14 @@ class FrontendLimits(Model):
     max_idle: NonNeg = 100  # this frontend's booting + idle pilots in all entries
     max_running_per_entry: NonNeg = 10000
     max_idle_per_entry: NonNeg = 100
+    # glideinWMS's curbs: each one reached halves what is added this cycle.
+    curb_idle_per_entry: NonNeg = 5  # booting + idle pilots at one entry
+    curb_idle: NonNeg = 20  # booting + idle pilots in all entries
+    curb_running: NonNeg = 9000  # pilots in all entries
+    reserve_idle: NonNeg = 5  # extra pilots for jobs idle 10 min or more (glideinWMS reserve)
+    # glideinWMS divides new requests by 3; our factory subtracts in-flight launches exactly, so 1 by default.
+    ramp_up_attenuation: float = Field(default=1.0, ge=1.0)
+    fraction_running: float = Field(default=1.15, ge=1.0)  # max running = (wanted + busy) x this + 1
 
 
 class Frontend(Model):

@@ -2,22 +2,31 @@
 
 As glideinWMS does, jobs that look the same to the match (same values of the
 attributes the match expressions read, and the same resource requests) form
-one group, and the match runs once per (group, entry).
+one group, and the match runs once per group, never per job. Demand comes
+from schedds (through a pool client, HTCondorHook in production: the schedd
+groups with GroupBy where it can) or from a ``condor_q -json`` /
+``condor_q -autocluster -json`` file, decoded with a typed streaming decoder
+that keeps only the attributes matching reads.
 """
 
 from __future__ import annotations
 
-import json
+import operator
+import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+import msgspec
 
 from airflow_glidein import classads
 
 IDLE, RUNNING = 1, 2
 RESOURCE_ATTRS = ("RequestCpus", "RequestMemory", "RequestGPUs")
 OLD_IDLE_SECONDS = 600  # glideinWMS: jobs idle this long count toward the idle reserve
+CHUNK_BYTES = 8 << 20  # the file decoder's read size: memory stays flat whatever the file's size
 
 
 @dataclass
@@ -27,108 +36,267 @@ class JobGroup:
     running: int = 0
     idle_old: int = 0
     entries: list[str] = field(default_factory=list)  # filled by matching
+    size: tuple[int, int, int] | None = None  # (cores, memory MB, GPUs) per job, evaluated by matching
 
     @property
     def cpus(self) -> int:
-        return _int(self.attrs.get("RequestCpus"), 1)
+        return (self.size or classads.job_size(self.attrs))[0]
 
     @property
     def memory(self) -> int:
-        return _int(self.attrs.get("RequestMemory"), 0)
+        return (self.size or classads.job_size(self.attrs))[1]
 
     @property
     def gpus(self) -> int:
-        return _int(self.attrs.get("RequestGPUs"), 0)
+        return (self.size or classads.job_size(self.attrs))[2]
 
     def to_dict(self) -> dict:
         return {"attrs": self.attrs, "idle": self.idle, "running": self.running,
-                "idle_old": self.idle_old, "entries": self.entries}
+                "idle_old": self.idle_old, "entries": self.entries, "size": list(self.size) if self.size else None}
 
     @classmethod
     def from_dict(cls, d: Mapping) -> JobGroup:
-        return cls(dict(d["attrs"]), d["idle"], d["running"], d.get("idle_old", 0), list(d.get("entries", [])))
-
-
-def _int(value: Any, default: int) -> int:
-    try:
-        return max(int(value), 0)
-    except (TypeError, ValueError):
-        return default  # an expression or undefined: the schedd's default applies
+        size = d.get("size")
+        return cls(dict(d["attrs"]), d["idle"], d["running"], d.get("idle_old", 0), list(d.get("entries", [])),
+                   tuple(size) if size else None)
 
 
 def match_attributes(match_expr: str, entries: Iterable) -> list[str]:
-    """Job attributes the frontend's match and the entries' requirements read."""
-    attrs = set(RESOURCE_ATTRS) | classads.refs(match_expr, "job")
+    """Job attributes the frontend's match and the entries' requirements read (one spelling each)."""
+    found = list(RESOURCE_ATTRS) + sorted(classads.refs(match_expr, "job"))
     for entry in entries:
         if entry.requirements:
-            attrs |= classads.refs(entry.requirements, "TARGET")
-            attrs |= classads.bare_refs(entry.requirements, entry.machine_attrs())
-    return sorted(attrs, key=str.lower)
+            found += sorted(classads.refs(entry.requirements, "TARGET"))
+            found += sorted(classads.bare_refs(entry.requirements, entry.machine_attrs()))
+    seen: dict[str, str] = {}
+    for name in found:
+        seen.setdefault(name.lower(), name)  # ClassAd names are case-insensitive; Request* keep HTCondor's spelling
+    return sorted(seen.values(), key=str.lower)
+
+
+class Grouper:
+    """Counts idle / running / old idle jobs per distinct tuple of attribute values."""
+
+    def __init__(self, attrs: list[str]):
+        self.attrs = list(attrs)
+        self.counts: dict[tuple, list[int]] = {}
+
+    def add(self, key: tuple, idle: int = 0, running: int = 0, idle_old: int = 0) -> None:
+        try:
+            c = self.counts.get(key)
+        except TypeError:  # a list or nested ad among the values
+            key = tuple(classads._key(v) for v in key)
+            c = self.counts.get(key)
+        if c is None:
+            c = self.counts[key] = [0, 0, 0]
+        c[0] += idle
+        c[1] += running
+        c[2] += idle_old
+
+    def add_ads(self, ads: Iterable[Mapping[str, Any]], now: float | None = None, old_only: bool = False) -> None:
+        """Job ads ({attr: value}, JobStatus, QDate) or aggregate ads (JobCount, from GroupBy or autoclusters).
+
+        An aggregate ad without JobStatus counts as idle, and as old (it
+        carries no queue date: an autocluster is settled demand). With
+        ``old_only`` the ads are idle jobs already counted, here only to say
+        how many of them are old (a schedd's second GroupBy query).
+        """
+        cutoff = (time.time() if now is None else now) - OLD_IDLE_SECONDS
+        spelled = None
+        for ad in ads:
+            if spelled is None:
+                spelled = _spelling(ad, self.attrs)
+            key = tuple(ad.get(a) for a in spelled)
+            weight = _count(ad.get("JobCount"))
+            if old_only:
+                self.add(key, idle_old=weight)
+                continue
+            status = ad.get("JobStatus", IDLE if "JobCount" in ad else None)
+            if status == IDLE:
+                qdate = ad.get("QDate")
+                is_old = (isinstance(qdate, (int, float)) and qdate <= cutoff) or (
+                    "JobCount" in ad and "QDate" not in ad and "JobStatus" not in ad)
+                self.add(key, idle=weight, idle_old=weight if is_old else 0)
+            elif status == RUNNING:
+                self.add(key, running=weight)
+
+    def groups(self) -> list[JobGroup]:
+        out = []
+        for key, (idle, running, old) in self.counts.items():
+            if idle or running:
+                attrs = {a: v for a, v in zip(self.attrs, key) if v is not None}
+                out.append(JobGroup(attrs, idle, running, min(old, idle)))
+        return out
+
+
+def _spelling(ad: Mapping[str, Any], attrs: list[str]) -> list[str]:
+    """The keys under which ``ad`` holds ``attrs`` (ClassAd names are case-insensitive)."""
+    have = {k.lower(): k for k in ad}
+    return [have.get(a.lower(), a) for a in attrs]
+
+
+def _count(value: Any) -> int:
+    if value is None:
+        return 1
+    try:
+        return max(int(value), 0)
+    except (TypeError, ValueError):
+        return 0
 
 
 def group_jobs(ads: Iterable[Mapping[str, Any]], attrs: list[str], now: float | None = None) -> list[JobGroup]:
     """Group job ads (idle and running only) by the values of ``attrs``."""
-    now = time.time() if now is None else now
-    groups: dict[tuple, JobGroup] = {}
-    for ad in ads:
-        status = ad.get("JobStatus")
-        if status not in (IDLE, RUNNING):
-            continue
-        key = tuple(_hashable(ad.get(a)) for a in attrs)
-        group = groups.get(key)
-        if group is None:
-            group = groups[key] = JobGroup({a: ad.get(a) for a in attrs if ad.get(a) is not None})
-        if status == IDLE:
-            group.idle += 1
-            qdate = ad.get("QDate")
-            if isinstance(qdate, (int, float)) and now - qdate >= OLD_IDLE_SECONDS:
-                group.idle_old += 1
-        else:
-            group.running += 1
-    return list(groups.values())
+    g = Grouper(attrs)
+    g.add_ads(ads, now)
+    return g.groups()
 
 
 def group_autoclusters(ads: Iterable[Mapping[str, Any]], attrs: list[str]) -> list[JobGroup]:
-    """Groups from ``condor_q -autocluster -json`` ads (JobCount idle jobs each)."""
-    groups: dict[tuple, JobGroup] = {}
-    for ad in ads:
-        key = tuple(_hashable(ad.get(a)) for a in attrs)
-        group = groups.setdefault(key, JobGroup({a: ad.get(a) for a in attrs if ad.get(a) is not None}))
-        count = _int(ad.get("JobCount"), 0)
-        group.idle += count
-        group.idle_old += count  # an autocluster carries no queue dates: count all as settled demand
-    return list(groups.values())
+    """Groups from ``condor_q -autocluster -json`` ads (JobCount idle jobs each; no queue dates: all settled)."""
+    g = Grouper(attrs)
+    g.add_ads({**ad, "JobCount": ad.get("JobCount", 0)} for ad in ads)
+    return g.groups()
 
 
-def _hashable(value: Any) -> Any:
-    if isinstance(value, (list, dict)):
-        return json.dumps(value, sort_keys=True)
-    return value
-
-
-def is_autocluster_output(ads: list[Mapping[str, Any]]) -> bool:
-    return bool(ads) and "JobCount" in ads[0] and "JobStatus" not in ads[0]
+# ---- the file source: a typed streaming decoder ------------------------------------------------
 
 
 def read_queue_file(path: str, attrs: list[str], now: float | None = None) -> list[JobGroup]:
-    """Demand from a ``condor_q -json`` or ``condor_q -autocluster -json`` file."""
+    """Demand from a ``condor_q -json`` or ``condor_q -autocluster -json`` file.
+
+    Decodes in chunks of whole ads with msgspec into Structs holding only
+    ``attrs`` (and JobStatus, QDate, JobCount), so neither the file nor the
+    jobs are ever all in memory; the other attributes are skipped unparsed.
+    """
+    now = time.time() if now is None else now
     try:
-        with open(path, "rb") as fh:
-            ads = json.load(fh)
+        fh = open(path, "rb")
     except OSError as exc:
         raise ValueError(f"cannot read queue file {path}: {exc.strerror}") from None
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"queue file {path} is not condor_q -json output: {exc.msg} at line {exc.lineno}") from None
-    if not isinstance(ads, list):
-        raise ValueError(f"queue file {path} is not condor_q -json output: expected a list of job ads")
-    if is_autocluster_output(ads):
-        return group_autoclusters(ads, attrs)
-    return group_jobs(ads, attrs, now)
+    with fh:
+        head = fh.read(1 << 16)
+        if not head.lstrip():
+            return []
+        if not head.lstrip().startswith(b"["):
+            raise ValueError(f"queue file {path} is not condor_q -json output: expected a list of ads")
+        fields = _field_names(head, attrs)
+        struct = msgspec.defstruct(
+            "JobAd",
+            [(f"a{i}", Any, None) for i in range(len(attrs))]
+            + [("JobStatus", Any, None), ("QDate", Any, None), ("JobCount", Any, None)],
+            rename={**{f"a{i}": name for i, name in enumerate(fields)},
+                    **{k: _spell(head, k) for k in ("JobStatus", "QDate", "JobCount")}},
+            gc=False,
+        )
+        decoder = msgspec.json.Decoder(list[struct])
+        grouper = Grouper(attrs)
+        fh.seek(0)
+        try:
+            for chunk in _chunks(fh):
+                _group_structs(grouper, decoder.decode(chunk), len(attrs), now)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            # A chunk cut inside a string value (or a bad file): decode it whole, which is
+            # exact, and whose error names the real position.
+            fh.seek(0)
+            grouper = Grouper(attrs)
+            try:
+                _group_structs(grouper, decoder.decode(fh.read()), len(attrs), now)
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                raise ValueError(f"queue file {path} is not condor_q -json output: {exc}") from None
+    return grouper.groups()
+
+
+def _field_names(head: bytes, attrs: list[str]) -> list[str]:
+    """How the file spells each attribute (JSON keys are case-sensitive, ClassAd names are not)."""
+    return [_spell(head, a) for a in attrs]
+
+
+def _spell(head: bytes, attr: str) -> str:
+    import re
+
+    m = re.search(rb'"(' + re.escape(attr.encode()) + rb')"\s*:', head, flags=re.IGNORECASE)
+    return m.group(1).decode() if m else attr
+
+
+def _chunks(fh) -> Iterable[bytes]:
+    """``[ad, ad, ...]`` pieces of the top-level array, each a valid JSON array if cut between ads."""
+    buf = b""
+    first = True
+    while True:
+        data = fh.read(CHUNK_BYTES)
+        buf += data
+        if first:
+            buf = buf.lstrip()[1:]  # the opening bracket
+            first = False
+        if not data:
+            tail = buf.rstrip()
+            if tail.endswith(b"]"):
+                tail = tail[:-1]
+            tail = tail.strip().lstrip(b",")
+            if tail.strip():
+                yield b"[" + tail + b"]"
+            return
+        cut = _last_boundary(buf)
+        if cut < 0:
+            continue
+        piece, buf = buf[:cut + 1], buf[cut + 1:]
+        piece = piece.strip().lstrip(b",")
+        if piece.strip():
+            yield b"[" + piece + b"]"
+
+
+def _last_boundary(buf: bytes) -> int:
+    """Index of the last '}' that is followed by ',' (the end of a whole ad), or -1."""
+    end = len(buf)
+    while True:
+        pos = buf.rfind(b"}", 0, end)
+        if pos < 0:
+            return -1
+        rest = buf[pos + 1:pos + 64].lstrip()
+        if rest.startswith(b","):
+            return pos
+        end = pos
+
+
+def _group_structs(grouper: Grouper, ads: list, n: int, now: float) -> None:
+    if not ads:
+        return
+    names = [f"a{i}" for i in range(n)]
+    getkey = operator.attrgetter(*names) if n > 1 else (lambda ad, _n=names[0]: (getattr(ad, _n),))
+    if any(ad.JobCount is not None for ad in ads):  # aggregate ads: a handful, the generic path is fine
+        grouper.add_ads(({**dict(zip(grouper.attrs, getkey(ad))), **_present(ad)} for ad in ads), now)
+        return
+    cutoff = now - OLD_IDLE_SECONDS
+    idle = [ad for ad in ads if ad.JobStatus == IDLE]
+    running = [ad for ad in ads if ad.JobStatus == RUNNING]
+    old = [ad for ad in idle if isinstance(ad.QDate, (int, float)) and ad.QDate <= cutoff]
+    for jobs, slot in ((idle, 0), (running, 1), (old, 2)):
+        try:
+            counted = Counter(map(getkey, jobs))
+        except TypeError:  # an unhashable value (a list) in some job: key it by its text
+            counted = Counter(tuple(classads._key(v) for v in getkey(ad)) for ad in jobs)
+        for key, n_jobs in counted.items():
+            grouper.add(key, *(n_jobs if s == slot else 0 for s in range(3)))
+
+
+def _present(ad: Any) -> dict[str, Any]:
+    return {k: v for k in ("JobStatus", "QDate", "JobCount") if (v := getattr(ad, k)) is not None}
+
+
+# ---- matching and summary ---------------------------------------------------------------------
+
+
+def matcher_for(config: Any, frontend: str) -> classads.Matcher:
+    fe = config.frontend(frontend)
+    return classads.Matcher(
+        fe.match_expr, {e: (config.entry(e).machine_attrs(), config.entry(e).requirements) for e in fe.entries}
+    )
 
 
 def match_groups(groups: list[JobGroup], matcher: classads.Matcher) -> None:
     for group in groups:
-        group.entries = matcher.matches(group.attrs)
+        group.size = classads.job_size(group.attrs)
+        group.entries = matcher.matches(group.attrs, group.size)
 
 
 def summarize(groups: list[JobGroup]) -> dict[str, Any]:
@@ -140,31 +308,77 @@ def summarize(groups: list[JobGroup]) -> dict[str, Any]:
     }
 
 
+# ---- the schedd source ------------------------------------------------------------------------
+
+
 def collect(
     source: Any,
     attrs: list[str],
-    schedd_names: Any,
-    query_jobs: Any,
+    pool: Any,
     log: Any,
+    now: float | None = None,
 ) -> tuple[list[JobGroup], list[dict[str, str]]]:
-    """Demand from a frontend's source; a schedd that fails is logged, skipped and reported.
+    """Demand from a frontend's source; a schedd that fails or times out is logged, skipped and reported.
 
-    ``schedd_names(names)`` and ``query_jobs(schedd, constraint, projection)``
-    are the pool's calls (HTCondorHook's in production).
+    ``pool`` offers ``schedd_names(names)`` and ``query_demand(schedd,
+    constraint, attrs, old_before)`` (HTCondorHook in production), the latter
+    returning job or aggregate ads as dicts. Schedds are asked in parallel,
+    each within ``source.timeout`` seconds.
     """
+    now = time.time() if now is None else now
     if source.queue_file:
-        return read_queue_file(source.queue_file, attrs), []
+        return read_queue_file(source.queue_file, attrs, now), []
+    timeout = float(source.timeout)
+    ok, names = call_with_timeout(lambda: pool.schedd_names(list(source.schedds)), timeout)
+    if not ok:
+        raise RuntimeError(f"the collector did not list the schedds: {names}")
     constraint = f"({source.constraint}) && (JobStatus == {IDLE} || JobStatus == {RUNNING})"
-    projection = sorted(set(attrs) | {"JobStatus", "QDate"})
-    ads: list[Mapping[str, Any]] = []
+    old_before = int(now - OLD_IDLE_SECONDS)
+    calls = {n: _start(lambda n=n: pool.query_demand(n, constraint, attrs, old_before)) for n in names}
+    grouper = Grouper(attrs)
     missing: list[dict[str, str]] = []
-    names = schedd_names(source.schedds)
-    for name in names:
-        try:
-            ads.extend(query_jobs(name, constraint, projection))
-        except Exception as exc:  # one schedd down must not stop the cycle
-            log.warning("Schedd %s did not answer (%s); planning without it", name, exc)
-            missing.append({"schedd": name, "error": str(exc)[:300]})
+    deadline = time.monotonic() + timeout
+    for name, call in calls.items():
+        ok, result = call(max(deadline - time.monotonic(), 0.0), timeout)
+        if not ok:  # one schedd down must not stop the cycle
+            log.warning("Schedd %s did not answer (%s); planning without it", name, result)
+            missing.append({"schedd": name, "error": str(result)[:300]})
+            continue
+        grouper.add_ads(result["ads"], now)
+        grouper.add_ads(result.get("old", []), now, old_only=True)
+        log.info("Schedd %s: %d ads (%s)", name, len(result["ads"]), result.get("mode", "jobs"))
     if names and len(missing) == len(names):
         raise RuntimeError(f"no schedd answered ({', '.join(m['schedd'] for m in missing)})")
-    return group_jobs(ads, attrs), missing
+    return grouper.groups(), missing
+
+
+def call_with_timeout(fn: Callable[[], Any], timeout: float) -> tuple[bool, Any]:
+    return _start(fn)(timeout, timeout)
+
+
+def _start(fn: Callable[[], Any]) -> Callable[[float, float], tuple[bool, Any]]:
+    """Run ``fn`` in a daemon thread; wait(seconds, limit) gives (True, result) or (False, reason).
+
+    A daemon thread, because the bindings offer no way to abandon a hung
+    query: it is left behind and cannot keep the task process alive.
+    """
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["result"] = fn()
+        except Exception as exc:  # noqa: BLE001  reported to the caller, which names the schedd
+            box["error"] = f"{type(exc).__name__}: {exc}"
+
+    thread = threading.Thread(target=run, daemon=True, name="glidein-demand-query")
+    thread.start()
+
+    def wait(seconds: float, limit: float) -> tuple[bool, Any]:
+        thread.join(seconds)
+        if thread.is_alive():
+            return False, f"no answer within the {limit:g} s timeout"
+        if "error" in box:
+            return False, box["error"]
+        return True, box["result"]
+
+    return wait

@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Any
 from airflow_glidein import credentials as creds
 from airflow_glidein import demand, planning, report
 from airflow_glidein.assets import GLIDEIN_REQUESTS, GLIDEIN_STATUS
-from airflow_glidein.classads import Matcher
 from airflow_glidein.hooks.htcondor import HTCondorHook
 from airflow_glidein.operators.base import GlideinBaseOperator
 from airflow_glidein.pilots import CAPACITY
@@ -36,16 +35,17 @@ class QueryDemandOperator(GlideinBaseOperator):
 
     def execute(self, context: Context) -> dict[str, Any]:
         fe = self.config.frontend(self.frontend)
-        entries = [self.config.entry(e) for e in fe.entries]
-        attrs = demand.match_attributes(fe.match_expr, entries)
+        attrs = demand.match_attributes(fe.match_expr, [self.config.entry(e) for e in fe.entries])
         hook = HTCondorHook(collector=fe.demand.collector)
-        groups, missing = demand.collect(fe.demand, attrs, hook.schedd_names, hook.query_jobs, self.log)
-        matcher = Matcher(fe.match_expr, {e.name: (e.machine_attrs(), e.requirements) for e in entries})
+        groups, missing = demand.collect(fe.demand, attrs, hook, self.log)
+        matcher = demand.matcher_for(self.config, fe.name)
         demand.match_groups(groups, matcher)
         summary = demand.summarize(groups)
         self.log.info(
-            "Frontend %s: %d idle and %d running jobs in %d groups; %d idle jobs match no entry",
-            fe.name, summary["idle"], summary["running"], summary["groups"], summary["idle_unmatched"],
+            "Frontend %s: %d idle and %d running jobs in %d groups (%d ClassAd evaluations); "
+            "%d idle jobs match no entry",
+            fe.name, summary["idle"], summary["running"], summary["groups"], matcher.evaluations,
+            summary["idle_unmatched"],
         )
         return {"groups": [g.to_dict() for g in groups], "summary": summary, "missing_schedds": missing}
 
