@@ -152,9 +152,9 @@ def _closing(s: str, open_at: int) -> int:
 class _Part:
     """One memoised piece of the match: a conjunct of match_expr, or the entries' requirements."""
 
-    def __init__(self, job_attrs: list[str] | None, entry_keys: list[tuple]):
+    def __init__(self, job_attrs: list[str] | None, entry_keys: list[tuple | None]):
         self.job_attrs = job_attrs  # None: reads the job in ways we cannot list; key on the whole job
-        self.entry_keys = entry_keys  # per entry index, what of the entry the part reads
+        self.entry_keys = entry_keys  # per entry index, the values of the entry the part reads
         self.by_key: dict[tuple, int] = {}  # entry key -> bitmask of entries sharing it
         for i, k in enumerate(entry_keys):
             self.by_key[k] = self.by_key.get(k, 0) | (1 << i)
@@ -203,7 +203,7 @@ class Matcher:
                     break
                 job_attrs |= refs(text, "TARGET") | bare_refs(text, entries[self.names[i]][0])
             # Entries without requirements all share one key (always admitted); the rest are their own key.
-            keys = [(i,) if i in req_entries else () for i in range(len(self.names))]
+            keys = [(i,) if i in req_entries else None for i in range(len(self.names))]
             self._req = _Part(None if job_attrs is None else sorted(job_attrs, key=str.lower), keys)
         self._fit_cache: dict[tuple, int] = {}
         self.evaluations = 0  # ClassAd evaluations so far (benchmarks and tests read it)
@@ -244,7 +244,7 @@ class Matcher:
         admitted = 0
         for ekey, entries in part.by_key.items():
             i = (entries & -entries).bit_length() - 1  # any entry of the key stands for all of them
-            if ekey == () or test(scope, i):
+            if ekey is None or test(scope, i):  # None: an entry without requirements admits every job
                 admitted |= entries
         part.cache[key] = admitted
         return admitted
