@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
+from functools import lru_cache
 from typing import Any
 
 import classad2
@@ -32,6 +33,11 @@ def parse_expr(text: str) -> classad2.ExprTree:
         raise ValueError("does not parse as a ClassAd expression") from None
 
 
+@lru_cache(maxsize=256)
+def _parsed(text: str) -> classad2.ExprTree:
+    return parse_expr(text)
+
+
 def refs(text: str | None, scope: str) -> set[str]:
     """Attributes an expression reads through ``scope.`` (job, glidein, TARGET, MY)."""
     if not text:
@@ -43,18 +49,23 @@ def bare_refs(text: str | None, known: Iterable[str]) -> set[str]:
     """Attributes an entry's requirements read unscoped that the entry does not define (so: the job's)."""
     if not text:
         return set()
+    return set(_bare_refs(text, tuple(sorted(known))))
+
+
+@lru_cache(maxsize=256)  # entries of one site share their requirements: work it out once
+def _bare_refs(text: str, known: tuple[str, ...]) -> frozenset[str]:
     ad = classad2.ClassAd({k: 0 for k in known})
     ad["__r"] = parse_expr(text)
     try:
         ext = ad.externalRefs(ad.lookup("__r"))
     except Exception:
-        return set()
+        return frozenset()
     out = set()
     for name in ext:
         name = re.sub(r"^(TARGET|target)\.", "", name)
         if "." not in name:
             out.add(name)
-    return out
+    return frozenset(out)
 
 
 def is_true(value: Any) -> bool:
@@ -159,6 +170,8 @@ class _Part:
         for i, k in enumerate(entry_keys):
             self.by_key[k] = self.by_key.get(k, 0) | (1 << i)
         self.cache: dict[Any, int] = {}  # job key -> bitmask of entries the part admits
+        self.reps = [(k, (m & -m).bit_length() - 1) for k, m in self.by_key.items()]  # one entry stands for its key
+        self.batch: classad2.ExprTree | None = None  # all entry keys in one evaluation (conjuncts only)
 
 
 class Matcher:
@@ -178,7 +191,7 @@ class Matcher:
         for name, (attrs, requirements) in entries.items():
             glidein = to_ad(attrs)
             if requirements:
-                glidein["Requirements"] = parse_expr(requirements)
+                glidein["Requirements"] = _parsed(requirements)
             self._glideins.append(glidein)
             lower = {k.lower(): v for k, v in attrs.items()}
             self._sizes.append((_num(lower.get("cpus"), 1), _num(lower.get("memory"), 0), _num(lower.get("gpus"), 0)))
@@ -191,7 +204,12 @@ class Matcher:
             else:
                 g_refs = sorted(refs(text, "glidein"), key=str.lower)
                 keys = [tuple(_key(g.get(a)) for a in g_refs) for g in self._glideins]
-            self._conjuncts.append((parse_expr(text), _Part(job_attrs, keys)))
+            part = _Part(job_attrs, keys)
+            part.batch = _batch(text, [(i, self._glideins[i]) for _, i in part.reps])
+            self._conjuncts.append((parse_expr(text), part))
+        self._scope = classad2.ClassAd()  # every entry's ad as glidein__<i>, for the batched conjuncts
+        for i, glidein in enumerate(self._glideins):
+            self._scope[f"glidein__{i}"] = glidein
         self._req = None
         req_entries = [i for i, g in enumerate(self._glideins) if "Requirements" in g]
         if req_entries:
@@ -202,8 +220,9 @@ class Matcher:
                     job_attrs = None
                     break
                 job_attrs |= refs(text, "TARGET") | bare_refs(text, entries[self.names[i]][0])
-            # Entries without requirements all share one key (always admitted); the rest are their own key.
-            keys = [(i,) if i in req_entries else None for i in range(len(self.names))]
+            # Entries without requirements share the key None (always admitted); the others are keyed by
+            # their requirements and the values of their own attributes these read (sites of one kind share).
+            keys = [self._requirements_key(i) if i in req_entries else None for i in range(len(self.names))]
             self._req = _Part(None if job_attrs is None else sorted(job_attrs, key=str.lower), keys)
         self._fit_cache: dict[tuple, int] = {}
         self.evaluations = 0  # ClassAd evaluations so far (benchmarks and tests read it)
@@ -211,7 +230,12 @@ class Matcher:
     def matches(self, job: Mapping[str, Any], size: tuple[int, int, int] | None = None) -> list[str]:
         """Names of the entries (in configuration order) whose pilots the job group matches."""
         mask = self.match_mask(job, size)
-        return [self.names[i] for i in range(len(self.names)) if mask >> i & 1]
+        out = []
+        while mask:
+            low = mask & -mask
+            out.append(self.names[low.bit_length() - 1])
+            mask ^= low
+        return out
 
     def match_mask(self, job: Mapping[str, Any], size: tuple[int, int, int] | None = None) -> int:
         lower = None
@@ -237,15 +261,25 @@ class Matcher:
         if cached is not None:
             return cached
         job_ad = to_ad(job)
-        scope = job_ad
-        if wrap:
-            scope = classad2.ClassAd()
-            scope["job"] = job_ad
-        admitted = 0
-        for ekey, entries in part.by_key.items():
-            i = (entries & -entries).bit_length() - 1  # any entry of the key stands for all of them
-            if ekey is None or test(scope, i):  # None: an entry without requirements admits every job
-                admitted |= entries
+        admitted = None
+        if part.batch is not None:
+            self._scope["job"] = job_ad
+            flags = part.batch.eval(self._scope)
+            if isinstance(flags, str) and len(flags) == len(part.reps):
+                self.evaluations += len(flags)
+                admitted = 0
+                for (ekey, _), flag in zip(part.reps, flags):
+                    if flag == "1":
+                        admitted |= part.by_key[ekey]
+        if admitted is None:  # not batched, or an error somewhere in the batch: one entry at a time
+            scope = job_ad
+            if wrap:
+                scope = classad2.ClassAd()
+                scope["job"] = job_ad
+            admitted = 0
+            for ekey, i in part.reps:
+                if ekey is None or test(scope, i):  # None: an entry without requirements admits every job
+                    admitted |= part.by_key[ekey]
         part.cache[key] = admitted
         return admitted
 
@@ -256,6 +290,16 @@ class Matcher:
             return is_true(expr.eval(scope))
 
         return test
+
+    def _requirements_key(self, i: int) -> tuple:
+        glidein = self._glideins[i]
+        try:
+            req = glidein.lookup("Requirements")
+            mine = set(glidein.internalRefs(req))
+            mine |= {r.split(".", 1)[1] for r in glidein.externalRefs(req) if r.lower().startswith("my.")}
+        except Exception:
+            return (i,)
+        return (str(glidein.lookup("Requirements")), *((a, _key(glidein.get(a))) for a in sorted(mine, key=str.lower)))
 
     def _requirements(self, job_ad: classad2.ClassAd, i: int) -> bool:
         self.evaluations += 1
@@ -274,12 +318,58 @@ class Matcher:
 
 
 
+_TOKEN = re.compile(r'"(?:\\.|[^"\\])*"|\'(?:\\.|[^\'\\])*\'|[A-Za-z_][A-Za-z0-9_]*|\s+|.', re.S)
+
+
+def _rebind(text: str, i: int) -> str:
+    """``text`` with the scope name ``glidein`` renamed glidein__<i> (not inside strings, not after a dot)."""
+    out, prev = [], ""
+    for tok in _TOKEN.findall(text):
+        if tok.lower() == "glidein" and prev != ".":
+            tok = f"glidein__{i}"
+        out.append(tok)
+        if not tok.isspace():
+            prev = tok
+    return "".join(out)
+
+
+def _batch(text: str, entries: list[tuple[int, classad2.ClassAd]]) -> classad2.ExprTree | None:
+    """One expression giving, for every entry, "1" where ``text`` is true and "0" where it is not.
+
+    One call into the evaluator instead of one per entry. Each entry's copy is
+    first flattened with the entry's ad (its attributes become literals);
+    what flattening leaves of ``glidein`` is renamed to the entry's ad in the
+    scope. A number counts as true when non-zero and undefined as false, as
+    for a single evaluation. An error in any entry makes the whole result an
+    error: the caller then goes entry by entry.
+    """
+    if not entries:
+        return None
+    expr, scope, parts = parse_expr(text), classad2.ClassAd(), []
+    for i, glidein in entries:
+        scope["glidein"] = glidein
+        try:
+            flat = str(scope.flatten(expr))
+        except Exception:
+            flat = text
+        parts.append(f'(ifThenElse({_rebind(flat, i)}, "1", "0") ?: "0")')
+    try:
+        return classad2.ExprTree("strcat(" + ", ".join(parts) + ")")
+    except Exception:
+        return None
+
+
 def job_size(job: Mapping[str, Any]) -> tuple[int, int, int]:
     """(cores, memory MB, GPUs) a job group asks for; expressions are evaluated in the group's ad."""
-    lower = {k.lower(): v for k, v in job.items()}
+    lower = None
     out = []
-    for attr, default in (("requestcpus", 1), ("requestmemory", 0), ("requestgpus", 0)):
-        value = lower.get(attr)
+    for attr, canonical, default in (("requestcpus", "RequestCpus", 1), ("requestmemory", "RequestMemory", 0),
+                                     ("requestgpus", "RequestGPUs", 0)):
+        value = job.get(canonical)
+        if value is None:
+            if lower is None:
+                lower = {k.lower(): v for k, v in job.items()}
+            value = lower.get(attr)
         if isinstance(value, str) and value.startswith(EXPR_PREFIX):
             value = to_ad(job).eval(attr)
         out.append(_num(value, default))

@@ -103,22 +103,34 @@ class Grouper:
         """
         cutoff = (time.time() if now is None else now) - OLD_IDLE_SECONDS
         spelled = None
+        counts: dict[tuple, list[int]] = {}  # (values) -> [idle, running, old], flushed into self at the end
         for ad in ads:
             if spelled is None:
                 spelled = _spelling(ad, self.attrs)
-            key = tuple(ad.get(a) for a in spelled)
-            weight = _count(ad.get("JobCount"))
+            get = ad.get
+            key = tuple(map(get, spelled))
+            try:
+                c = counts.get(key)
+            except TypeError:  # a list or nested ad among the values
+                key = tuple(classads._key(v) for v in key)
+                c = counts.get(key)
+            if c is None:
+                c = counts[key] = [0, 0, 0]
+            jc = get("JobCount")
+            weight = 1 if jc is None else _count(jc)
             if old_only:
-                self.add(key, idle_old=weight)
+                c[2] += weight
                 continue
-            status = ad.get("JobStatus", IDLE if "JobCount" in ad else None)
-            if status == IDLE:
-                qdate = ad.get("QDate")
-                is_old = (isinstance(qdate, (int, float)) and qdate <= cutoff) or (
-                    "JobCount" in ad and "QDate" not in ad and "JobStatus" not in ad)
-                self.add(key, idle=weight, idle_old=weight if is_old else 0)
+            status = get("JobStatus")
+            if status == IDLE or (status is None and jc is not None):
+                c[0] += weight
+                qdate = get("QDate")
+                if (qdate is not None and qdate <= cutoff) or (jc is not None and status is None and qdate is None):
+                    c[2] += weight
             elif status == RUNNING:
-                self.add(key, running=weight)
+                c[1] += weight
+        for key, (idle, running, old) in counts.items():
+            self.add(key, idle, running, old)
 
     def groups(self) -> list[JobGroup]:
         out = []
@@ -183,7 +195,7 @@ def read_queue_file(path: str, attrs: list[str], now: float | None = None) -> li
         struct = msgspec.defstruct(
             "JobAd",
             [(f"a{i}", Any, None) for i in range(len(attrs))]
-            + [("JobStatus", Any, None), ("QDate", Any, None), ("JobCount", Any, None)],
+            + [("JobStatus", int | None, None), ("QDate", float | None, None), ("JobCount", int | None, None)],
             rename={**{f"a{i}": name for i, name in enumerate(fields)},
                     **{k: _spell(head, k) for k in ("JobStatus", "QDate", "JobCount")}},
             gc=False,
@@ -218,34 +230,40 @@ def _spell(head: bytes, attr: str) -> str:
     return m.group(1).decode() if m else attr
 
 
-def _chunks(fh) -> Iterable[bytes]:
-    """``[ad, ad, ...]`` pieces of the top-level array, each a valid JSON array if cut between ads."""
-    buf = b""
-    first = True
+def _chunks(fh) -> Iterable[memoryview]:
+    """The top-level array in pieces of whole ads, each framed in place as a JSON array (no copies).
+
+    A piece ends at a '}' followed by ','; the byte before its first '{' and
+    the one after its last '}' are overwritten with '[' and ']'. A piece cut
+    inside a string value or a nested ad is not valid JSON, so the caller's
+    decode fails and it decodes the whole file instead.
+    """
+    buf = bytearray()
     while True:
         data = fh.read(CHUNK_BYTES)
         buf += data
-        if first:
-            buf = buf.lstrip()[1:]  # the opening bracket
-            first = False
-        if not data:
-            tail = buf.rstrip()
-            if tail.endswith(b"]"):
-                tail = tail[:-1]
-            tail = tail.strip().lstrip(b",")
-            if tail.strip():
-                yield b"[" + tail + b"]"
-            return
-        cut = _last_boundary(buf)
+        cut = _last_boundary(buf) if data else buf.rfind(b"}")
         if cut < 0:
-            continue
-        piece, buf = buf[:cut + 1], buf[cut + 1:]
-        piece = piece.strip().lstrip(b",")
-        if piece.strip():
-            yield b"[" + piece + b"]"
+            if data:
+                continue
+            if buf.strip(b" \t\r\n[],"):
+                raise msgspec.DecodeError("truncated: an ad does not end")
+            return
+        start = buf.find(b"{")
+        if start < 1 or start > cut:
+            raise msgspec.DecodeError("no ad where one was expected")
+        if cut + 1 == len(buf):
+            buf += b" "
+        buf[start - 1], buf[cut + 1] = ord("["), ord("]")
+        yield memoryview(buf)[start - 1:cut + 2]
+        buf = buf[cut + 2:]
+        if not data:
+            if buf.strip(b" \t\r\n]"):
+                raise msgspec.DecodeError("text after the last ad")
+            return
 
 
-def _last_boundary(buf: bytes) -> int:
+def _last_boundary(buf: bytearray) -> int:
     """Index of the last '}' that is followed by ',' (the end of a whole ad), or -1."""
     end = len(buf)
     while True:
@@ -263,20 +281,27 @@ def _group_structs(grouper: Grouper, ads: list, n: int, now: float) -> None:
         return
     names = [f"a{i}" for i in range(n)]
     getkey = operator.attrgetter(*names) if n > 1 else (lambda ad, _n=names[0]: (getattr(ad, _n),))
-    if any(ad.JobCount is not None for ad in ads):  # aggregate ads: a handful, the generic path is fine
+    if ads[0].JobCount is not None or ads[-1].JobCount is not None:  # aggregate ads: few, the generic path
         grouper.add_ads(({**dict(zip(grouper.attrs, getkey(ad))), **_present(ad)} for ad in ads), now)
         return
     cutoff = now - OLD_IDLE_SECONDS
     idle = [ad for ad in ads if ad.JobStatus == IDLE]
-    running = [ad for ad in ads if ad.JobStatus == RUNNING]
-    old = [ad for ad in idle if isinstance(ad.QDate, (int, float)) and ad.QDate <= cutoff]
-    for jobs, slot in ((idle, 0), (running, 1), (old, 2)):
-        try:
-            counted = Counter(map(getkey, jobs))
-        except TypeError:  # an unhashable value (a list) in some job: key it by its text
-            counted = Counter(tuple(classads._key(v) for v in getkey(ad)) for ad in jobs)
-        for key, n_jobs in counted.items():
-            grouper.add(key, *(n_jobs if s == slot else 0 for s in range(3)))
+    running = [ad for ad in ads if ad.JobStatus == RUNNING] if len(idle) < len(ads) else []
+    new = [ad for ad in idle if ad.QDate is None or ad.QDate > cutoff]
+    old = [ad for ad in idle if ad.QDate is not None and ad.QDate <= cutoff] if len(new) * 2 > len(idle) else None
+    counted = [_count_keys(getkey, jobs) for jobs in (idle, running, new if old is None else old)]
+    for key, n_idle in counted[0].items():
+        n_other = counted[2].get(key, 0)
+        grouper.add(key, idle=n_idle, idle_old=n_idle - n_other if old is None else n_other)
+    for key, n_running in counted[1].items():
+        grouper.add(key, running=n_running)
+
+
+def _count_keys(getkey: Callable, jobs: list) -> Counter:
+    try:
+        return Counter(map(getkey, jobs))
+    except TypeError:  # an unhashable value (a list) in some job: key it by its text
+        return Counter(tuple(classads._key(v) for v in getkey(ad)) for ad in jobs)
 
 
 def _present(ad: Any) -> dict[str, Any]:
@@ -288,8 +313,9 @@ def _present(ad: Any) -> dict[str, Any]:
 
 def matcher_for(config: Any, frontend: str) -> classads.Matcher:
     fe = config.frontend(frontend)
+    entries = {e.name: e for e in config.entries}
     return classads.Matcher(
-        fe.match_expr, {e: (config.entry(e).machine_attrs(), config.entry(e).requirements) for e in fe.entries}
+        fe.match_expr, {e: (entries[e].machine_attrs(), entries[e].requirements) for e in fe.entries}
     )
 
 

@@ -111,9 +111,13 @@ def test_split_and_only_where_exact():
 def test_memoised_matching_equals_per_entry_evaluation(expr):
     ents = entries()
     m = classads.Matcher(expr, ents)
+    # entries sharing requirements: the same pilot memory shares one evaluation, another memory does not
+    ents["west16"] = ({"Cpus": 8, "Memory": 16384, "GPUs": 0, "GLIDEIN_Site": "AWS_WEST"}, ents["west"][1])
+    ents["west32"] = ({"Cpus": 16, "Memory": 32768, "GPUs": 0, "GLIDEIN_Site": "AWS_WEST"}, ents["west"][1])
+    m = classads.Matcher(expr, ents)
     sites = ["AWS_EAST", "AWS_WEST", "GPU_SITE", "AWS_EAST,AWS_WEST", "AWS_WEST,GPU_SITE", None]
     jobs = []
-    for s, cpus, mem, owner, gpus in itertools.product(sites, [1, 4, 8, 16], [1000, 9000, 40000, None],
+    for s, cpus, mem, owner, gpus in itertools.product(sites, [1, 4, 8, 16], [1000, 9000, 20000, 40000, None],
                                                         ["ops", "cms", None], [0, 1]):
         job = {"RequestCpus": cpus, "RequestGPUs": gpus, "DESIRED_Sites": s, "RequestMemory": mem, "Owner": owner}
         jobs.append({k: v for k, v in job.items() if v is not None})
