@@ -53,3 +53,18 @@ def ec2(moto_server, monkeypatch):
         monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", moto_server.connection_json())
     monkeypatch.setenv("AIRFLOW_CONN_GLIDEIN_CMS_POOL_TOKEN", '{"conn_type": "generic", "password": "pool-token-value"}')
     return moto_server
+
+
+@pytest.fixture(autouse=True)
+def fresh_asset_events(request):
+    """Each test starts with no glidein_requests / glidein_status events: the frontend plans from the
+    factory's last status, and a status left by another test's (reset) moto would be read as pilots."""
+    if "airflow_db" in request.fixturenames:
+        from sqlalchemy import delete
+
+        from airflow.models.asset import AssetEvent
+        from airflow.utils.session import create_session
+
+        with create_session() as session:
+            session.execute(delete(AssetEvent))
+    yield
