@@ -56,10 +56,25 @@ def plan_launches(
     pilots: Iterable[P.Pilot],
     key: str,
     blocked: Mapping[str, str] | None = None,
+    now: float | None = None,
 ) -> list[dict[str, Any]]:
-    """Per entry with something to launch: its batches and the reasoning."""
+    """Per entry with something to launch: its batches and the reasoning.
+
+    With ``now``, a pilot with less lifetime left than its retire window is
+    no capacity (it will take no new job; glideinWMS #554 counted such slots
+    and asked for nothing while they expired).
+    """
     blocked = blocked or {}
     pilots = list(pilots)
+    entries = {e.name: e for e in config.entries}
+    expiring = set()
+    if now is not None:
+        for p in pilots:
+            if p.state in P.CAPACITY and p.entry in entries:
+                policy = config.policy_for(entries[p.entry], p.frontend)
+                if p.launched + policy.max_lifetime - now < policy.retire_window:
+                    expiring.add(p.id)
+    pilots = [p if p.id not in expiring else _not_capacity(p) for p in pilots]
     by_entry: dict[str, list[P.Pilot]] = {}
     for p in pilots:
         by_entry.setdefault(p.entry, []).append(p)
@@ -121,6 +136,10 @@ def plan_launches(
                 })
         work.append({"entry": entry.name, "launches": launches, "why": why})
     return work
+
+
+def _not_capacity(p: P.Pilot) -> P.Pilot:
+    return P.Pilot(**{**p.to_dict(), "state": P.RETIRING})
 
 
 def reap(config: Config, pilots: Iterable[P.Pilot], now: float) -> list[dict[str, str]]:

@@ -125,7 +125,7 @@ class PlanCycleOperator(GlideinBaseOperator):
         # An entry we could not list is not launched on: we cannot subtract what we cannot see.
         blocked = {e: "listing failed" for e in self.inventory.get("errors", {})}
         work = provisioning.plan_launches(
-            self.config, self.requests, pilots, provisioning.run_key(context["run_id"]), blocked
+            self.config, self.requests, pilots, provisioning.run_key(context["run_id"]), blocked, now=self.now()
         )
         for item in work:
             n = sum(b["count"] for b in item["launches"])
