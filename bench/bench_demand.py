@@ -296,11 +296,11 @@ def report(res: dict, n_jobs: int, n_shapes: int, n_entries: int) -> str:
         f"(1) plan from condor_q -json, whole process   {p['wall']:6.2f} s  {p['peak_gib']:5.2f} GiB peak   "
         f"goal <= {GOALS['plan_wall']:.0f} s, <= {GOALS['plan_peak_gib']:.0f} GiB   "
         f"[{ok(p['wall'] <= GOALS['plan_wall'] and p['peak_gib'] <= GOALS['plan_peak_gib'])}]",
-        f"    glideinWMS countMatch on the same input:  {GOALS['glideinwms_wall']:6.2f} s  "
+        f"    glideinWMS countMatch (shared/ANCHORS.md): {GOALS['glideinwms_wall']:6.2f} s  "
         f"{GOALS['glideinwms_peak_gib']:5.2f} GiB peak   -> ours {GOALS['glideinwms_wall'] / p['wall']:.1f}x faster, "
         f"{GOALS['glideinwms_peak_gib'] / p['peak_gib']:.1f}x less memory",
         f"    engine phases: read+group {p['read_group']:.2f} s, match {p['match']:.2f} s "
-        f"({p['evaluations']:,} ClassAd evaluations for {p['groups']} groups x {n_entries} entries), "
+        f"({p['evaluations']:,} (job values, entry) evaluations for {p['groups']} groups x {n_entries} entries), "
         f"plan {p['plan']:.3f} s; {p['idle']:,} idle jobs",
         f"(2) plan from condor_q -autocluster -json      {a['wall']:6.2f} s whole process, "
         f"{a['total']:.3f} s in the engine   goal <= {GOALS['autocluster_wall']:.0f} s   "
