@@ -86,6 +86,7 @@ class PilotPolicy(Model):
     idle_timeout: Pos = 1200  # s a registered pilot may stay unclaimed
     max_lifetime: Pos = 86400  # s from launch until the pilot is retired
     retire_window: NonNeg = 3600  # s a retiring busy pilot may finish its jobs
+    min_idle_lifetime: NonNeg = 1800  # s of life a pilot needs left to count as capacity (glideinWMS #554)
 
 
 class PolicyOverride(Model):
@@ -93,6 +94,7 @@ class PolicyOverride(Model):
     idle_timeout: Pos | None = None
     max_lifetime: Pos | None = None
     retire_window: NonNeg | None = None
+    min_idle_lifetime: NonNeg | None = None  # a VO of long jobs raises it
 
 
 class ApiBudget(Model):

@@ -60,9 +60,10 @@ def plan_launches(
 ) -> list[dict[str, Any]]:
     """Per entry with something to launch: its batches and the reasoning.
 
-    With ``now``, a pilot with less lifetime left than its retire window is
-    no capacity (it will take no new job; glideinWMS #554 counted such slots
-    and asked for nothing while they expired).
+    With ``now``, a pilot with less lifetime left than the policy's
+    min_idle_lifetime is no capacity (it cannot run the jobs it is counted
+    for; glideinWMS #554 counted such slots and asked for nothing while they
+    expired).
     """
     blocked = blocked or {}
     pilots = list(pilots)
@@ -72,7 +73,7 @@ def plan_launches(
         for p in pilots:
             if p.state in P.CAPACITY and p.entry in entries:
                 policy = config.policy_for(entries[p.entry], p.frontend)
-                if p.launched + policy.max_lifetime - now < policy.retire_window:
+                if p.launched + policy.max_lifetime - now < policy.min_idle_lifetime:
                     expiring.add(p.id)
     pilots = [p if p.id not in expiring else _not_capacity(p) for p in pilots]
     by_entry: dict[str, list[P.Pilot]] = {}

@@ -218,11 +218,11 @@ def test_apportion(weights, total, expected):
 def test_factory_counts_no_capacity_in_pilots_about_to_expire():
     """glideinWMS #554: slots about to expire counted as idle capacity and blocked new requests."""
     cfg = config([entry("A", max_pilots=50, max_idle=30, max_per_cycle=100)])
-    policy = cfg.entry("A").policy  # max_lifetime 86400, retire_window 3600
+    policy = cfg.entry("A").policy  # max_lifetime 86400, min_idle_lifetime 1800
     now = 1_000_000.0
     fresh = [pilot(i, "A", "fe", P.IDLE, launched=now - 600) for i in range(3)]
-    # 1800 s of life left, less than the 3600 s retire window: it will take no new job
-    old = [pilot(10 + i, "A", "fe", P.IDLE, launched=now - policy.max_lifetime + 1800) for i in range(4)]
+    # 1200 s of life left, less than the 1800 s min_idle_lifetime: not what the frontend counts on
+    old = [pilot(10 + i, "A", "fe", P.IDLE, launched=now - policy.max_lifetime + 1200) for i in range(4)]
     work = provisioning.plan_launches(cfg, {"fe": request({"A": 8})}, fresh + old, "k", now=now)
     # level 8 - 3 usable idle pilots = 5 (without the rule: 8 - 7 = 1)
     assert launched(work) == {("A", "fe"): 5}
