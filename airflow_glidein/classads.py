@@ -42,7 +42,7 @@ def refs(text: str | None, scope: str) -> set[str]:
     """Attributes an expression reads through ``scope.`` (job, glidein, TARGET, MY)."""
     if not text:
         return set()
-    return {m.group(1) for m in re.finditer(rf"\b{scope}\.{_ATTR}", text, flags=re.IGNORECASE)}
+    return {m.group(1) for m in re.finditer(rf"\b{scope}\s*\.\s*{_ATTR}", text, flags=re.IGNORECASE)}
 
 
 def bare_refs(text: str | None, known: Iterable[str]) -> set[str]:
@@ -164,8 +164,8 @@ class _Part:
     """One memoised piece of the match: a conjunct of match_expr, or the entries' requirements."""
 
     def __init__(self, job_attrs: list[str] | None, entry_keys: list[tuple | None]):
+        """``entry_keys``: per entry, the values of the entry that the part reads (equal keys, equal results)."""
         self.job_attrs = job_attrs  # None: reads the job in ways we cannot list; key on the whole job
-        self.entry_keys = entry_keys  # per entry index, the values of the entry the part reads
         self.by_key: dict[tuple, int] = {}  # entry key -> bitmask of entries sharing it
         for i, k in enumerate(entry_keys):
             self.by_key[k] = self.by_key.get(k, 0) | (1 << i)
@@ -195,7 +195,6 @@ class Matcher:
             self._glideins.append(glidein)
             lower = {k.lower(): v for k, v in attrs.items()}
             self._sizes.append((_num(lower.get("cpus"), 1), _num(lower.get("memory"), 0), _num(lower.get("gpus"), 0)))
-        self._all = (1 << len(self.names)) - 1
         self._conjuncts = []
         for text in split_and(match_expr):
             job_attrs = None if re.search(r"\bjob\s*\[", text, re.I) else sorted(refs(text, "job"), key=str.lower)

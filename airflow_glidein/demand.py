@@ -12,6 +12,7 @@ that keeps only the attributes matching reads.
 from __future__ import annotations
 
 import operator
+import re
 import threading
 import time
 from collections import Counter
@@ -163,13 +164,6 @@ def group_jobs(ads: Iterable[Mapping[str, Any]], attrs: list[str], now: float | 
     return g.groups()
 
 
-def group_autoclusters(ads: Iterable[Mapping[str, Any]], attrs: list[str]) -> list[JobGroup]:
-    """Groups from ``condor_q -autocluster -json`` ads (JobCount idle jobs each; no queue dates: all settled)."""
-    g = Grouper(attrs)
-    g.add_ads({**ad, "JobCount": ad.get("JobCount", 0)} for ad in ads)
-    return g.groups()
-
-
 # ---- the file source: a typed streaming decoder ------------------------------------------------
 
 
@@ -191,7 +185,7 @@ def read_queue_file(path: str, attrs: list[str], now: float | None = None) -> li
             return []
         if not head.lstrip().startswith(b"["):
             raise ValueError(f"queue file {path} is not condor_q -json output: expected a list of ads")
-        fields = _field_names(head, attrs)
+        fields = [_spell(head, a) for a in attrs]
         struct = msgspec.defstruct(
             "JobAd",
             [(f"a{i}", Any, None) for i in range(len(attrs))]
@@ -218,14 +212,8 @@ def read_queue_file(path: str, attrs: list[str], now: float | None = None) -> li
     return grouper.groups()
 
 
-def _field_names(head: bytes, attrs: list[str]) -> list[str]:
-    """How the file spells each attribute (JSON keys are case-sensitive, ClassAd names are not)."""
-    return [_spell(head, a) for a in attrs]
-
-
 def _spell(head: bytes, attr: str) -> str:
-    import re
-
+    """How the file spells an attribute (JSON keys are case-sensitive, ClassAd names are not)."""
     m = re.search(rb'"(' + re.escape(attr.encode()) + rb')"\s*:', head, flags=re.IGNORECASE)
     return m.group(1).decode() if m else attr
 

@@ -198,11 +198,13 @@ def test_factory_entry_limit_across_frontends_and_their_max_running():
     cfg = config([entry("A", max_pilots=12, max_idle=10, max_per_cycle=100)], frontends=["cms", "atlas"])
     existing = [pilot(i, "A", "cms", P.BUSY) for i in range(5)]
     # cms asks 10 idle but max_running 8: 8 - 5 live = 3; atlas asks 10.
-    requests = {"cms": request({"A": 10}, max_running=8), "atlas": request({"A": 10})}
+    requests = {"cms": {**request({"A": 10}, max_running=8), "start_expr": "cms_start"}, "atlas": request({"A": 10})}
     work = provisioning.plan_launches(cfg, requests, existing, "k")
     # Entry room: max_pilots 12 - 5 live = 7 (max_idle 10 - 0 = 10): 7 split 3:10 -> 2 and 5.
     assert launched(work) == {("A", "cms"): 2, ("A", "atlas"): 5}
     assert work[0]["why"]["bound_by"] == "entry.max_pilots"
+    # each frontend's start_expr goes with its launches: it becomes those pilots' START
+    assert {b["frontend"]: b["start_expr"] for b in work[0]["launches"]} == {"cms": "cms_start", "atlas": "true"}
     assert work[0]["why"]["frontends"]["cms"]["deficit"] == 3
 
 
