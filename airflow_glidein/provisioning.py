@@ -96,7 +96,8 @@ def plan_launches(
             mine = [p for p in here if p.frontend == f]
             capacity = sum(p.state in P.CAPACITY for p in mine)
             live = sum(p.state in P.LIVE for p in mine)
-            deficit = max(0, min(int(ask["idle"]) - capacity, int(ask.get("max_running", math.inf)) - live))
+            cap = ask.get("max_running")  # a request without one (a burst) is not capped here
+            deficit = max(0, min(int(ask["idle"]) - capacity, (int(cap) - live) if cap is not None else math.inf))
             deficits[f] = deficit
             why["frontends"][f] = {"level": ask["idle"], "capacity": capacity, "live": live,
                                    "max_running": ask.get("max_running"), "deficit": deficit}

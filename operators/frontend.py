@@ -89,12 +89,22 @@ class PlanPilotsOperator(GlideinBaseOperator):
         return request
 
     def _my_pilots(self, context: Context) -> dict[str, dict[str, int]]:
-        """This frontend's pilots per entry, from the factory's latest status event."""
+        """This frontend's pilots per entry, from the factory's latest status event.
+
+        A status older than this frontend's request_ttl is not trusted: the
+        plan then counts no pilots (the factory still subtracts what it sees).
+        """
         try:
             events = context["inlet_events"][GLIDEIN_STATUS]
-            status = events[-1].extra if len(events) else {}
+            latest = events[-1] if len(events) else None
         except (KeyError, IndexError):
-            status = {}
+            latest = None
+        status = (latest.extra or {}) if latest is not None else {}
+        if latest is not None and getattr(latest, "timestamp", None) is not None:
+            age = self.now() - latest.timestamp.timestamp()
+            if age > self.config.frontend(self.frontend).request_ttl:
+                self.log.warning("The factory's last status is %d s old; planning as if no pilots ran", age)
+                status = {}
         out = {}
         for entry, fes in (status.get("pilots") or {}).items():
             c = fes.get(self.frontend) or {}

@@ -121,3 +121,33 @@ def test_bad_files_name_the_problem(tmp_path, text, message):
 def test_missing_file(tmp_path):
     with pytest.raises(ValueError, match="cannot read queue file .*missing.json"):
         demand.read_queue_file(str(tmp_path / "missing.json"), ATTRS, NOW)
+
+
+def test_plan_command_prints_the_plan_and_touches_no_cloud(tmp_path):
+    import subprocess
+    import sys
+
+    env_free = {"PATH": "/usr/bin:/bin", "AWS_EC2_METADATA_DISABLED": "true"}  # no credentials, no Airflow home
+    out = subprocess.run([sys.executable, "-m", "airflow_glidein", "plan", str(REPO / "examples" / "glidein.yaml"),
+                          "--queue", str(REPO / "examples" / "queue.json")], capture_output=True, text=True,
+                         env=env_free, timeout=120)
+    assert out.returncode == 0, out.stderr
+    rows = {line.split()[0]: line.split() for line in out.stdout.splitlines() if line.startswith("aws-")}
+    assert rows["aws-us-east-1"][6] == "13" and rows["aws-us-west-2"][6] == "6"  # the level column
+    assert "71 idle / 5 running jobs in 5 groups (10 idle match no entry)" in out.stdout
+    # the autocluster form of the same demand: one ad per group
+    groups = demand.read_queue_file(str(REPO / "examples" / "queue.json"), ATTRS, NOW)
+    ac = [{"AutoClusterId": i, "JobCount": g.idle, **g.attrs} for i, g in enumerate(groups) if g.idle]
+    path = tmp_path / "ac.json"
+    path.write_text(json.dumps(ac))
+    out = subprocess.run([sys.executable, "-m", "airflow_glidein", "plan", str(REPO / "examples" / "glidein.yaml"),
+                          "--queue", str(path), "--json"], capture_output=True, text=True, env=env_free, timeout=120)
+    assert out.returncode == 0, out.stderr
+    levels = {e: p["idle"] for e, p in json.loads(out.stdout)["cms"]["entries"].items()}
+    assert levels == {"aws-us-east-1": 13, "aws-us-west-2": 6}
+    # a bad queue file: a clear error, exit 1
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"not": "a list"}')
+    out = subprocess.run([sys.executable, "-m", "airflow_glidein", "plan", str(REPO / "examples" / "glidein.yaml"),
+                          "--queue", str(bad)], capture_output=True, text=True, env=env_free, timeout=120)
+    assert out.returncode == 1 and "is not condor_q -json output" in out.stderr

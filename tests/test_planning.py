@@ -231,3 +231,10 @@ def test_factory_counts_no_capacity_in_pilots_about_to_expire():
     assert work[0]["why"]["frontends"]["fe"]["capacity"] == 3
     # without a clock (older callers) nothing changes
     assert launched(provisioning.plan_launches(cfg, {"fe": request({"A": 8})}, fresh + old, "k")) == {("A", "fe"): 1}
+
+
+def test_factory_request_without_max_running():
+    # int(math.inf) used to raise OverflowError for a request that names no max_running
+    cfg = config([entry("A", max_pilots=50, max_idle=30, max_per_cycle=100)])
+    req = {"entries": {"A": {"idle": 4, "provision": "k", "pilot": "k"}}}
+    assert launched(provisioning.plan_launches(cfg, {"fe": req}, [], "k")) == {("A", "fe"): 4}

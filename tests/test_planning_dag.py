@@ -36,3 +36,19 @@ def test_booting_pilots_count_before_new_ones_are_asked_for(ec2, tmp_path, monke
     # max_idle (10 and 5) are full: nothing is launched
     assert work == []
     assert len(ec2.instances("us-east-1")) == 10 and len(ec2.instances("us-west-2")) == 5
+
+
+def test_a_stale_factory_status_is_not_trusted(ec2, tmp_path, monkeypatch):
+    cfg = example_config()
+    cfg["factory"]["retry_delay"] = 0
+    cfg["frontends"][0]["request_ttl"] = 60
+    write_config(tmp_path, cfg, monkeypatch)
+    run_dag("glidein_frontend_cms")
+    run_dag("glidein_factory")  # 15 pilots booting, in a status event
+    from airflow_glidein.operators import PlanPilotsOperator
+
+    real_now = PlanPilotsOperator.now
+    monkeypatch.setattr(PlanPilotsOperator, "now", lambda self: real_now(self) + 3600)  # an hour later
+    plan = xcom(run_dag("glidein_frontend_cms"), "plan_pilots")
+    east = plan["entries"]["aws-us-east-1"]
+    assert east["why"]["pilots"]["booting"] == 0 and east["idle"] == 13
