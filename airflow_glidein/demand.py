@@ -11,10 +11,11 @@ that keeps only the attributes matching reads.
 
 from __future__ import annotations
 
+import multiprocessing
 import operator
 import re
-import threading
 import time
+from multiprocessing import connection as mp_connection
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -337,62 +338,88 @@ def collect(
     ``pool`` offers ``schedd_names(names)`` and ``query_demand(schedd,
     constraint, attrs, old_before)`` (HTCondorHook in production), the latter
     returning job or aggregate ads as dicts. Schedds are asked in parallel,
-    each within ``source.timeout`` seconds.
+    each in a process of its own, all within ``source.timeout`` seconds: the
+    htcondor2 bindings hold the GIL while they wait on a socket (about 20 s
+    for a schedd that accepts and never answers), so a thread could not
+    keep the timeout; a process can be killed. Each process groups its
+    schedd's ads and sends back only the counts.
     """
     now = time.time() if now is None else now
     if source.queue_file:
         return read_queue_file(source.queue_file, attrs, now), []
     timeout = float(source.timeout)
-    ok, names = call_with_timeout(lambda: pool.schedd_names(list(source.schedds)), timeout)
+    ok, names = run_isolated({"collector": lambda: pool.schedd_names(list(source.schedds))}, timeout)["collector"]
     if not ok:
         raise RuntimeError(f"the collector did not list the schedds: {names}")
     constraint = f"({source.constraint}) && (JobStatus == {IDLE} || JobStatus == {RUNNING})"
     old_before = int(now - OLD_IDLE_SECONDS)
-    calls = {n: _start(lambda n=n: pool.query_demand(n, constraint, attrs, old_before)) for n in names}
+
+    def counted(name: str) -> dict[str, Any]:
+        result = pool.query_demand(name, constraint, attrs, old_before)
+        g = Grouper(attrs)
+        g.add_ads(result["ads"], now)
+        g.add_ads(result.get("old", []), now, old_only=True)
+        return {"mode": result.get("mode", "jobs"), "ads": len(result["ads"]), "note": result.get("note"),
+                "counts": g.counts}
+
+    answers = run_isolated({n: (lambda n=n: counted(n)) for n in names}, timeout)
     grouper = Grouper(attrs)
     missing: list[dict[str, str]] = []
-    deadline = time.monotonic() + timeout
-    for name, call in calls.items():
-        ok, result = call(max(deadline - time.monotonic(), 0.0), timeout)
+    for name in names:
+        ok, result = answers[name]
         if not ok:  # one schedd down must not stop the cycle
             log.warning("Schedd %s did not answer (%s); planning without it", name, result)
             missing.append({"schedd": name, "error": str(result)[:300]})
             continue
-        grouper.add_ads(result["ads"], now)
-        grouper.add_ads(result.get("old", []), now, old_only=True)
-        log.info("Schedd %s: %d ads (%s)", name, len(result["ads"]), result.get("mode", "jobs"))
+        for key, (idle, running, old) in result["counts"].items():
+            grouper.add(key, idle, running, old)
+        log.info("Schedd %s: %d ads (%s)%s", name, result["ads"], result["mode"],
+                 f"; {result['note']}" if result.get("note") else "")
     if names and len(missing) == len(names):
         raise RuntimeError(f"no schedd answered ({', '.join(m['schedd'] for m in missing)})")
     return grouper.groups(), missing
 
 
-def call_with_timeout(fn: Callable[[], Any], timeout: float) -> tuple[bool, Any]:
-    return _start(fn)(timeout, timeout)
+def run_isolated(calls: Mapping[str, Callable[[], Any]], timeout: float) -> dict[str, tuple[bool, Any]]:
+    """Run each call in a forked child, all in parallel; (True, result) or (False, reason) each.
 
-
-def _start(fn: Callable[[], Any]) -> Callable[[float, float], tuple[bool, Any]]:
-    """Run ``fn`` in a daemon thread; wait(seconds, limit) gives (True, result) or (False, reason).
-
-    A daemon thread, because the bindings offer no way to abandon a hung
-    query: it is left behind and cannot keep the task process alive.
+    A child that has not answered within ``timeout`` seconds is killed.
+    Forked, so the child inherits the caller's state (configuration, the
+    bindings as loaded); results travel back pickled through a pipe.
     """
-    box: dict[str, Any] = {}
+    ctx = multiprocessing.get_context("fork")
+    started = {}
+    for name, fn in calls.items():
+        reader, writer = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_child, args=(fn, writer), daemon=True, name=f"glidein-query-{name}")
+        proc.start()
+        writer.close()
+        started[name] = (proc, reader)
+    pending = {reader: name for name, (_, reader) in started.items()}
+    results: dict[str, tuple[bool, Any]] = {}
+    deadline = time.monotonic() + timeout
+    while pending and (left := deadline - time.monotonic()) > 0:
+        for reader in mp_connection.wait(list(pending), left):
+            name = pending.pop(reader)
+            try:
+                status, value = reader.recv()
+            except EOFError:
+                status, value = "error", "the query process ended without an answer"
+            results[name] = (status == "ok", value)
+    for name in pending.values():
+        results[name] = (False, f"no answer within the {timeout:g} s timeout")
+    for proc, reader in started.values():
+        if proc.is_alive():
+            proc.kill()
+        proc.join(5)
+        reader.close()
+    return results
 
-    def run() -> None:
-        try:
-            box["result"] = fn()
-        except Exception as exc:  # noqa: BLE001  reported to the caller, which names the schedd
-            box["error"] = f"{type(exc).__name__}: {exc}"
 
-    thread = threading.Thread(target=run, daemon=True, name="glidein-demand-query")
-    thread.start()
-
-    def wait(seconds: float, limit: float) -> tuple[bool, Any]:
-        thread.join(seconds)
-        if thread.is_alive():
-            return False, f"no answer within the {limit:g} s timeout"
-        if "error" in box:
-            return False, box["error"]
-        return True, box["result"]
-
-    return wait
+def _child(fn: Callable[[], Any], writer: Any) -> None:
+    try:
+        answer = ("ok", fn())
+    except BaseException as exc:  # noqa: BLE001  reported to the parent, which names the schedd
+        answer = ("error", f"{type(exc).__name__}: {exc}")
+    writer.send(answer)
+    writer.close()

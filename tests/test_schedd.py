@@ -20,6 +20,7 @@ from tests.helpers import example_config, run_dag, task_states, write_config, xc
 from tests.standins.condor import HELD, RUNNING, Pool
 
 ATTRS = ["DESIRED_Sites", "RequestCpus", "RequestGPUs", "RequestMemory"]
+REAL_SCHEDD = htcondor2.Schedd  # before any test installs the stand-in
 log = logging.getLogger("test")
 OLD = time.time() - 3600
 
@@ -169,3 +170,37 @@ def test_frontend_dag_reads_demand_from_standin_schedds(pool, tmp_path, monkeypa
     assert request["entries"]["aws-us-west-2"]["idle"] == 2
     assert request["demand"] == {"groups": 3, "idle": 54, "running": 5, "idle_unmatched": 0}
     assert request["start_expr"] == "TARGET.RequestCpus <= MY.Cpus"
+
+
+def test_timeout_holds_with_the_real_bindings_against_a_silent_schedd(pool, monkeypatch):
+    """The real htcondor2.Schedd against a socket that accepts and never answers: the query blocks
+    (HTCondor's own timeout is 20 s) without holding the GIL, and the frontend's timeout holds."""
+    import socket
+    import threading
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+    held = []
+
+    def accept_and_say_nothing():
+        while True:
+            try:
+                held.append(srv.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=accept_and_say_nothing, daemon=True).start()
+    good = pool.add_schedd("good")
+    fill(good)
+    pool.add_schedd("silent", address=f"<127.0.0.1:{srv.getsockname()[1]}>")
+    stand_in = htcondor2.Schedd
+    monkeypatch.setattr(htcondor2, "Schedd", lambda location: (
+        REAL_SCHEDD(location) if location["Name"] == "silent" else stand_in(location)))
+    start = time.monotonic()
+    groups, missing = demand.collect(source(timeout=1), ATTRS, HTCondorHook(collector=pool.address), log)
+    assert time.monotonic() - start < 5
+    assert [m["schedd"] for m in missing] == ["silent"] and "timeout" in missing[0]["error"]
+    assert held, "the real bindings did connect to the silent schedd"
+    assert counts(groups)[("AWS_US_EAST_1", 1)] == (30, 0, 30)
+    srv.close()

@@ -87,10 +87,10 @@ class HTCondorHook(BaseHook):
             keep = projection + ["JobCount"]
             return {"mode": "groupby", "ads": [ad_to_dict(a, keep) for a in ads], "old": [ad_to_dict(a, keep) for a in old]}
         except htcondor2.HTCondorException as exc:
-            log.info("Schedd %s refused a GroupBy query (%s); asking for job ads", schedd, exc)
+            note = f"GroupBy refused ({exc}); grouped here"  # no logging: this may run in a forked child
         projection = sorted(set(projection) | {"QDate"})
         ads = sd.query(constraint=constraint, projection=projection)
-        return {"mode": "jobs", "ads": [ad_to_dict(a, projection) for a in ads]}
+        return {"mode": "jobs", "ads": [ad_to_dict(a, projection) for a in ads], "note": note}
 
     def query_startds(self, constraint: str, projection: list[str]) -> list[dict[str, Any]]:
         ads = self.collector.query(htcondor2.AdType.Startd, constraint=constraint, projection=projection)

@@ -22,13 +22,21 @@ What it covers:
   HTCondorException, as the bindings do) or ``hang`` (blocks until the pool
   is closed, as an unresponsive daemon does), or refuse GroupBy queries (an
   old schedd).
+
+The frontend queries schedds from forked children (see demand.collect): a
+child sees the pool as it was at the fork, and its queries are recorded in a
+file (``ScheddState.queries``) so that tests can read what was asked.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
+import shutil
+import tempfile
 import threading
 import time
+from pathlib import Path
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -103,11 +111,19 @@ class ScheddState(_Faulty):
         self.significant = list(significant or DEFAULT_SIGNIFICANT)
         self.jobs: dict[tuple[int, int], classad2.ClassAd] = {}
         self.submits: list[dict[str, Any]] = []  # {"cluster", "count", "description": htcondor2.Submit}
-        self.queries: list[dict[str, Any]] = []  # what was asked: constraint, projection, opts
+        # What was asked, one JSON line per query, in a file: the frontend queries from forked children.
+        self._query_log = Path(pool.dir) / f"{name}.queries.jsonl"
         self.groupby = True  # False: an old schedd that refuses GroupBy / AutoCluster queries
         self.keep_removed = False  # True: removed jobs stay in the queue (status 3) until released by a test
         self._clusters = itertools.count(1)
         self._lock = threading.Lock()
+
+    @property
+    def queries(self) -> list[dict[str, Any]]:
+        """The queries this schedd answered: {"constraint", "projection", "opts"}, oldest first."""
+        if not self._query_log.exists():
+            return []
+        return [json.loads(line) for line in self._query_log.read_text().splitlines()]
 
     # -- filling the queue from tests
     def add_jobs(self, attrs: Mapping[str, Any], count: int = 1, status: int = IDLE, qdate: float | None = None) -> int:
@@ -137,7 +153,8 @@ class ScheddState(_Faulty):
     def query(self, constraint: Any = "True", projection: list[str] = [], callback: Any = None, limit: int = -1,
               opts: htcondor2.QueryOpt = htcondor2.QueryOpt.Default) -> list:
         self._enter(f"Failed to query schedd {self.name}")
-        self.queries.append({"constraint": str(constraint), "projection": list(projection), "opts": opts})
+        with open(self._query_log, "a") as fh:
+            fh.write(json.dumps({"constraint": str(constraint), "projection": list(projection), "opts": int(opts)}) + "\n")
         selected = _select(list(self.jobs.values()), constraint)
         if opts & (htcondor2.QueryOpt.GroupBy | htcondor2.QueryOpt.AutoCluster):
             if not self.groupby:
@@ -264,9 +281,13 @@ class Pool:
         self.startds: list[classad2.ClassAd] = []
         self.collector = CollectorState(self)
         self.closed = threading.Event()
+        self.dir = tempfile.mkdtemp(prefix="condor-standin-")
 
-    def add_schedd(self, name: str, significant: list[str] | None = None) -> ScheddState:
+    def add_schedd(self, name: str, significant: list[str] | None = None, address: str | None = None) -> ScheddState:
+        """A schedd; ``address`` points its location ad elsewhere (e.g. at a socket the real bindings reach)."""
         self.schedds[name] = ScheddState(self, name, significant)
+        if address:
+            self.schedds[name].address = address
         return self.schedds[name]
 
     def add_startd(self, attrs: Mapping[str, Any]) -> classad2.ClassAd:
@@ -287,10 +308,12 @@ class Pool:
         """Release every hung call and forget the pool."""
         self.closed.set()
         _POOLS.pop(self.address, None)
+        shutil.rmtree(self.dir, ignore_errors=True)
 
     def location(self, sd: ScheddState) -> classad2.ClassAd:
         return classad2.ClassAd({"MyType": "Scheduler", "Name": sd.name, "MyAddress": sd.address,
-                                 "CondorVersion": "$CondorVersion: 25.0.0 (stand-in) $", "CollectorHost": self.address})
+                                 "CondorVersion": "$CondorVersion: 25.0.0 Jan 01 2025 $",
+                                 "CondorPlatform": "$CondorPlatform: X86_64-Ubuntu_22.04 $", "CollectorHost": self.address})
 
 
 def _pool(address: Any) -> Pool:
