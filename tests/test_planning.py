@@ -238,3 +238,13 @@ def test_factory_request_without_max_running():
     cfg = config([entry("A", max_pilots=50, max_idle=30, max_per_cycle=100)])
     req = {"entries": {"A": {"idle": 4, "provision": "k", "pilot": "k"}}}
     assert launched(provisioning.plan_launches(cfg, {"fe": req}, [], "k")) == {("A", "fe"): 4}
+
+
+def test_factory_max_per_cycle_binds_and_batches():
+    cfg = config([entry("A", max_pilots=100, max_idle=100, max_per_cycle=7, batch_size=3)], frontends=["cms", "atlas"])
+    work = provisioning.plan_launches(cfg, {"cms": request({"A": 10}), "atlas": request({"A": 4})}, [], "k")
+    # 14 wanted, 7 per cycle: split 10:4 -> 5 and 2; batches of at most 3 per launch id
+    assert launched(work) == {("A", "cms"): 5, ("A", "atlas"): 2}
+    assert work[0]["why"]["bound_by"] == "entry.max_per_cycle"
+    assert sorted((b["frontend"], b["count"]) for b in work[0]["launches"]) == [("atlas", 2), ("cms", 2), ("cms", 3)]
+    assert len({b["launch_id"] for b in work[0]["launches"]}) == 3
