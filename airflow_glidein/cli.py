@@ -1,4 +1,4 @@
-"""``python -m airflow_glidein``: check a configuration, plan from a queue file."""
+"""``python -m airflow_glidein``: check a configuration, plan from a queue file, run the bootstrap service."""
 
 from __future__ import annotations
 
@@ -82,6 +82,44 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve_bootstrap(args: argparse.Namespace) -> int:
+    """The bootstrap service on its own (pilot routes only; the log viewer lives in the Airflow UI)."""
+    import uvicorn
+
+    from airflow_glidein.bootstrap.app import create_app
+
+    from airflow_glidein.config import config_path
+
+    try:
+        path = args.config or config_path()
+        load_config(path)
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    app = create_app(ui=False, config_file=path)
+    print(f"glidein bootstrap service on http://{args.host}:{args.port}{args.prefix} (config {path})", flush=True)
+    if args.prefix:
+        from fastapi import FastAPI
+
+        root = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+        root.mount(args.prefix, app)
+        app = root
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0
+
+
+def cmd_pubkey(args: argparse.Namespace) -> int:
+    """The envelope signing key's public half, to bake into VM images, and its fingerprint to pin."""
+    from airflow_glidein import userdata
+    from airflow_glidein.bootstrap import keys
+    from airflow_glidein.state import store
+
+    pem = keys.public_pem(store())
+    sys.stdout.write(pem)
+    print(f"# sha256 fingerprint (GLIDEIN_PUBKEY_SHA256): {userdata.fingerprint(pem)}", file=sys.stderr)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m airflow_glidein", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -94,6 +132,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--frontend", help="only this frontend")
     p.add_argument("--json", action="store_true", help="print the requests as JSON")
     p.set_defaults(func=cmd_plan)
+    p = sub.add_parser("serve-bootstrap", help="run the bootstrap service on its own (without the Airflow API server)")
+    p.add_argument("config", nargs="?", default=None, help="configuration file (default: [glidein] config_file)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8081)
+    p.add_argument("--prefix", default="/glidein", help="URL prefix, as in the factory's bootstrap_url (default /glidein)")
+    p.set_defaults(func=cmd_serve_bootstrap)
+    p = sub.add_parser("pubkey", help="print the envelope signing key's public PEM (bake it into the VM image)")
+    p.set_defaults(func=cmd_pubkey)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     return args.func(args)

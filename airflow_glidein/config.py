@@ -42,6 +42,8 @@ AUTH_METHODS = {
     "scitoken": {"scitoken"},
     "ssh_key": {"ssh_key"},
 }
+# What a pilot can authenticate to the pool with.
+PILOT_TYPES = ("idtoken", "scitoken", "x509_proxy")
 # Parameters, not secrets (glideinWMS: key_pair+vm_id+vm_type).
 AUTH_PARAMETERS = {"vm_id", "vm_type"}
 
@@ -209,6 +211,15 @@ class Credential(Model):
     conn_id: str = Field(min_length=1)
     trust_domain: Name
     purpose: Literal["provision", "pilot"]
+    # s of lifetime the credential must have left to be chosen; None: the pilot's max_lifetime
+    # (the factory lists and terminates, and the pilot authenticates, until the pilot retires)
+    min_lifetime: NonNeg | None = None
+
+    @model_validator(mode="after")
+    def _pilot_kind(self) -> Credential:
+        if self.purpose == "pilot" and self.type not in PILOT_TYPES:
+            raise ValueError(f"a {self.type} cannot join a pool; a pilot credential is one of {', '.join(PILOT_TYPES)}")
+        return self
 
     @property
     def auth_methods(self) -> set[str]:
@@ -230,6 +241,8 @@ class Factory(Model):
     limits: GlobalLimits = GlobalLimits()
     retries: NonNeg = 3  # Airflow task retries of the glidein DAGs
     retry_delay: NonNeg = 20  # s between them
+    verify_timeout: Pos = 120  # s the factory waits for terminated pilots to disappear
+    verify_poll: Pos = 15  # s between those checks (each lists the entry: API budget)
 
 
 class Config(Model):
@@ -275,7 +288,10 @@ class Config(Model):
         raise KeyError(f"no frontend {name!r} in the configuration")
 
     def credential(self, cid: str) -> Credential:
-        return next(c for c in self.credentials if c.id == cid)
+        for c in self.credentials:
+            if c.id == cid:
+                return c
+        raise KeyError(f"no credential {cid!r} in the configuration")
 
     def policy_for(self, entry: Entry, frontend: str | None) -> PilotPolicy:
         """The entry's pilot policy with the frontend's overrides applied."""

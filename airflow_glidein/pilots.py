@@ -28,7 +28,8 @@ ORPHAN = "orphan"
 STATES = (REQUESTED, BOOTING, IDLE, BUSY, RETIRING, TERMINATING, TERMINATED,
           BOOT_FAILED, LOST, STOPPED, STUCK, ORPHAN)
 CAPACITY = (REQUESTED, BOOTING, IDLE)  # what the factory subtracts from a requested level
-LIVE = tuple(s for s in STATES if s != TERMINATED)  # holds quota at the provider
+ACTIVE = CAPACITY + (BUSY, RETIRING)  # what counts against a frontend's max running
+LIVE = tuple(s for s in STATES if s != TERMINATED)  # holds quota at the provider (entry/factory limits)
 
 # Provider states, as every hook normalises them
 P_PENDING, P_RUNNING, P_STOPPING, P_STOPPED = "pending", "running", "stopping", "stopped"
@@ -74,32 +75,6 @@ class Pilot:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Pilot:
         return cls(**d)
-
-
-def observe(
-    inst: ProviderInstance,
-    entry: str,
-    known_frontends: Iterable[str],
-    startd: Mapping[str, Any] | None = None,
-) -> Pilot:
-    """The pilot's state from the provider's listing and its startd ad (if any)."""
-    frontend = inst.tags.get(TAG_FRONTEND)
-    if inst.state == P_TERMINATED:
-        state = TERMINATED
-    elif inst.state == P_TERMINATING:
-        state = TERMINATING
-    elif inst.state in (P_STOPPING, P_STOPPED):
-        state = STOPPED
-    elif inst.state == P_ERROR:
-        state = BOOT_FAILED
-    elif frontend not in set(known_frontends):
-        state = ORPHAN
-    elif startd is not None:
-        activity = str(startd.get("State", ""))
-        state = BUSY if activity == "Claimed" else RETIRING if activity in ("Drained", "Preempting") else IDLE
-    else:
-        state = BOOTING
-    return Pilot(inst.id, entry, frontend, inst.launch_id, state, inst.launched, inst.state, inst.detail)
 
 
 def counts(pilots: Iterable[Pilot]) -> dict[str, dict[str, dict[str, int]]]:

@@ -1,4 +1,4 @@
-"""The factory's decisions, as pure functions: what to launch, what to reap.
+"""The factory's launch decisions, as pure functions (reaping: lifecycle.py).
 
 Requests are levels: the factory launches the requested idle level minus the
 pilots that already boot or idle, within each frontend's max_running, then
@@ -12,9 +12,9 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Iterable, Mapping
-from datetime import datetime
 from typing import Any
 
+from airflow_glidein import credentials
 from airflow_glidein import pilots as P
 from airflow_glidein.config import Config
 from airflow_glidein.planning import apportion
@@ -93,13 +93,17 @@ def plan_launches(
         why: dict[str, Any] = {"frontends": {}}
         deficits = {}
         for f, ask in asks.items():
+            if refused := credentials.refuse_ask(config, entry, ask):
+                deficits[f] = 0
+                why["frontends"][f] = {"level": ask["idle"], "refused": refused}
+                continue
             mine = [p for p in here if p.frontend == f]
             capacity = sum(p.state in P.CAPACITY for p in mine)
-            live = sum(p.state in P.LIVE for p in mine)
+            active = sum(p.state in P.ACTIVE for p in mine)
             cap = ask.get("max_running")  # a request without one (a burst) is not capped here
-            deficit = max(0, min(int(ask["idle"]) - capacity, (int(cap) - live) if cap is not None else math.inf))
+            deficit = max(0, min(int(ask["idle"]) - capacity, (int(cap) - active) if cap is not None else math.inf))
             deficits[f] = deficit
-            why["frontends"][f] = {"level": ask["idle"], "capacity": capacity, "live": live,
+            why["frontends"][f] = {"level": ask["idle"], "capacity": capacity, "active": active,
                                    "max_running": ask.get("max_running"), "deficit": deficit}
         lim = entry.limits
         live_e = sum(p.state in P.LIVE for p in here)
@@ -132,7 +136,7 @@ def plan_launches(
                     "request": str(request.get("cycle", "")),
                     "provision": ask.get("provision"),
                     "pilot": ask.get("pilot"),
-                    "image": ask.get("image") or entry.image,
+                    "image": credentials.image_for(entry, ask),
                     "start_expr": request.get("start_expr", "true"),
                     "policy": (request.get("policy") or {}).get(entry.name) or config.policy_for(entry, f).model_dump(),
                 })
@@ -142,30 +146,3 @@ def plan_launches(
 
 def _not_capacity(p: P.Pilot) -> P.Pilot:
     return P.Pilot(**{**p.to_dict(), "state": P.RETIRING})
-
-
-def reap(config: Config, pilots: Iterable[P.Pilot], now: float) -> list[dict[str, str]]:
-    """Pilots to terminate now, each with its reason."""
-    out = []
-    entries = {e.name: e for e in config.entries}
-    for p in pilots:
-        if p.state in (P.TERMINATED, P.TERMINATING):
-            continue
-        entry = entries.get(p.entry)
-        if entry is None:
-            continue  # never an automatic removal of what we do not know (glideinWMS #282)
-        age = now - p.launched
-        policy = config.policy_for(entry, p.frontend)
-        if age > policy.max_lifetime:
-            out.append({"id": p.id, "entry": p.entry, "reason": f"past max_lifetime ({int(age)} s > {policy.max_lifetime} s)"})
-        elif p.state == P.STOPPED:
-            out.append({"id": p.id, "entry": p.entry, "reason": "stopped, still holding quota"})
-    return out
-
-
-def epoch(ts: datetime | float | str) -> float:
-    if isinstance(ts, (int, float)):
-        return float(ts)
-    if isinstance(ts, str):
-        ts = datetime.fromisoformat(ts)
-    return ts.timestamp()

@@ -21,6 +21,7 @@ from airflow_glidein.operators import (
     ReapPilotsOperator,
     SubmitPilotsOperator,
 )
+from airflow_glidein.sensors import PilotsTerminatedSensor
 
 DOC = """
 ### Glidein factory `{name}`
@@ -28,13 +29,19 @@ DOC = """
 The only DAG that talks to resource providers. Each run:
 
 1. `collect_requests` - the newest unexpired request of every frontend (`glidein_requests` events);
-2. `inventory` - our instances at every entry, listed by tag, joined with the collector's startd ads;
-3. `plan_cycle` - what to terminate (past lifetime, stopped VMs) and, per entry, what to launch:
-   requested level minus pilots already booting or idle, within each frontend's max running,
-   the entry's limits (across all frontends) and the factory totals;
+2. `inventory` - our instances at every entry, listed by tag, joined with the collector's startd
+   ads into the pilot table (booting, idle, busy, retiring, terminating, boot_failed, lost,
+   stopped, stuck, orphan);
+3. `plan_cycle` - the reaping policy (boot/idle timeouts, lifetime with retire window, orphans,
+   lost, stopped, scale-down of idle pilots) and, per entry, what to launch: requested level minus
+   pilots already booting or idle, within each frontend's max running, the entry's limits (across
+   all frontends), the factory totals and the entry's backoff;
 4. `submit_pilots` - mapped per entry; idempotent per launch id, so a retry starts no duplicate;
-5. `reap_pilots` - carries out the terminations;
-6. `report` - publishes pilot counts on `glidein_status` (the frontends read it) and prints them.
+5. `reap_pilots` - carries out the reaping: terminate, force-terminate (escalation), retire (drain);
+6. `verify_terminations` - a deferrable sensor: waits until terminated pilots are gone at their
+   providers; those still present are terminated again next cycle, then forced, then reported stuck;
+7. `report` - publishes pilot counts, backoff and stuck pilots on `glidein_status` (the frontends
+   read it) and prints the cycle's summary.
 
 Entries: {entries}.
 """
@@ -62,12 +69,14 @@ with DAG(
     _plan = PlanCycleOperator(
         task_id="plan_cycle", requests=_requests.output, inventory=_inventory.output, config_file=CONFIG
     )
+    _actions = XComArg(_plan, key="actions")
     _submit = SubmitPilotsOperator.partial(task_id="submit_pilots", config_file=CONFIG).expand(work=_plan.output)
-    _reap = ReapPilotsOperator(
-        task_id="reap_pilots", terminations=XComArg(_plan, key="terminations"), inventory=_inventory.output,
-        config_file=CONFIG,
+    _reap = ReapPilotsOperator(task_id="reap_pilots", actions=_actions, config_file=CONFIG)
+    _reap >> PilotsTerminatedSensor(
+        task_id="verify_terminations", targets=_reap.output, config_file=CONFIG,
+        timeout=_cfg.factory.verify_timeout, poll_interval=_cfg.factory.verify_poll, retries=0,
     )
     FactoryReportOperator(
-        task_id="report", inventory=_inventory.output, submitted=_submit.output, reaped=_reap.output,
+        task_id="report", inventory=_inventory.output, submitted=_submit.output, actions=_actions,
         config_file=CONFIG, trigger_rule="all_done",
     )

@@ -10,6 +10,7 @@ not observed).
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
@@ -59,7 +60,11 @@ def main() -> int:
         "conn_type": "aws", "login": "demo-access-key", "password": "demo-secret-key",
         "extra": {"endpoint_url": endpoint, "region_name": "us-east-1"},
     })
-    os.environ["AIRFLOW_CONN_GLIDEIN_CMS_POOL_TOKEN"] = json.dumps({"conn_type": "generic", "password": "demo-idtoken"})
+    # An IDTOKEN is a JWT; this one is shaped like one (unsigned, no exp) so selection can read it.
+    claims = base64.urlsafe_b64encode(b'{"iss": "demo-pool", "sub": "pilot@demo-pool"}').decode().rstrip("=")
+    os.environ["AIRFLOW_CONN_GLIDEIN_CMS_POOL_TOKEN"] = json.dumps({
+        "conn_type": "glidein_token", "password": f"eyJhbGciOiJIUzI1NiJ9.{claims}.demo-signature",
+    })
 
     print("airflow-glidein demo")
     print(f"  EC2 is moto's emulator on {endpoint} (nothing real is launched or billed).")
@@ -71,6 +76,7 @@ def main() -> int:
         from airflow.dag_processing.dagbag import DagBag
         from airflow.utils.db import initdb
 
+        from airflow_glidein import lifecycle as L
         from airflow_glidein import pilots as P
         from airflow_glidein import report
         from airflow_glidein.config import get_config
@@ -100,7 +106,10 @@ def main() -> int:
         rows = []
         for entry in cfg.entries:
             listed = pilot_hook(entry, cfg.factory.name, "glidein_aws_demo").list_pilots()
-            pilots = [P.observe(inst, entry.name, frontends) for inst in listed]
+            # No collector: what the provider lists is all we know of each pilot.
+            pilots = [P.Pilot(i.id, entry.name, i.tags.get(P.TAG_FRONTEND), i.launch_id,
+                              L.transition(L.Memory(), L.Observation(i.state, i.launched, True, collector=False),
+                                           0, 0)[0], i.launched, i.state) for i in listed]
             for fe in frontends:
                 mine = [p for p in pilots if p.frontend == fe]
                 states = ", ".join(f"{n} {s}" for s, n in sorted(Counter(p.state for p in mine).items())) or "-"

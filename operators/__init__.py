@@ -1,13 +1,7 @@
 """Airflow operators of airflow-glidein (installed as airflow_glidein.operators)."""
 
-from airflow_glidein.operators.factory import (
-    CollectRequestsOperator,
-    FactoryReportOperator,
-    InventoryOperator,
-    PlanCycleOperator,
-    ReapPilotsOperator,
-    SubmitPilotsOperator,
-)
+from airflow_glidein.operators.factory import CollectRequestsOperator, PlanCycleOperator, SubmitPilotsOperator
+from airflow_glidein.operators.lifecycle import FactoryReportOperator, InventoryOperator, ReapPilotsOperator
 from airflow_glidein.operators.frontend import (
     PlanPilotsOperator,
     PublishRequestOperator,

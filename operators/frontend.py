@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from airflow_glidein import credentials as creds
-from airflow_glidein import demand, planning, report
+from airflow_glidein import demand, material, planning, report, secrets, state
 from airflow_glidein.assets import GLIDEIN_REQUESTS, GLIDEIN_STATUS
 from airflow_glidein.hooks.htcondor import HTCondorHook
 from airflow_glidein.operators.base import GlideinBaseOperator
@@ -51,7 +51,14 @@ class QueryDemandOperator(GlideinBaseOperator):
 
 
 class SelectCredentialsOperator(GlideinBaseOperator):
-    """Per entry of the frontend, the provisioning and pilot credential ids to use (ids only)."""
+    """Per entry of the frontend, the provisioning and pilot credential ids to use (ids only).
+
+    Reads every credential of the frontend from its Airflow connection (masking
+    its secrets), refuses the missing, malformed, expired and short-lived ones
+    with a warning naming each, and picks by trust domain, auth method and
+    remaining lifetime; ties rotate across cycles (the state store keeps the
+    position). An entry left without a credential is skipped with the reason.
+    """
 
     template_fields: Sequence[str] = ("frontend", "config_file")
 
@@ -60,11 +67,43 @@ class SelectCredentialsOperator(GlideinBaseOperator):
         self.frontend = frontend
 
     def execute(self, context: Context) -> dict[str, dict]:
-        choice = creds.select(self.config, self.frontend)
-        for entry, c in sorted(choice.items()):
+        cfg = self.config
+        fe = cfg.frontend(self.frontend)
+        validity = secrets.check(cfg, fe.credentials, self.now())
+        for cid, v in sorted(validity.items()):
+            cred = cfg.credential(cid)
+            if v.ok:
+                self.log.info("Credential %s (%s, trust domain %s, %s): %s",
+                              cid, cred.type, cred.trust_domain, cred.purpose, material.describe(v))
+            else:
+                self.log.warning("Credential %s (%s, connection %s) is skipped this cycle: %s",
+                                 cid, cred.type, cred.conn_id, v.reason)
+        cycle = context["run_id"]
+        last = self._rotation(lambda store: creds.load_rotation(store, fe.name)) or {}
+        choice = creds.select(cfg, fe.name, validity, last, cycle)
+        self._rotation(lambda store: creds.save_rotation(
+            store, fe.name, {e: c for e, c in choice.items() if "skip" not in c}, cycle))
+        for name in creds.ignored_vo_image(cfg, fe.name):
+            self.log.info("Frontend %s: entry %s does not allow a VO image; it keeps its own image %s, not %s",
+                          fe.name, name, cfg.entry(name).image, fe.vo_image)
+        for name, c in sorted(choice.items()):
             if "skip" in c:
-                self.log.warning("Frontend %s leaves entry %s out of this cycle: %s", self.frontend, entry, c["skip"])
+                self.log.warning("Frontend %s leaves entry %s out of this cycle: %s", fe.name, name, c["skip"])
+                continue
+            for cid, why in c.pop("refused", {}).items():
+                if validity[cid].ok:  # the unreadable ones were named above
+                    self.log.warning("Entry %s: credential %s passed over: %s", name, cid, why)
+            self.log.info("Entry %s: provision with %s, pilots join with %s%s", name, c["provision"], c["pilot"],
+                          f", VO image {c['image']}" if "image" in c else "")
         return choice
+
+    def _rotation(self, step: Any) -> Any:
+        """Run a step on the state store; without it, selection still works (no rotation)."""
+        try:
+            return step(state.store())
+        except Exception as exc:
+            self.log.warning("State store unavailable, credentials do not rotate this cycle: %s", exc)
+            return None
 
 
 class PlanPilotsOperator(GlideinBaseOperator):

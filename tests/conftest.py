@@ -6,6 +6,7 @@ of this module, which pytest loads first.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -28,7 +29,7 @@ os.environ.update({
 
 import pytest  # noqa: E402
 
-from tests.helpers import MotoEC2, migrate_db  # noqa: E402
+from tests.helpers import MotoEC2, jwt_token, migrate_db  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -45,14 +46,35 @@ def moto_server():
     server.stop()
 
 
+@pytest.fixture(autouse=True)
+def state_store(tmp_path, monkeypatch):
+    """Each test its own glidein state store (pilot table, backoff, tokens, budgets)."""
+    url = f"sqlite:///{tmp_path}/glidein_state.db"
+    monkeypatch.setenv("GLIDEIN_STATE_URL", url)
+    return url
+
+
 @pytest.fixture
 def ec2(moto_server, monkeypatch):
     """A clean moto EC2 and the Airflow connections that point at it."""
     moto_server.reset()
     for conn_id in ("glidein_aws_demo", "glidein_aws_test", "glidein_aws_other"):
         monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", moto_server.connection_json())
-    monkeypatch.setenv("AIRFLOW_CONN_GLIDEIN_CMS_POOL_TOKEN", '{"conn_type": "generic", "password": "pool-token-value"}')
+    # an IDTOKEN-shaped JWT without exp, whose signature part is the string the tests look for
+    token = jwt_token({"iss": "cm.example.org", "sub": "pilot@cm.example.org"}, signature="pool-token-value")
+    monkeypatch.setenv("AIRFLOW_CONN_GLIDEIN_CMS_POOL_TOKEN", json.dumps({"conn_type": "generic", "password": token}))
     return moto_server
+
+
+@pytest.fixture(scope="session")
+def bootstrap_server(airflow_db):
+    """The real bootstrap service: Airflow's API server app (our plugin at /glidein) on 127.0.0.1."""
+    from tests.pilot_helpers import BootstrapServer
+
+    server = BootstrapServer()
+    server.start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture(autouse=True)

@@ -118,14 +118,14 @@ def run_dag(dag_id: str):
     return dag.test()
 
 
-def xcom(dagrun, task_id: str, map_index: int | None = -1) -> Any:
+def xcom(dagrun, task_id: str, map_index: int | None = -1, key: str = "return_value") -> Any:
     """A task's return value from the metadata DB (tests only; tasks never read it)."""
     from airflow.models.xcom import XComModel
     from airflow.utils.session import create_session
 
     with create_session() as session:
         rows = session.scalars(XComModel.get_many(
-            run_id=dagrun.run_id, dag_ids=dagrun.dag_id, task_ids=task_id, key="return_value",
+            run_id=dagrun.run_id, dag_ids=dagrun.dag_id, task_ids=task_id, key=key,
             map_indexes=map_index,
         )).all()
         values = [XComModel.deserialize_value(r) for r in rows]
@@ -142,5 +142,56 @@ def task_states(dagrun) -> dict[str, str]:
         return {(ti.task_id if ti.map_index < 0 else f"{ti.task_id}[{ti.map_index}]"): str(ti.state) for ti in tis}
 
 
+def jwt_token(claims: dict[str, Any], signature: str = "c2lnbmF0dXJlLW5vdC1jaGVja2Vk") -> str:
+    """A JWT with these claims (HS256 header; the signature is opaque: we never verify it)."""
+    import base64
+
+    def part(obj: dict) -> str:
+        return base64.urlsafe_b64encode(json.dumps(obj).encode()).decode().rstrip("=")
+
+    return f"{part({'alg': 'HS256', 'typ': 'JWT'})}.{part(claims)}.{signature}"
+
+
 def env_config(path: Path | str) -> None:
     os.environ["AIRFLOW__GLIDEIN__CONFIG_FILE"] = str(path)
+
+
+def resume_run(dag_id: str, run_id: str):
+    """Carry on an existing DAG run the way the scheduler would (dag.test's loop, on a run it did not create).
+
+    Used after a task process was SIGKILLed: the test marks the vanished task
+    up_for_retry (the scheduler's zombie handling), then this runs what is
+    schedulable until the run ends.
+    """
+    import time
+
+    from airflow.dag_processing.dagbag import DagBag
+    from airflow.models.dagrun import DagRun
+    from airflow.sdk.definitions.dag import _run_task
+    from airflow.serialization.serialized_objects import DagSerialization
+    from airflow.utils.session import create_session
+    from airflow.utils.state import DagRunState, TaskInstanceState
+
+    dag = DagBag(dag_folder=str(DAGS)).get_dag(dag_id)
+    scheduler_dag = DagSerialization.deserialize_dag(DagSerialization.serialize_dag(dag))
+    with create_session() as session:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            session.expire_all()
+            dr = session.query(DagRun).filter(DagRun.dag_id == dag_id, DagRun.run_id == run_id).one()
+            if dr.state != DagRunState.RUNNING:
+                break
+            dr.dag = scheduler_dag
+            schedulable, _ = dr.update_state(session=session)
+            for ti in schedulable:
+                if ti.state != TaskInstanceState.UP_FOR_RESCHEDULE:
+                    ti.try_number += 1
+                ti.state = TaskInstanceState.SCHEDULED
+            session.commit()
+            ready = [ti for ti in dr.get_task_instances(session=session) if ti.state == TaskInstanceState.SCHEDULED]
+            if not ready:
+                time.sleep(0.2)
+            for ti in ready:
+                _run_task(ti=ti, task=dag.task_dict[ti.task_id], run_triggerer=True)
+        session.expire_all()
+        return session.query(DagRun).filter(DagRun.dag_id == dag_id, DagRun.run_id == run_id).one()

@@ -72,8 +72,9 @@ def test_second_factory_run_on_same_request_launches_nothing(ec2, tmp_path, monk
     assert after == first
     assert xcom(again, "plan_cycle") == []
     # the inventory of the second run saw the first run's pilots as capacity
-    inv = xcom(again, "inventory")
-    assert Counter(p["state"] for p in inv["pilots"]) == {"booting": 15}
+    counts = xcom(again, "inventory")["counts"]
+    assert counts == {"aws-us-east-1": {"cms": {"booting": 10, "total": 10}},
+                      "aws-us-west-2": {"cms": {"booting": 5, "total": 5}}}
 
 
 def test_submit_failing_after_the_api_call_is_retried_without_duplicates(ec2, tmp_path, monkeypatch):
@@ -152,9 +153,11 @@ def test_factory_reaps_pilots_past_max_lifetime_only(ec2, tmp_path, monkeypatch)
     ec2.age(old, 7200)
     fa = run_dag("glidein_factory")
     assert str(fa.state) == "success", task_states(fa)
-    reaped = xcom(fa, "reap_pilots")
-    assert {d["id"] for d in reaped} == old
-    assert all("past max_lifetime" in d["reason"] for d in reaped)
+    actions = xcom(fa, "plan_cycle", key="actions")
+    assert {a["id"] for a in actions} == old
+    assert all(a["action"] == "terminate" and "past max_lifetime" in a["reason"] for a in actions)
+    assert xcom(fa, "reap_pilots") == [{"entry": "aws-us-east-1", "conn": "glidein_aws_demo", "ids": sorted(old)}]
+    assert task_states(fa)["verify_terminations"] == "success"
     assert {i["InstanceId"] for i in ec2.instances()} >= young
     assert not ({i["InstanceId"] for i in ec2.instances()} & old)
 
@@ -176,4 +179,6 @@ def test_one_entry_failing_does_not_stop_the_others(ec2, tmp_path, monkeypatch):
     states = task_states(fa)
     assert sorted(v for k, v in states.items() if k.startswith("submit_pilots")) == ["failed", "success"]
     assert states["report"] == "success" and states["reap_pilots"] == "success"
+    # the failing entry is backed off, and the report says so
+    assert "aws-us-west-2" in xcom(fa, "report")["backoff"]
     assert len(ec2.instances("us-east-1")) == 10 and ec2.instances("us-west-2") == []

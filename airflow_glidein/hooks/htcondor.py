@@ -96,9 +96,15 @@ class HTCondorHook(BaseHook):
         ads = self.collector.query(htcondor2.AdType.Startd, constraint=constraint, projection=projection)
         return [ad_to_dict(ad, projection) for ad in ads]
 
+    def retire_startd(self, name: str) -> None:
+        """Peaceful shutdown of one startd: its running jobs finish, then the pilot exits and powers off."""
+        location = self.collector.locate(htcondor2.DaemonType.Startd, name)
+        htcondor2.send_command(location, htcondor2.DaemonCommand.OffPeaceful)
+
     def test_connection(self) -> tuple[bool, str]:
         try:
             n = len(self.collector.query(htcondor2.AdType.Collector, projection=["Name"]))
             return True, f"collector answered ({n} collector ads)"
         except Exception as exc:
             return False, str(exc)
+

@@ -1,0 +1,196 @@
+"""The pilot lifecycle as pure functions: state transitions and the reaping policy.
+
+A pilot's state is a function of (what we remembered, what the provider
+lists, what the collector says, the time). Memory holds only what neither
+the provider nor the collector can tell again: that a pilot once registered
+(so its vanished startd means *lost*, not *booting*), when we asked it to
+retire, and our termination attempts (so a VM that will not go is escalated
+and reported *stuck*, never silently dropped or counted as capacity).
+
+Termination ladder: terminate; after ``TERMINATE_DEADLINE`` terminate again;
+after another, the middleware's force variant (force-delete, terminate-hard);
+still there: *stuck*, forced again every cycle and reported.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+from airflow_glidein import pilots as P
+from airflow_glidein.config import Config
+
+TERMINATE_DEADLINE = 300  # s a provider gets to make a terminated VM disappear
+FORCE_AFTER = 2  # attempts before the force variant is used
+LOST_GRACE = 600  # s a vanished startd may stay away before its VM is terminated
+SCALE_DOWN_GRACE = 300  # s a registered pilot must idle before scale-down may take it
+
+
+@dataclass(frozen=True)
+class Memory:
+    """What the factory remembers of a pilot between cycles (state store)."""
+
+    first_registered: float | None = None
+    last_registered: float | None = None
+    retire_requested: float | None = None
+    terminate_requested: float | None = None
+    terminate_attempts: int = 0
+    terminate_reason: str = ""
+    stuck_since: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> Memory:
+        return cls(**{k: v for k, v in (d or {}).items() if k in cls.__dataclass_fields__})
+
+
+@dataclass(frozen=True)
+class Observation:
+    """One pilot as seen this cycle."""
+
+    provider_state: str | None  # a P.P_* state, or None: not in the provider's listing
+    launched: float
+    known: bool  # tagged with a configured frontend and entry
+    startd: Mapping[str, Any] | None = None  # its startd ad, if the collector has one
+    collector: bool = True  # False: no collector configured, registration cannot be seen
+
+
+def transition(mem: Memory, obs: Observation, now: float, boot_timeout: float) -> tuple[str, Memory]:
+    """The pilot's state now, and the updated memory."""
+    if obs.startd is not None:
+        mem = replace(mem, first_registered=mem.first_registered or now, last_registered=now)
+    ps = obs.provider_state
+    if ps is None or ps == P.P_TERMINATED:
+        return P.TERMINATED, mem
+    if mem.terminate_requested is not None:
+        if mem.stuck_since is not None or (
+            mem.terminate_attempts > FORCE_AFTER and now - mem.terminate_requested > TERMINATE_DEADLINE
+        ):
+            return P.STUCK, replace(mem, stuck_since=mem.stuck_since or now)
+        return P.TERMINATING, mem
+    if ps == P.P_TERMINATING:
+        return P.TERMINATING, mem
+    if ps in (P.P_STOPPING, P.P_STOPPED):
+        return P.STOPPED, mem
+    if ps == P.P_ERROR:
+        return P.BOOT_FAILED, mem
+    if not obs.known:
+        return P.ORPHAN, mem
+    if obs.startd is not None:
+        activity = str(obs.startd.get("State", ""))
+        if mem.retire_requested is not None or activity in ("Drained", "Preempting"):
+            return P.RETIRING, mem
+        return (P.BUSY if activity == "Claimed" else P.IDLE), mem
+    if not obs.collector:
+        return P.BOOTING, mem
+    if mem.first_registered is not None:
+        return P.LOST, mem
+    if now - obs.launched > boot_timeout:
+        return P.BOOT_FAILED, mem
+    return P.BOOTING, mem
+
+
+@dataclass(frozen=True)
+class Action:
+    id: str
+    entry: str
+    action: str  # "terminate" | "force_terminate" | "retire"
+    reason: str
+
+    def to_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+
+def _idle_for(startd: Mapping[str, Any] | None, now: float) -> float:
+    if not startd or startd.get("State") != "Unclaimed":
+        return 0.0
+    since = startd.get("EnteredCurrentState")
+    return now - float(since) if isinstance(since, (int, float)) else 0.0
+
+
+def reap(
+    config: Config,
+    pilots: Iterable[Mapping[str, Any]],
+    levels: Mapping[tuple[str, str], int],
+    now: float,
+) -> list[Action]:
+    """What to do with each pilot this cycle.
+
+    ``pilots`` are rows with id, entry, frontend, state, launched, startd (or
+    None) and memory; ``levels`` maps (entry, frontend) to the idle level the
+    frontend currently requests (absent: 0, no request means no demand).
+    Busy pilots are never taken for scale-down, only retired past their
+    lifetime; orphans are drained unless idle or past their lifetime
+    (never an automatic "remove everything", glideinWMS #282).
+    """
+    entries = {e.name: e for e in config.entries}
+    actions: list[Action] = []
+    idle_by_group: dict[tuple[str, str], list[tuple[float, str]]] = {}
+    for p in pilots:
+        pid, state, entry = p["id"], p["state"], entries.get(p["entry"])
+        mem = Memory.from_dict(p.get("memory"))
+        if entry is None or state == P.TERMINATED:
+            continue
+        policy = config.policy_for(entry, p.get("frontend"))
+        age = now - p["launched"]
+        startd = p.get("startd")
+
+        def act(kind: str, reason: str) -> None:
+            actions.append(Action(pid, entry.name, kind, reason))
+
+        if state in (P.TERMINATING, P.STUCK):
+            if mem.terminate_requested is None or now - mem.terminate_requested <= TERMINATE_DEADLINE:
+                continue  # give the provider its time
+            kind = "force_terminate" if mem.terminate_attempts >= FORCE_AFTER else "terminate"
+            act(kind, f"still present {int(now - mem.terminate_requested)} s after terminate attempt "
+                      f"{mem.terminate_attempts} ({mem.terminate_reason or 'reaped'})")
+        elif state == P.STOPPED:
+            act("terminate", "stopped at the provider, still holding quota")
+        elif state == P.BOOT_FAILED:
+            act("terminate", f"did not register within boot_timeout ({policy.boot_timeout} s)"
+                if p.get("provider_state") != P.P_ERROR else "provider reports an error")
+        elif state == P.LOST:
+            away = now - (mem.last_registered or now)
+            if away > LOST_GRACE:
+                act("terminate", f"startd gone from the collector for {int(away)} s, VM still running")
+        elif age > policy.max_lifetime:
+            if state in (P.BUSY, P.RETIRING) or (state == P.ORPHAN and startd and startd.get("State") == "Claimed"):
+                if mem.retire_requested is None:
+                    act("retire", f"past max_lifetime ({int(age)} s > {policy.max_lifetime} s); letting jobs finish")
+                elif now - mem.retire_requested > policy.retire_window:
+                    act("terminate", f"retire_window ({policy.retire_window} s) over after max_lifetime")
+            else:
+                act("terminate", f"past max_lifetime ({int(age)} s > {policy.max_lifetime} s)")
+        elif state == P.ORPHAN:
+            if startd is None:
+                if age > policy.boot_timeout:
+                    act("terminate", "orphan (unknown frontend or entry) never registered")
+            elif startd.get("State") == "Unclaimed":
+                act("terminate", "orphan (unknown frontend or entry), idle")
+            elif mem.retire_requested is None:
+                act("retire", "orphan (unknown frontend or entry), busy: draining")
+        elif state == P.IDLE:
+            idle = _idle_for(startd, now)
+            if idle > policy.idle_timeout:
+                act("terminate", f"idle for {int(idle)} s > idle_timeout ({policy.idle_timeout} s)")
+            elif idle > SCALE_DOWN_GRACE:
+                idle_by_group.setdefault((entry.name, p.get("frontend") or ""), []).append((idle, pid))
+    # Scale down: idle pilots beyond what the frontend asks for, longest idle first.
+    taken = {a.id for a in actions}
+    for (entry_name, fe), idle in idle_by_group.items():
+        excess = len(idle) - levels.get((entry_name, fe), 0)
+        for seconds, pid in sorted(idle, reverse=True)[: max(excess, 0)]:
+            if pid not in taken:
+                actions.append(Action(pid, entry_name, "terminate",
+                                      f"scale-down: idle {int(seconds)} s, demand at {entry_name} fell"))
+    return actions
+
+
+def backoff_until(failures: int, now: float, base: float = 60.0, cap: float = 3600.0) -> float:
+    """Exponential entry backoff, as Kubernetes cluster-autoscaler does for node groups."""
+    if failures <= 0:
+        return now
+    return now + min(cap, base * 2 ** (failures - 1))

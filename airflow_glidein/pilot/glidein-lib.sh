@@ -1,0 +1,98 @@
+# glidein-lib.sh: shell functions shared by glidein-wrapper.sh and the startup script.
+# POSIX sh; needs curl or wget (GNU wget 1.15+), base64 or openssl or python3, sha256sum or openssl or python3.
+# shellcheck shell=sh
+
+# glidein_log MESSAGE...: to stderr (the journal, the console) and to $GLIDEIN_LOG (uploaded with the logs).
+glidein_log() {
+    _line="$(date -u +%Y-%m-%dT%H:%M:%SZ) ${GLIDEIN_ME:-glidein}: $*"
+    printf '%s\n' "$_line" >&2
+    [ -n "${GLIDEIN_LOG:-}" ] && printf '%s\n' "$_line" >>"$GLIDEIN_LOG"
+    return 0
+}
+
+# val KEY FILE: the value of the first KEY=value line of FILE.
+val() {
+    sed -n "s/^$1=//p" "$2" | head -n 1
+}
+
+# http METHOD URL OUTFILE [HEADER] [BODYFILE]: prints the HTTP status, 000 when there was no answer.
+# HEADER is one "Name: value" line. With curl it goes through a mode-600 file, so a token does not
+# show in the process list.
+http() {
+    _m=$1 _u=$2 _o=$3 _h=${4:-} _b=${5:-}
+    if [ "${GLIDEIN_HTTP_CLIENT:-curl}" != wget ] && command -v curl >/dev/null 2>&1; then
+        set -- curl -sS -g --connect-timeout "${GLIDEIN_CONNECT_TIMEOUT:-3}" -m "${GLIDEIN_HTTP_TIMEOUT:-120}" \
+            -X "$_m" -o "$_o" -w '%{http_code}'
+        if [ -n "$_h" ]; then
+            (umask 077 && printf '%s\n' "$_h" >"$_o.hdr")
+            set -- "$@" -H "@$_o.hdr"
+        fi
+        if [ -n "$_b" ]; then
+            set -- "$@" -T "$_b"
+        elif [ "$_m" = POST ] || [ "$_m" = PUT ]; then
+            set -- "$@" -d ''
+        fi
+        _code=$("$@" "$_u" 2>>"${GLIDEIN_LOG:-/dev/null}")
+        rm -f "$_o.hdr"
+        printf '%s\n' "${_code:-000}"
+    elif command -v wget >/dev/null 2>&1; then
+        set -- wget -q -S -O "$_o" -T "${GLIDEIN_HTTP_TIMEOUT:-120}" -t 1 --content-on-error --method="$_m"
+        [ -n "$_h" ] && set -- "$@" --header="$_h"
+        [ -n "$_b" ] && set -- "$@" --body-file="$_b"
+        "$@" "$_u" 2>"$_o.err"
+        _code=$(sed -n 's/^ *HTTP\/[0-9.]* \([0-9][0-9][0-9]\).*/\1/p' "$_o.err" | tail -n 1)
+        [ -n "${GLIDEIN_LOG:-}" ] && grep -v '^ ' "$_o.err" >>"$GLIDEIN_LOG"
+        rm -f "$_o.err"
+        printf '%s\n' "${_code:-000}"
+    else
+        glidein_log "neither curl nor wget is installed"
+        printf '000\n'
+    fi
+}
+
+# b64d: base64-decode stdin to stdout.
+b64d() {
+    if command -v base64 >/dev/null 2>&1; then
+        base64 -d
+    elif command -v openssl >/dev/null 2>&1; then
+        openssl base64 -d -A
+    else
+        python3 -c 'import base64,sys; sys.stdout.buffer.write(base64.b64decode(sys.stdin.read()))'
+    fi
+}
+
+# sha256 FILE: the hex SHA-256 of FILE.
+sha256() {
+    if command -v sha256sum >/dev/null 2>&1; then
+        sha256sum "$1" | cut -d' ' -f1
+    elif command -v openssl >/dev/null 2>&1; then
+        openssl dgst -sha256 -r "$1" | cut -d' ' -f1
+    else
+        python3 -c 'import hashlib,sys; print(hashlib.sha256(open(sys.argv[1],"rb").read()).hexdigest())' "$1"
+    fi
+}
+
+# safe_id VALUE: succeeds when VALUE is a plain id (no path, no shell or config syntax).
+safe_id() {
+    case "$1" in
+        "" | *[!A-Za-z0-9_.-]* | .*) return 1 ;;
+    esac
+    return 0
+}
+
+# upload_log FILE NAME TOKEN [INSTANCE_ID]: PUT the last $GLIDEIN_LOG_MAX bytes of FILE as NAME.
+upload_log() {
+    [ -s "$1" ] || return 0
+    _name=$(printf '%s' "$2" | tr -c 'A-Za-z0-9_.-' '_' | sed 's/^[.]/_/')
+    _part=$GLIDEIN_WORKDIR/upload.part
+    tail -c "${GLIDEIN_LOG_MAX:-16777216}" "$1" >"$_part"
+    _q=""
+    [ -n "${4:-}" ] && _q="?instance_id=$4"
+    _code=$(http PUT "$GLIDEIN_URL/bootstrap/logs/$_name$_q" "$_part.out" "Authorization: Bearer $3" "$_part")
+    if [ "$_code" = 200 ]; then
+        glidein_log "uploaded $_name"
+    else
+        glidein_log "upload of $_name refused (HTTP $_code): $(val error "$_part.out" 2>/dev/null)"
+    fi
+    rm -f "$_part" "$_part.out"
+}

@@ -1,0 +1,233 @@
+#!/bin/sh
+# glidein-wrapper.sh: baked into the VM image, started by glidein-pilot.service at boot.
+#
+# Finds the UserData envelope by middleware, checks the factory's Ed25519 signature, fetches the
+# startup script from the bootstrap service, checks its SHA-256 against the envelope, runs it,
+# then powers the VM off. Needs only sh and curl or wget (plus openssl 1.1.1+ or python3 to verify).
+#
+# Usage: glidein-wrapper.sh [ENVELOPE_FILE [INSTANCE_ID]]   (a file/argument: grid pilots)
+#
+# Every place it looks can be overridden (the tests override all of them):
+#   GLIDEIN_WRAPPER_CONF            sourced first if it exists (default /etc/glidein/wrapper.conf)
+#   GLIDEIN_USERDATA_FILE           the envelope as a file (same as the first argument)
+#   GLIDEIN_INSTANCE_ID             this pilot's instance id (else from the metadata source)
+#   GLIDEIN_USERDATA_SOURCES        order to try (default: imdsv2 imdsv1 configdrive openstack opennebula)
+#   GLIDEIN_IMDS_URL                EC2 instance metadata (default http://169.254.169.254)
+#   GLIDEIN_CONFIG_DRIVE_DIR        a mounted OpenStack config drive (default: find label config-2, mount it)
+#   GLIDEIN_OPENSTACK_METADATA_URL  (default http://169.254.169.254/openstack/latest)
+#   GLIDEIN_ONE_CONTEXT             OpenNebula context.sh (default: the CONTEXT CD-ROM's, mounted)
+#   GLIDEIN_PUBKEY_FILE             the factory's public key (default /etc/glidein/factory.pub)
+#   GLIDEIN_PUBKEY_SHA256           or: fetch it from the bootstrap service, pinned by this fingerprint
+#   GLIDEIN_VERIFIER                auto | openssl | python3
+#   GLIDEIN_WORKDIR                 (default /var/lib/glidein)
+#   GLIDEIN_POWEROFF_CMD            run at the end (default: systemctl poweroff || shutdown -h now || poweroff)
+#   GLIDEIN_HTTP_CLIENT             curl | wget
+set -u
+GLIDEIN_ME=glidein-wrapper
+HERE=$(cd "$(dirname "$0")" && pwd)
+CONF=${GLIDEIN_WRAPPER_CONF:-/etc/glidein/wrapper.conf}
+# shellcheck disable=SC1090
+[ -f "$CONF" ] && . "$CONF"
+GLIDEIN_LIB=${GLIDEIN_LIB:-$HERE/glidein-lib.sh}
+# shellcheck source=glidein-lib.sh
+. "$GLIDEIN_LIB"
+
+GLIDEIN_WORKDIR=${GLIDEIN_WORKDIR:-/var/lib/glidein}
+WORK=$GLIDEIN_WORKDIR
+umask 077
+mkdir -p "$WORK" || exit 1
+GLIDEIN_LOG=$WORK/glidein.log
+: >"$GLIDEIN_LOG"
+export GLIDEIN_LIB GLIDEIN_WORKDIR GLIDEIN_LOG
+IMDS=${GLIDEIN_IMDS_URL:-http://169.254.169.254}
+OS_MD=${GLIDEIN_OPENSTACK_METADATA_URL:-http://169.254.169.254/openstack/latest}
+PUBKEY=${GLIDEIN_PUBKEY_FILE:-/etc/glidein/factory.pub}
+UD=$WORK/userdata
+BODY=$WORK/envelope
+IID=""
+GLIDEIN_URL=""
+TOKEN=""
+
+poweroff_vm() {
+    cmd=${GLIDEIN_POWEROFF_CMD:-systemctl poweroff || shutdown -h now || poweroff}
+    glidein_log "powering off: $cmd"
+    sh -c "$cmd"
+}
+
+# fail MESSAGE: say why, return the logs if we can (bootstrap token), power off.
+fail() {
+    glidein_log "STOP: $*"
+    if [ -n "$GLIDEIN_URL" ] && [ -n "$TOKEN" ] && [ -n "$IID" ]; then
+        export GLIDEIN_URL
+        upload_log "$GLIDEIN_LOG" glidein.log "$TOKEN" "$IID"
+    fi
+    poweroff_vm
+    exit 1
+}
+
+# -- where the UserData is -------------------------------------------------------------------
+from_file() {
+    [ -f "$1" ] || return 1
+    cp "$1" "$UD"
+    [ -n "${2:-}" ] && printf '%s\n' "$2" >"$WORK/instance-id"
+    return 0
+}
+
+from_imdsv2() {
+    [ "$(http PUT "$IMDS/latest/api/token" "$WORK/imds.token" "X-aws-ec2-metadata-token-ttl-seconds: 21600")" = 200 ] \
+        || return 1
+    h="X-aws-ec2-metadata-token: $(cat "$WORK/imds.token")"
+    [ "$(http GET "$IMDS/latest/user-data" "$UD" "$h")" = 200 ] || return 1
+    [ "$(http GET "$IMDS/latest/meta-data/instance-id" "$WORK/instance-id" "$h")" = 200 ]
+}
+
+from_imdsv1() {
+    [ "$(http GET "$IMDS/latest/user-data" "$UD")" = 200 ] || return 1
+    [ "$(http GET "$IMDS/latest/meta-data/instance-id" "$WORK/instance-id")" = 200 ]
+}
+
+json_uuid() {
+    tr -d '\n' <"$1" | sed -n 's/.*"uuid"[[:space:]]*:[[:space:]]*"\([^"]*\)".*/\1/p'
+}
+
+# mount_label LABEL DIR: mount the read-only device with that file-system label.
+mount_label() {
+    dev=$(blkid -L "$1" 2>/dev/null) || dev=""
+    [ -z "$dev" ] && [ -e "/dev/disk/by-label/$1" ] && dev=/dev/disk/by-label/$1
+    [ -n "$dev" ] || return 1
+    mkdir -p "$2" && mount -o ro "$dev" "$2" 2>>"$GLIDEIN_LOG"
+}
+
+from_configdrive() {
+    dir=${GLIDEIN_CONFIG_DRIVE_DIR:-}
+    if [ -z "$dir" ]; then
+        dir=$WORK/config-2
+        mount_label config-2 "$dir" || return 1
+    fi
+    [ -f "$dir/openstack/latest/user_data" ] || return 1
+    cp "$dir/openstack/latest/user_data" "$UD"
+    json_uuid "$dir/openstack/latest/meta_data.json" >"$WORK/instance-id"
+}
+
+from_openstack() {
+    [ "$(http GET "$OS_MD/user_data" "$UD")" = 200 ] || return 1
+    [ "$(http GET "$OS_MD/meta_data.json" "$WORK/meta_data.json")" = 200 ] || return 1
+    json_uuid "$WORK/meta_data.json" >"$WORK/instance-id"
+}
+
+one_var() {
+    sed -n "s/^$1='\\(.*\\)'\$/\\1/p" "$2" | head -n 1
+}
+
+# OpenNebula: the envelope is the CONTEXT variable USER_DATA (USERDATA_ENCODING=base64), the VM id VMID.
+from_opennebula() {
+    ctx=${GLIDEIN_ONE_CONTEXT:-}
+    if [ -z "$ctx" ]; then
+        mount_label CONTEXT "$WORK/context" || return 1
+        ctx=$WORK/context/context.sh
+    fi
+    [ -f "$ctx" ] || return 1
+    data=$(one_var USER_DATA "$ctx")
+    [ -n "$data" ] || return 1
+    if [ "$(one_var USERDATA_ENCODING "$ctx")" = base64 ]; then
+        printf '%s' "$data" | b64d >"$UD" || return 1
+    else
+        printf '%s\n' "$data" >"$UD"
+    fi
+    one_var VMID "$ctx" >"$WORK/instance-id"
+}
+
+find_userdata() {
+    file=${1:-${GLIDEIN_USERDATA_FILE:-}}
+    if [ -n "$file" ]; then
+        from_file "$file" "${2:-}" || fail "envelope file $file not found"
+        glidein_log "UserData from file $file"
+        return 0
+    fi
+    for src in ${GLIDEIN_USERDATA_SOURCES:-imdsv2 imdsv1 configdrive openstack opennebula}; do
+        rm -f "$UD" "$WORK/instance-id"
+        if "from_$src" && [ -s "$UD" ]; then
+            glidein_log "UserData from $src"
+            return 0
+        fi
+        glidein_log "no UserData from $src"
+    done
+    fail "no UserData found (tried: ${GLIDEIN_USERDATA_SOURCES:-imdsv2 imdsv1 configdrive openstack opennebula})"
+}
+
+# -- the signature ---------------------------------------------------------------------------
+openssl_ed25519() {
+    case "$(openssl version 2>/dev/null)" in
+        "OpenSSL 1.1.1"* | "OpenSSL 3."* | "OpenSSL 4."*) return 0 ;;
+    esac
+    return 1
+}
+
+verify_signature() {
+    verifier=${GLIDEIN_VERIFIER:-auto}
+    if [ "$verifier" = auto ]; then
+        if command -v openssl >/dev/null 2>&1 && openssl_ed25519; then
+            verifier=openssl
+        elif command -v python3 >/dev/null 2>&1; then
+            verifier=python3
+        else
+            fail "cannot verify the envelope: neither openssl 1.1.1+ nor python3 is installed"
+        fi
+    fi
+    case "$verifier" in
+        openssl)
+            openssl pkeyutl -verify -pubin -inkey "$PUBKEY" -rawin -in "$BODY" -sigfile "$WORK/envelope.sig" \
+                >>"$GLIDEIN_LOG" 2>&1 ;;
+        python3)
+            python3 "$HERE/ed25519_verify.py" "$PUBKEY" "$BODY" "$WORK/envelope.sig" >>"$GLIDEIN_LOG" 2>&1 ;;
+        *) fail "unknown GLIDEIN_VERIFIER $verifier (use openssl or python3)" ;;
+    esac
+    ok=$?
+    [ $ok -eq 0 ] || fail "envelope signature does not verify with the factory key $PUBKEY (checked with $verifier); refusing to run anything"
+    [ "$verifier" = openssl ] && verifier="openssl ($(openssl version | cut -d' ' -f1-2))"
+    glidein_log "envelope signature verified with $verifier"
+}
+
+# -- main --------------------------------------------------------------------------------------
+find_userdata "$@"
+[ "$(sed -n 1p "$UD" | tr -d '\r')" = "#glidein-envelope v1" ] || fail "UserData is not a glidein envelope v1"
+sed -n 2p "$UD" | b64d >"$BODY" 2>>"$GLIDEIN_LOG" || fail "envelope body is not base64"
+sed -n 3p "$UD" | b64d >"$WORK/envelope.sig" 2>>"$GLIDEIN_LOG" || fail "envelope signature is not base64"
+IID=${GLIDEIN_INSTANCE_ID:-$(cat "$WORK/instance-id" 2>/dev/null)}
+safe_id "$IID" || { IID=""; fail "no usable instance id (got '$(cat "$WORK/instance-id" 2>/dev/null)')"; }
+
+if [ ! -f "$PUBKEY" ]; then
+    pin=${GLIDEIN_PUBKEY_SHA256:-}
+    [ -n "$pin" ] || fail "no factory public key: bake it into $PUBKEY or set GLIDEIN_PUBKEY_SHA256"
+    url=$(val bootstrap_url "$BODY")
+    PUBKEY=$WORK/factory.pub
+    [ "$(http GET "$url/bootstrap/pubkey.pem" "$PUBKEY")" = 200 ] || fail "cannot fetch the factory public key from $url"
+    [ "$(sha256 "$PUBKEY")" = "$pin" ] || fail "the public key served by $url does not match the pinned fingerprint $pin"
+fi
+verify_signature
+
+# Trusted from here on.
+GLIDEIN_URL=$(val bootstrap_url "$BODY")
+TOKEN=$(val token "$BODY")
+export GLIDEIN_URL
+glidein_log "pilot $IID: launch $(val launch_id "$BODY"), entry $(val entry "$BODY"), frontend $(val frontend "$BODY"), factory $(val factory "$BODY")"
+now=$(date +%s)
+expires=$(val token_expires "$BODY")
+[ "$now" -le "${expires:-0}" ] || glidein_log "warning: the bootstrap token expired $((now - ${expires:-0})) s ago; the exchange will be refused"
+
+SCRIPT=$WORK/glidein-startup.sh
+code=$(http GET "$GLIDEIN_URL/bootstrap/startup.sh" "$SCRIPT")
+[ "$code" = 200 ] || fail "cannot fetch the startup script from $GLIDEIN_URL (HTTP $code)"
+want=$(val script_sha256 "$BODY")
+got=$(sha256 "$SCRIPT")
+[ "$got" = "$want" ] || fail "startup script hash mismatch: the envelope says $want, the fetched script has $got; not running it"
+glidein_log "startup script $got checked; running it"
+
+# A stop (systemctl stop, shutdown) signals every process of the unit: the startup script stops
+# condor_master and uploads the logs; we wait for it, then power off.
+trap 'glidein_log "signal received: waiting for the startup script to finish"' TERM INT HUP
+GLIDEIN_ENVELOPE=$BODY GLIDEIN_INSTANCE_ID=$IID sh "$SCRIPT"
+rc=$?
+glidein_log "startup script ended with status $rc"
+poweroff_vm
+exit $rc

@@ -1,0 +1,238 @@
+"""The factory's lifecycle operators: inventory, reaping, and the cycle's report.
+
+Inventory joins each entry's provider listing (by our tags) with the
+collector's startd ads (by GLIDEIN_PILOT_ID) into the pilot table (state
+store), applying ``lifecycle.transition``. Reaping carries out
+``lifecycle.reap``'s actions and remembers them, so the next cycle can
+verify and escalate. XCom carries summaries; the table holds the pilots.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from airflow.sdk.exceptions import AirflowException
+
+from airflow_glidein import lifecycle as L
+from airflow_glidein import pilotdb, report, state
+from airflow_glidein import pilots as P
+from airflow_glidein.assets import GLIDEIN_STATUS
+from airflow_glidein.config import Config, Entry
+from airflow_glidein.credentials import usable_on
+from airflow_glidein.hooks import pilot_hook
+from airflow_glidein.hooks.htcondor import HTCondorHook
+from airflow_glidein.operators.base import GlideinBaseOperator
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+
+STARTD_ATTRS = ["GLIDEIN_PILOT_ID", "GLIDEIN_Entry_Name", "State", "Activity", "EnteredCurrentState",
+                "Name", "MyAddress", "MyType"]
+STARTD_KEEP = ("Name", "State", "Activity", "EnteredCurrentState")  # what the pilot table keeps
+
+
+def provision_conns(config: Config, entry: Entry) -> list[str]:
+    """Connection ids of every provisioning credential usable on the entry."""
+    return sorted({c.conn_id for c in config.credentials if c.purpose == "provision" and usable_on(c, entry)})
+
+
+def pilot_counts(rows: Any) -> dict[str, dict[str, dict[str, int]]]:
+    return P.counts(P.Pilot(r["id"], r["entry"], r.get("frontend"), r.get("launch"), r["state"], r["launched"],
+                            r.get("provider_state") or "") for r in rows)
+
+
+class InventoryOperator(GlideinBaseOperator):
+    """Our pilots at every entry, their states, into the pilot table; returns counts and errors."""
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        cfg, now, store = self.config, self.now(), state.store()
+        frontends = {f.name for f in cfg.frontends}
+        startds = self._startds()
+        remembered = pilotdb.load_pilots(store)
+        rows: list[dict[str, Any]] = []
+        errors: dict[str, str] = {}
+        for entry in cfg.entries:
+            listed: dict[str, tuple[P.ProviderInstance, str]] = {}
+            for conn_id in provision_conns(cfg, entry):
+                try:
+                    for inst in pilot_hook(entry, cfg.factory.name, conn_id).list_pilots():
+                        listed.setdefault(inst.id, (inst, conn_id))
+                except Exception as exc:  # one provider down must not stop the other entries
+                    self.log.warning("Entry %s: listing with connection %s failed: %s", entry.name, conn_id, exc)
+                    errors[entry.name] = f"{type(exc).__name__}: {str(exc)[:300]}"
+            for iid, (inst, conn_id) in listed.items():
+                prev = remembered.pop(iid, None)
+                frontend = inst.tags.get(P.TAG_FRONTEND)
+                startd = startds.get(iid) if startds is not None else None
+                obs = L.Observation(inst.state, inst.launched, known=frontend in frontends,
+                                    startd=startd, collector=startds is not None)
+                policy = cfg.policy_for(entry, frontend)
+                st, mem = L.transition(L.Memory.from_dict(prev and prev["memory"]), obs, now, policy.boot_timeout)
+                rows.append({
+                    "id": iid, "entry": entry.name, "frontend": frontend, "launch": inst.launch_id,
+                    "launched": inst.launched, "state": st, "provider_state": inst.state, "conn": conn_id,
+                    "detail": inst.detail, "startd": {k: startd[k] for k in STARTD_KEEP if k in startd} if startd else None,
+                    "memory": mem.to_dict(), "updated": now, "_prev": prev and prev["state"],
+                })
+        # Remembered pilots missing from a good listing are gone: terminated, verified.
+        listed_ok = {e.name for e in cfg.entries} - set(errors)
+        gone = [pid for pid, row in remembered.items() if row["entry"] in listed_ok or row["entry"] not in
+                {e.name for e in cfg.entries}]
+        pilotdb.delete_pilots(store, gone)
+        pilotdb.save_pilots(store, rows)
+        self._entry_health(store, rows, now)
+        counts = pilot_counts(rows)
+        self.log.info("Pilots per entry and state:\n%s", report.pilots_table(counts))
+        if gone:
+            self.log.info("%d pilots left their provider since the last cycle: %s", len(gone), sorted(gone)[:20])
+        return {"counts": counts, "errors": errors, "collector": startds is not None, "gone": len(gone)}
+
+    def _startds(self) -> dict[str, dict] | None:
+        collector = self.config.factory.collector
+        if not collector:
+            self.log.info("No collector configured: registration is not observed; pilots count as booting")
+            return None
+        ads = HTCondorHook(collector=collector).query_startds(
+            f'GLIDEIN_Factory == "{self.config.factory.name}"', STARTD_ATTRS
+        )
+        return {str(ad["GLIDEIN_PILOT_ID"]): ad for ad in ads if "GLIDEIN_PILOT_ID" in ad}
+
+    def _entry_health(self, store: state.StateStore, rows: list[dict], now: float) -> None:
+        """Boot failures new this cycle back an entry off; a pilot registering clears it."""
+        health = pilotdb.load_health(store)
+        new_failures = Counter(r["entry"] for r in rows if r["state"] == P.BOOT_FAILED and r["_prev"] != P.BOOT_FAILED)
+        registered = {r["entry"] for r in rows if (r["memory"].get("first_registered") or -1) == now}
+        changes = []
+        for entry in set(new_failures) | registered:
+            failures = 0 if entry in registered else health.get(entry, {}).get("failures", 0) + new_failures[entry]
+            reason = f"{new_failures[entry]} pilots failed to boot" if failures else ""
+            changes.append({"entry": entry, "failures": failures, "until": L.backoff_until(failures, now),
+                            "reason": reason, "updated": now})
+            if failures:
+                self.log.warning("Entry %s backed off after %d failures (%s)", entry, failures, reason)
+        pilotdb.save_health(store, changes)
+
+
+class ReapPilotsOperator(GlideinBaseOperator):
+    """Carry out the cycle's reaping actions (terminate, force, retire) and remember them.
+
+    Returns what was asked of the providers, per entry and connection, so the
+    verify sensor can wait for it.
+    """
+
+    template_fields: Sequence[str] = ("actions", "config_file")
+
+    def __init__(self, *, actions: Any, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.actions = actions
+
+    def execute(self, context: Context) -> list[dict[str, Any]]:
+        cfg, now, store = self.config, self.now(), state.store()
+        actions = [L.Action(**a) for a in self.actions or []]
+        rows = pilotdb.load_pilots(store)
+        groups: dict[tuple[str, str, str], list[L.Action]] = {}
+        for a in actions:
+            if a.id in rows:
+                groups.setdefault((a.entry, rows[a.id]["conn"], a.action), []).append(a)
+        memory: dict[str, dict] = {}
+        states: dict[str, str] = {}
+        done, failed = [], []
+        for (entry_name, conn_id, kind), items in sorted(groups.items()):
+            ids = sorted(a.id for a in items)
+            try:
+                if kind == "retire":
+                    self._retire([rows[i] for i in ids])
+                else:
+                    pilot_hook(cfg.entry(entry_name), cfg.factory.name, conn_id).terminate(
+                        ids, force=kind == "force_terminate"
+                    )
+            except Exception as exc:
+                self.log.warning("Entry %s: %s of %d pilots failed: %s", entry_name, kind, len(ids), exc)
+                failed += items
+                continue
+            for a in items:
+                self.log.info("%s %s at %s: %s", kind, a.id, a.entry, a.reason)
+                mem = rows[a.id].get("memory") or {}
+                if kind == "retire":
+                    memory[a.id] = {"retire_requested": now}
+                    states[a.id] = P.RETIRING
+                else:
+                    memory[a.id] = {"terminate_requested": now,
+                                    "terminate_attempts": int(mem.get("terminate_attempts", 0)) + 1,
+                                    "terminate_reason": mem.get("terminate_reason") or a.reason}
+                    states[a.id] = P.STUCK if rows[a.id]["state"] == P.STUCK else P.TERMINATING
+            if kind != "retire":
+                done.append({"entry": entry_name, "conn": conn_id, "ids": ids})
+        pilotdb.update_memory(store, memory, now, states)
+        if failed:
+            raise AirflowException(f"{len(failed)} reaping actions failed: {[f'{a.action} {a.id}' for a in failed][:20]}")
+        return done
+
+    def _retire(self, rows: list[dict]) -> None:
+        """Ask each startd to shut down peacefully: running jobs finish, then the pilot exits."""
+        hook = HTCondorHook(collector=self.config.factory.collector)
+        for row in rows:
+            name = (row.get("startd") or {}).get("Name")
+            if not name:
+                raise AirflowException(f"pilot {row['id']} has no startd to retire")
+            hook.retire_startd(name)
+
+
+class FactoryReportOperator(GlideinBaseOperator):
+    """Publish pilot counts (and backoff, stuck pilots) on ``glidein_status``; print the cycle's summary."""
+
+    template_fields: Sequence[str] = ("inventory", "submitted", "actions", "config_file")
+
+    def __init__(self, *, inventory: Any, submitted: Any, actions: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("outlets", [GLIDEIN_STATUS])
+        super().__init__(**kwargs)
+        self.inventory = inventory
+        self.submitted = submitted
+        self.actions = actions
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        cfg, now, store = self.config, self.now(), state.store()
+        rows = list(pilotdb.load_pilots(store, [e.name for e in cfg.entries]).values())
+        launched = 0
+        for item in _items(self.submitted):
+            for batch in item["launched"]:
+                for iid in batch["created"]:
+                    launched += 1
+                    rows.append({"id": iid, "entry": item["entry"], "frontend": batch["frontend"],
+                                 "launch": batch["launch_id"], "state": P.REQUESTED, "launched": now})
+        counts = pilot_counts(rows)
+        backoff = {e: {"until": h["until"], "failures": h["failures"], "reason": h["reason"]}
+                   for e, h in pilotdb.load_health(store).items() if h["until"] > now}
+        stuck = sorted(r["id"] for r in rows if r["state"] == P.STUCK)
+        actions = self.actions or []
+        status = {
+            "factory": cfg.factory.name,
+            "pilots": counts,
+            "launched": launched,
+            "actions": dict(Counter(a["action"] for a in actions)),
+            "stuck": stuck,
+            "backoff": backoff,
+            "errors": (self.inventory or {}).get("errors", {}),
+        }
+        context["outlet_events"][GLIDEIN_STATUS].extra = status
+        lines = [f"Factory {cfg.factory.name}: {launched} launched, "
+                 + ", ".join(f"{n} {k}" for k, n in sorted(status["actions"].items())) if actions else
+                 f"Factory {cfg.factory.name}: {launched} launched, nothing reaped"]
+        lines.append(report.pilots_table(counts))
+        for a in actions:
+            lines.append(f"  {a['action']} {a['id']} at {a['entry']}: {a['reason']}")
+        if stuck:
+            lines.append(f"STUCK (terminate asked, still present; never counted as capacity): {stuck}")
+        for e, b in sorted(backoff.items()):
+            lines.append(f"Entry {e} backed off for {int(b['until'] - now)} s: {b['reason']}")
+        for e, err in sorted(status["errors"].items()):
+            lines.append(f"Entry {e} could not be listed: {err}")
+        self.log.info("%s", "\n".join(lines))
+        return status
+
+
+def _items(seq: Any) -> list:
+    """A mapped task's results; indexing by length avoids probing past the end."""
+    return [seq[i] for i in range(len(seq))] if seq else []

@@ -1,0 +1,83 @@
+"""Named fault points for the crash-consistency tests, armed from the test process.
+
+The points are where a crash hurts: before a provider call, after it (the
+response is lost), between batches, and before the task's result is
+recorded. A fault fires once; Airflow's retry then runs clean. Faults patch
+the shared hook interface, so they apply to every middleware alike.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from airflow_glidein import pilotdb
+from airflow_glidein.hooks.base import PilotHook
+
+POINTS = ("before_call", "after_call", "between_batches", "before_record")
+TASKS = ("submit", "reap")
+
+
+class InjectedFault(RuntimeError):
+    pass
+
+
+@dataclass
+class Faults:
+    armed: tuple[str, str, int] | None = None  # (task, point, nth call)
+    calls: Counter = field(default_factory=Counter)
+    fired: list[tuple[str, str, int]] = field(default_factory=list)
+
+    def arm(self, task: str, point: str, nth: int) -> None:
+        # "between batches" is a crash before a later call, once an earlier one went through
+        self.armed = (task, point, max(nth, 2) if point == "between_batches" else nth)
+        self.calls.clear()
+
+    def hit(self, task: str, point: str, n: int | None = None) -> None:
+        if self.armed is None:
+            return
+        a_task, a_point, a_nth = self.armed
+        want = "before_call" if a_point == "between_batches" else a_point
+        if a_task == task and want == point and (n is None or n == a_nth):
+            self.fired.append(self.armed)
+            self.armed = None
+            raise InjectedFault(f"injected fault: {task} {a_point} #{a_nth}")
+
+    def install(self, monkeypatch) -> Faults:
+        real_launch, real_terminate = PilotHook.launch, PilotHook.terminate
+        real_update = pilotdb.update_memory
+        faults = self
+
+        def launch(hook, spec):
+            faults.calls["launch"] += 1
+            n = faults.calls["launch"]
+            faults.hit("submit", "before_call", n)
+            result = real_launch(hook, spec)
+            faults.hit("submit", "after_call", n)
+            return result
+
+        def terminate(hook, ids, force=False):
+            faults.calls["terminate"] += 1
+            n = faults.calls["terminate"]
+            faults.hit("reap", "before_call", n)
+            real_terminate(hook, ids, force=force)
+            faults.hit("reap", "after_call", n)
+
+        def update_memory(*args, **kwargs):
+            faults.hit("reap", "before_record")
+            return real_update(*args, **kwargs)
+
+        from airflow_glidein.operators.factory import SubmitPilotsOperator
+
+        real_execute = SubmitPilotsOperator.execute
+
+        def submit_execute(op, context):
+            result = real_execute(op, context)
+            faults.hit("submit", "before_record")
+            return result
+
+        monkeypatch.setattr(PilotHook, "launch", launch)
+        monkeypatch.setattr(PilotHook, "terminate", terminate)
+        monkeypatch.setattr(pilotdb, "update_memory", update_memory)
+        monkeypatch.setattr(SubmitPilotsOperator, "execute", submit_execute)
+        return self

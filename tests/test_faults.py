@@ -1,0 +1,230 @@
+"""Crash consistency: faults at every named point of submit and reap, retried, never duplicate or leak.
+
+Three layers:
+- 200+ randomized runs (seeded): the factory's own operators driven the way
+  Airflow drives them (the same inputs again on retry), one fault armed per
+  run at a random point of the submit or reap task. After every run: no
+  launch id has more instances than it asked for, terminated ones included;
+  after the run's reaping, no end-of-life instance is left.
+- Every (task, point) once more as whole factory DAG runs, with Airflow's own
+  retries doing the retry.
+- Real SIGKILLs of the process running the submit task, then the scheduler's
+  zombie handling (up_for_retry) and the retry in another process.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pendulum
+import signal
+import subprocess
+import sys
+import textwrap
+from collections import Counter
+
+import pytest
+
+from airflow_glidein import pilots as P
+from airflow_glidein.operators import InventoryOperator, PlanCycleOperator, ReapPilotsOperator, SubmitPilotsOperator
+from tests.faults import POINTS, TASKS, Faults
+from tests.helpers import REPO, example_config, idle_jobs, run_dag, task_states, write_config, write_queue, xcom
+
+pytestmark = pytest.mark.usefixtures("airflow_db")
+
+RUNS = int(os.environ.get("GLIDEIN_FAULT_RUNS", "200"))
+LIFETIME = 3600
+REGIONS = {"aws-us-east-1": "us-east-1", "aws-us-west-2": "us-west-2"}
+
+
+def fault_config(tmp_path, monkeypatch):
+    cfg = example_config()
+    cfg["factory"].update(retries=3, retry_delay=0, verify_timeout=1, verify_poll=1)
+    for e in cfg["entries"]:
+        e["limits"] = {"max_pilots": 40, "max_idle": 30, "max_per_cycle": 12, "batch_size": 2}
+        e["policy"] = {"max_lifetime": LIFETIME}
+        e.pop("requirements", None)
+    base = cfg["frontends"][0]
+    cfg["frontends"] = [{**base, "name": n, "request_ttl": 100000} for n in ("cms", "atlas")]
+    return write_config(tmp_path, cfg, monkeypatch)
+
+
+def instances(ec2, live_only=False):
+    out = []
+    for region in REGIONS.values():
+        out += ec2.instances(region, live_only=live_only)
+    return out
+
+
+class FakeTI:
+    """What the operators use of the task instance: xcom_push (PlanCycle's actions)."""
+
+    def __init__(self):
+        self.pushed = {}
+
+    def xcom_push(self, key, value):
+        self.pushed[key] = value
+
+
+def attempt(make_op, context, tries=4):
+    """Run a task the way Airflow retries it: a fresh operator, the same inputs, until it succeeds."""
+    for n in range(1, tries + 1):
+        try:
+            return make_op().execute(context), n
+        except Exception:  # Airflow retries a task whatever it raised
+            continue
+    raise AssertionError("still failing after retries")
+
+
+def random_requests(rng):
+    out = {}
+    for fe in ("cms", "atlas"):
+        out[fe] = {"frontend": fe, "cycle": f"c{rng.random()}", "start_expr": "true", "entries": {
+            e: {"idle": rng.randint(0, 6), "max_running": 20, "provision": "aws-demo", "pilot": "cms-pool-token"}
+            for e in REGIONS if rng.random() < 0.8}}
+    return out
+
+
+def feasible(work, actions):
+    """The fault points this run reaches, with how many calls each can hit."""
+    launches = sum(len(item["launches"]) for item in work)
+    terminations = len({(a["entry"], a["action"]) for a in actions if a["action"] != "retire"})
+    out = []
+    if launches:
+        out += [("submit", p, launches) for p in ("before_call", "after_call", "before_record")]
+        if launches >= 2:
+            out.append(("submit", "between_batches", launches))
+    if terminations:
+        out += [("reap", p, terminations) for p in ("before_call", "after_call", "between_batches", "before_record")
+                if p != "between_batches" or terminations >= 2]
+    return out
+
+
+def test_randomized_faults_never_duplicate_or_leak(ec2, tmp_path, monkeypatch, state_store):
+    rng = random.Random(20261126)
+    path = str(fault_config(tmp_path, monkeypatch))
+    faults = Faults().install(monkeypatch)
+    planned: dict[str, int] = {}
+    fired: Counter = Counter()
+    run = 0
+    while sum(fired.values()) < RUNS:
+        run += 1
+        assert run < RUNS * 3, f"only {sum(fired.values())} faults in {run} runs"
+        if run % 12 == 0:  # a fresh provider now and then keeps moto's listings small
+            ec2.reset()
+            planned.clear()
+        context = {"run_id": f"fault-run-{run}", "ti": FakeTI()}
+        requests = random_requests(rng)
+        if rng.random() < 0.6:  # some pilots reach their end of life
+            for region in REGIONS.values():
+                alive = [i["InstanceId"] for i in ec2.instances(region)]
+                ec2.age(rng.sample(alive, k=min(len(alive), rng.randint(0, 3))), 2 * LIFETIME, region)
+        inventory = InventoryOperator(task_id="inventory", config_file=path).execute(context)
+        work = PlanCycleOperator(task_id="plan_cycle", requests=requests, inventory=inventory,
+                                 config_file=path).execute(context)
+        actions = context["ti"].pushed["actions"]
+        for item in work:
+            for b in item["launches"]:
+                planned[b["launch_id"]] = b["count"]
+        options = feasible(work, actions)
+        if options:
+            task, point, calls = rng.choice(options)
+            faults.arm(task, point, rng.randint(2, calls) if point == "between_batches" else rng.randint(1, calls))
+        before = len(faults.fired)
+        for item in work:
+            attempt(lambda: SubmitPilotsOperator(task_id="submit_pilots", work=item, config_file=path), context)
+        attempt(lambda: ReapPilotsOperator(task_id="reap_pilots", actions=actions, config_file=path), context)
+        if len(faults.fired) > before:
+            fired[faults.fired[-1][:2]] += 1
+        faults.armed = None
+        # zero duplicates for any launch id, terminated instances included
+        made = Counter(i["TagMap"][P.TAG_LAUNCH] for i in instances(ec2))
+        assert all(n <= planned.get(lid, 0) for lid, n in made.items()), {
+            lid: (n, planned.get(lid)) for lid, n in made.items() if n > planned.get(lid, 0)}
+        # every termination decided this run happened, fault or not
+        going = {a["id"] for a in actions if a["action"] != "retire"}
+        assert not going & {i["InstanceId"] for i in instances(ec2, live_only=True)}
+    if RUNS >= 100:  # a short local run (GLIDEIN_FAULT_RUNS) need not reach every point
+        assert set(fired) == {(t, p) for t in TASKS for p in POINTS}, fired
+    print(f"{sum(fired.values())} faults fired in {run} runs: {dict(sorted(fired.items()))}")
+
+
+@pytest.mark.parametrize("task, point", [(t, p) for t in TASKS for p in POINTS])
+def test_fault_point_retried_by_airflow(task, point, ec2, tmp_path, monkeypatch):
+    cfg = example_config()
+    cfg["factory"].update(retry_delay=0, verify_timeout=1, verify_poll=1)
+    for e in cfg["entries"]:
+        e["limits"]["batch_size"] = 2
+        e["policy"] = {"max_lifetime": LIFETIME}
+    cfg["frontends"][0]["request_ttl"] = 100000
+    write_config(tmp_path, cfg, monkeypatch)
+    run_dag("glidein_frontend_cms")
+    faults = Faults().install(monkeypatch)
+    if task == "reap":  # pilots at both entries reach their end of life: two terminate calls
+        run_dag("glidein_factory")
+        for region in REGIONS.values():
+            ec2.age([i["InstanceId"] for i in ec2.instances(region)], 2 * LIFETIME, region)
+    aged = {i["InstanceId"] for i in instances(ec2, live_only=True)}
+    faults.arm(task, point, 2)
+    run = run_dag("glidein_factory")
+    assert faults.fired == [(task, point, 2)]
+    states = task_states(run)
+    assert str(run.state) == "success", states
+    planned = {b["launch_id"]: b["count"] for item in xcom(run, "plan_cycle") for b in item["launches"]}
+    made = Counter(i["TagMap"][P.TAG_LAUNCH] for i in instances(ec2))
+    assert planned and all(made[lid] == n for lid, n in planned.items())  # each launch made exactly its count
+    alive = {i["InstanceId"] for i in instances(ec2, live_only=True)}
+    assert not alive & aged  # every end-of-life pilot went, despite the fault
+    assert len(alive) == 15
+
+
+KILLER = textwrap.dedent('''
+    """Run the factory DAG in this process and SIGKILL it right after the first RunInstances returns."""
+    import os, signal, sys
+    sys.path.insert(0, sys.argv[1])
+    from airflow_glidein.hooks.ec2 import EC2PilotHook
+    real = EC2PilotHook._create
+    def create_then_die(self, spec, count, tags):
+        real(self, spec, count, tags)
+        os.kill(os.getpid(), signal.SIGKILL)
+    EC2PilotHook._create = create_then_die
+    import pendulum
+    from airflow.dag_processing.dagbag import DagBag
+    dag = DagBag(dag_folder=os.path.join(sys.argv[1], "dags")).get_dag("glidein_factory")
+    dag.test(logical_date=pendulum.parse(sys.argv[2]), run_after=pendulum.parse(sys.argv[2]))
+''')
+
+
+def test_sigkill_after_the_api_call_then_retry_makes_no_duplicate(ec2, tmp_path, monkeypatch):
+    cfg = example_config()
+    cfg["factory"].update(retry_delay=0, verify_timeout=1, verify_poll=1)
+    write_config(tmp_path, cfg, monkeypatch)
+    run_dag("glidein_frontend_cms")
+    script = tmp_path / "killer.py"
+    script.write_text(KILLER)
+    when = "2026-01-01T00:00:00+00:00"
+    proc = subprocess.run([sys.executable, str(script), str(REPO), when], env=os.environ.copy(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    first = ec2.instances("us-east-1") + ec2.instances("us-west-2")
+    assert len(first) == 5  # the first batch was made, then the task process died
+
+    from airflow.models.dagrun import DagRun
+    from airflow.utils.session import create_session
+    from airflow.utils.state import TaskInstanceState
+
+    with create_session() as session:  # what the scheduler does with a task whose process vanished
+        run = session.query(DagRun).filter(DagRun.dag_id == "glidein_factory").order_by(DagRun.id.desc()).first()
+        for ti in run.get_task_instances(session=session):
+            if ti.state == TaskInstanceState.RUNNING:
+                ti.state = TaskInstanceState.UP_FOR_RETRY
+                ti.end_date = pendulum.now("UTC")
+        run_id = run.run_id
+    from tests.helpers import resume_run
+
+    resumed = resume_run("glidein_factory", run_id)
+    assert str(resumed.state) == "success", task_states(resumed)
+    after = ec2.instances("us-east-1") + ec2.instances("us-west-2")
+    assert len(after) == 15  # 10 + 5 planned, the killed batch not made twice
+    assert Counter(i["TagMap"][P.TAG_LAUNCH] for i in after).most_common(1)[0][1] <= 5
