@@ -29,7 +29,7 @@ os.environ.update({
 
 import pytest  # noqa: E402
 
-from tests.helpers import MotoEC2, jwt_token, migrate_db  # noqa: E402
+from tests.helpers import POOL_TOKEN, MotoEC2, migrate_db  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -60,9 +60,8 @@ def ec2(moto_server, monkeypatch):
     moto_server.reset()
     for conn_id in ("glidein_aws_demo", "glidein_aws_test", "glidein_aws_other"):
         monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", moto_server.connection_json())
-    # an IDTOKEN-shaped JWT without exp, whose signature part is the string the tests look for
-    token = jwt_token({"iss": "cm.example.org", "sub": "pilot@cm.example.org"}, signature="pool-token-value")
-    monkeypatch.setenv("AIRFLOW_CONN_GLIDEIN_CMS_POOL_TOKEN", json.dumps({"conn_type": "generic", "password": token}))
+    monkeypatch.setenv("AIRFLOW_CONN_GLIDEIN_CMS_POOL_TOKEN",
+                       json.dumps({"conn_type": "generic", "password": POOL_TOKEN}))
     return moto_server
 
 

@@ -152,6 +152,11 @@ def jwt_token(claims: dict[str, Any], signature: str = "c2lnbmF0dXJlLW5vdC1jaGVj
     return f"{part({'alg': 'HS256', 'typ': 'JWT'})}.{part(claims)}.{signature}"
 
 
+# The pool's IDTOKEN in the tests' pilot credential connection: a JWT without exp whose
+# signature part is a string the secrecy checks look for.
+POOL_TOKEN = jwt_token({"iss": "cm.example.org", "sub": "pilot@cm.example.org"}, signature="pool-token-value")
+
+
 def env_config(path: Path | str) -> None:
     os.environ["AIRFLOW__GLIDEIN__CONFIG_FILE"] = str(path)
 

@@ -9,6 +9,7 @@ secret, and the state store holds only token hashes.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import http.client
 import re
@@ -23,6 +24,7 @@ from airflow_glidein import userdata as U
 from airflow_glidein.bootstrap import keys
 from airflow_glidein.bootstrap.tokens import tokens as tokens_table
 from airflow_glidein.state import store
+from tests.helpers import POOL_TOKEN
 from tests.pilot_helpers import VM, launch, pilot_config, userdata_of
 
 pytestmark = pytest.mark.usefixtures("airflow_db")
@@ -55,7 +57,7 @@ def test_batch_token_binds_each_instance_once(cfg, bootstrap_server):
     assert first.status_code == 200, first.text
     assert f"pilot_id={iids[0]}\n" in first.text and "upload_token=" in first.text
     # the pilot credential comes from the credential's Airflow connection
-    assert "credential_b64=cG9vbC10b2tlbi12YWx1ZQ==\n" in first.text  # base64 of pool-token-value
+    assert f"credential_b64={base64.b64encode(POOL_TOKEN.encode()).decode()}\n" in first.text
     reused = exchange(bootstrap_server, tok, iids[0])
     assert reused.status_code == 403 and "already exchanged" in reused.text
     stranger = exchange(bootstrap_server, tok, "i-0123456789abcdef0")

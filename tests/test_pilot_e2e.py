@@ -18,7 +18,7 @@ import pytest
 
 from airflow_glidein import pilots as P
 from airflow_glidein.userdata import parse
-from tests.helpers import run_dag, task_states, write_config
+from tests.helpers import POOL_TOKEN, run_dag, task_states, write_config
 from tests.pilot_helpers import VM, pilot_config, userdata_of
 from tests.standins.metadata import MetadataServer
 
@@ -63,7 +63,7 @@ def test_launched_pilots_boot_join_and_return_their_logs(ec2, bootstrap_server, 
                      "COLLECTOR_HOST = cm.example.org:9618", "CCB_ADDRESS = $(COLLECTOR_HOST)",
                      f"START = ({start_expr}) && (time() < GLIDEIN_ToRetire)", "STARTD_NOCLAIM_SHUTDOWN = 1200"):
             assert line in conf, (line, conf)
-        assert (vm.work / "condor" / "tokens.d" / "pilot.idtoken").read_text() == "pool-token-value"
+        assert (vm.work / "condor" / "tokens.d" / "pilot.idtoken").read_text() == POOL_TOKEN
         assert not (vm.work / "exchange").exists()  # the exchange's reply (credential, upload token) is gone
 
         logs = bootstrap_server.logs(entry, iid)

@@ -93,15 +93,10 @@ class Service:
         """The launch's pilot credential, read from its Airflow connection ('' when the launch has none)."""
         if not launch.pilot_credential:
             return ""
-        from airflow.sdk import BaseHook
+        from airflow_glidein import secrets
 
-        cred = next((c for c in self.config.credentials if c.id == launch.pilot_credential), None)
         try:
-            if cred is None:
-                raise LookupError("not in the configuration")
-            secret = BaseHook.get_connection(cred.conn_id).password
-            if not secret:
-                raise LookupError(f"connection {cred.conn_id} has no password")
+            secret = secrets.pilot_payload(self.config, launch.pilot_credential)
         except Exception as exc:
             log.warning("Pilot credential %s unavailable: %s", launch.pilot_credential, exc)
             raise tokens.Refused(503, f"pilot credential {launch.pilot_credential} is unavailable now; try again") from None
