@@ -24,9 +24,10 @@ def config(entries: list[dict], limits: dict | None = None, frontends: list[str]
         "factory": {"name": "f", "bootstrap_url": "http://x", "limits": factory or {}},
         "entries": entries,
         "frontends": [{"name": n, "demand": {"queue_file": "q.json"}, "entries": [e["name"] for e in entries],
-                       "credentials": ["k"], "limits": limits or {}} for n in frontends],
+                       "credentials": ["k", "t"], "limits": limits or {}} for n in frontends],
         "credentials": [{"id": "k", "type": "ec2_key_pair", "conn_id": "c", "trust_domain": "aws",
-                         "purpose": "provision"}],
+                         "purpose": "provision"},
+                        {"id": "t", "type": "idtoken", "conn_id": "t", "trust_domain": "aws", "purpose": "pilot"}],
     })
 
 
@@ -36,7 +37,7 @@ def group(idle: int, entries: list[str], cpus: int = 1, memory: int = 2000, gpus
 
 
 def plan(cfg, groups, pilots=None, frontend="fe") -> dict[str, dict]:
-    creds = {e: {"provision": "k", "pilot": "k"} for e in cfg.frontend(frontend).entries}
+    creds = {e: {"provision": "k", "pilot": "t"} for e in cfg.frontend(frontend).entries}
     return planning.plan_frontend(cfg, frontend, groups, creds, pilots)["entries"]
 
 
@@ -163,7 +164,7 @@ def pilot(i: int, entry: str, frontend: str, state: str, launched: float = 0.0) 
 
 
 def request(levels: dict[str, int], max_running: int = 1000) -> dict:
-    return {"entries": {e: {"idle": n, "max_running": max_running, "provision": "k", "pilot": "k"}
+    return {"entries": {e: {"idle": n, "max_running": max_running, "provision": "k", "pilot": "t"}
                         for e, n in levels.items()}}
 
 
@@ -236,7 +237,7 @@ def test_factory_counts_no_capacity_in_pilots_about_to_expire():
 def test_factory_request_without_max_running():
     # int(math.inf) used to raise OverflowError for a request that names no max_running
     cfg = config([entry("A", max_pilots=50, max_idle=30, max_per_cycle=100)])
-    req = {"entries": {"A": {"idle": 4, "provision": "k", "pilot": "k"}}}
+    req = {"entries": {"A": {"idle": 4, "provision": "k", "pilot": "t"}}}
     assert launched(provisioning.plan_launches(cfg, {"fe": req}, [], "k")) == {("A", "fe"): 4}
 
 

@@ -149,8 +149,9 @@ def test_standin_keeps_real_ads_for_startds_submits_and_actions(pool):
     assert schedd.query("true", ["JobStatus"]) == []
 
 
-def test_frontend_dag_reads_demand_from_standin_schedds(pool, tmp_path, monkeypatch, airflow_db):
-    """A whole frontend run: demand from two stand-in schedds (one hung), plan, request published."""
+def test_frontend_dag_reads_demand_from_standin_schedds(pool, tmp_path, monkeypatch, airflow_db, ec2):
+    """A whole frontend run: demand from two stand-in schedds (one hung), plan, request published.
+    (``ec2`` only for the connections the credential selection reads; the frontend calls no cloud.)"""
     good, hung = pool.add_schedd("schedd1"), pool.add_schedd("schedd2")
     fill(good)
     hung.add_jobs({"RequestCpus": 1, "RequestMemory": 2000, "DESIRED_Sites": "AWS_US_EAST_1"}, 500)
@@ -159,8 +160,6 @@ def test_frontend_dag_reads_demand_from_standin_schedds(pool, tmp_path, monkeypa
     cfg["factory"]["retry_delay"] = 0
     cfg["frontends"][0]["demand"] = {"collector": pool.address, "constraint": 'Owner == "cms"', "timeout": 2}
     write_config(tmp_path, cfg, monkeypatch)
-    monkeypatch.setenv("AIRFLOW_CONN_GLIDEIN_CMS_POOL_TOKEN", '{"conn_type": "generic", "password": "x"}')
-    monkeypatch.setenv("AIRFLOW_CONN_GLIDEIN_AWS_DEMO", '{"conn_type": "aws", "login": "a", "password": "b"}')
     run = run_dag("glidein_frontend_cms")
     assert str(run.state) == "success", task_states(run)
     request = xcom(run, "plan_pilots")
