@@ -110,7 +110,9 @@ def get_provider_info() -> dict:
         ],
         "hooks": [
             {"integration-name": "HTCondor glideins",
-             "python-modules": ["airflow_glidein.hooks.ec2", "airflow_glidein.hooks.htcondor", "airflow_glidein.secrets"]},
+             "python-modules": ["airflow_glidein.hooks.ec2", "airflow_glidein.hooks.htcondor", "airflow_glidein.secrets",
+                                "airflow_glidein.hooks.openstack", "airflow_glidein.hooks.opennebula",
+                                "airflow_glidein.hooks.htcondor_g"]},
         ],
         "connection-types": [
             {

@@ -119,9 +119,10 @@ def reap(
 ) -> list[Action]:
     """What to do with each pilot this cycle.
 
-    ``pilots`` are rows with id, entry, frontend, state, launched, startd (or
-    None) and memory; ``levels`` maps (entry, frontend) to the idle level the
-    frontend currently requests (absent: 0, no request means no demand).
+    ``pilots`` are rows with id, entry, frontend, burst, policy (a burst's own),
+    state, launched, startd (or None) and memory; ``levels`` maps (entry,
+    request key: frontend or "burst-<id>") to the idle level currently
+    requested (absent: 0, no request means no demand).
     Busy pilots are never taken for scale-down, only retired past their
     lifetime; orphans are drained unless idle or past their lifetime
     (never an automatic "remove everything", glideinWMS #282).
@@ -135,6 +136,8 @@ def reap(
         if entry is None or state == P.TERMINATED:
             continue
         policy = config.policy_for(entry, p.get("frontend"))
+        if p.get("policy"):  # a burst's pilots follow the burst's own lifetime and idle timeout
+            policy = policy.model_copy(update=p["policy"])
         age = now - p["launched"]
         startd = p.get("startd")
 
@@ -177,7 +180,8 @@ def reap(
             if idle > policy.idle_timeout:
                 act("terminate", f"idle for {int(idle)} s > idle_timeout ({policy.idle_timeout} s)")
             elif idle > SCALE_DOWN_GRACE:
-                idle_by_group.setdefault((entry.name, p.get("frontend") or ""), []).append((idle, pid))
+                idle_by_group.setdefault((entry.name, P.request_key(p.get("frontend"), p.get("burst"))), []).append(
+                    (idle, pid))
     # Scale down: idle pilots beyond what the frontend asks for, longest idle first.
     taken = {a.id for a in actions}
     for (entry_name, fe), idle in idle_by_group.items():

@@ -24,13 +24,17 @@ PILOTS = Table(
     Column("id", String(128), primary_key=True),
     Column("entry", String(64), nullable=False, index=True),
     Column("frontend", String(64)),
+    Column("burst", String(128)),  # the burst a pilot serves (tag), or NULL
     Column("launch", String(256)),
+    Column("request", String(256)),  # the frontend run (or burst run) whose request it serves
+    Column("factory_run", String(256)),  # the factory run that launched it
     Column("launched", Float, nullable=False),
     Column("state", String(32), nullable=False),
     Column("provider_state", String(32)),
     Column("conn", String(256)),
     Column("detail", Text, default=""),
     Column("startd", Text),  # compact JSON of the startd ad's few attributes, or NULL
+    Column("policy", Text),  # JSON of the pilot's own policy from its tags (bursts), or NULL
     Column("memory", Text, nullable=False, default="{}"),
     Column("updated", Float, nullable=False),
 )
@@ -45,7 +49,7 @@ ENTRY_HEALTH = Table(
     Column("updated", Float, nullable=False),
 )
 
-_JSON_COLS = ("startd", "memory")
+_JSON_COLS = ("startd", "memory", "policy")
 
 
 def _upsert(store: StateStore, table: Table, rows: list[dict[str, Any]], key: str) -> None:

@@ -41,6 +41,15 @@ TAG_FRONTEND = "glidein:frontend"
 TAG_ENTRY = "glidein:entry"
 TAG_LAUNCH = "glidein:launch"
 TAG_REQUEST = "glidein:request"
+TAG_FACTORY_RUN = "glidein:factory_run"  # the factory DAG run that launched it
+TAG_BURST = "glidein:burst"  # only on pilots of an ad-hoc burst: the burst's id
+TAG_MAX_LIFETIME = "glidein:max_lifetime"  # a burst's own pilot policy, read back by reaping
+TAG_IDLE_TIMEOUT = "glidein:idle_timeout"
+
+
+def request_key(frontend: str | None, burst: str | None) -> str:
+    """Whose request a pilot serves: its frontend's, or a burst's (which counts its own pilots)."""
+    return f"burst-{burst}" if burst else (frontend or "-")
 
 
 @dataclass
@@ -68,6 +77,11 @@ class Pilot:
     launched: float
     provider_state: str
     detail: str = ""
+    burst: str | None = None
+
+    @property
+    def key(self) -> str:
+        return request_key(self.frontend, self.burst)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -78,10 +92,10 @@ class Pilot:
 
 
 def counts(pilots: Iterable[Pilot]) -> dict[str, dict[str, dict[str, int]]]:
-    """{entry: {frontend: {state: n, "total": n}}}, for plans and reports."""
+    """{entry: {frontend or "burst-<id>": {state: n, "total": n}}}, for plans and reports."""
     out: dict[str, dict[str, Counter]] = {}
     for p in pilots:
-        c = out.setdefault(p.entry, {}).setdefault(p.frontend or "-", Counter())
+        c = out.setdefault(p.entry, {}).setdefault(p.key, Counter())
         c[p.state] += 1
         if p.state in LIVE:
             c["total"] += 1

@@ -21,9 +21,10 @@ from airflow_glidein.planning import apportion
 
 
 def latest_requests(events: Iterable[Mapping[str, Any]], config: Config, now: float) -> dict[str, dict]:
-    """The newest unexpired request of every configured frontend.
+    """The newest unexpired request of every configured frontend, and every live burst.
 
-    ``events`` are asset events as {"extra": request, "timestamp": epoch}, any order.
+    ``events`` are asset events as {"extra": request, "timestamp": epoch}, any
+    order. Keyed by P.request_key: the frontend's name, or "burst-<id>".
     """
     known = {f.name: f for f in config.frontends}
     best: dict[str, dict] = {}
@@ -31,13 +32,14 @@ def latest_requests(events: Iterable[Mapping[str, Any]], config: Config, now: fl
         req = ev.get("extra") or {}
         name = req.get("frontend")
         ts = float(ev.get("timestamp", 0))
-        if name not in known and not req.get("burst"):
-            continue  # a removed frontend's request is not acted on
-        ttl = req.get("ttl") or (known[name].request_ttl if name in known else 0)
+        if name not in known:
+            continue  # a removed frontend's request (or its burst's) is not acted on
+        ttl = req.get("ttl") or known[name].request_ttl
         if now - ts > ttl:
             continue
-        if name not in best or ts > best[name]["published"]:
-            best[name] = {**req, "published": ts}
+        key = P.request_key(name, req.get("burst"))
+        if key not in best or ts > best[key]["published"]:
+            best[key] = {**req, "published": ts}
     return best
 
 
@@ -97,7 +99,7 @@ def plan_launches(
                 deficits[f] = 0
                 why["frontends"][f] = {"level": ask["idle"], "refused": refused}
                 continue
-            mine = [p for p in here if p.frontend == f]
+            mine = [p for p in here if p.key == f]
             capacity = sum(p.state in P.CAPACITY for p in mine)
             active = sum(p.state in P.ACTIVE for p in mine)
             cap = ask.get("max_running")  # a request without one (a burst) is not capped here
@@ -131,14 +133,16 @@ def plan_launches(
                 count = min(lim.batch_size, n - b * lim.batch_size)
                 launches.append({
                     "launch_id": launch_id(key, f, entry.name, b),
-                    "frontend": f,
+                    "frontend": request.get("frontend", f),
+                    "burst": request.get("burst"),
                     "count": count,
                     "request": str(request.get("cycle", "")),
                     "provision": ask.get("provision"),
                     "pilot": ask.get("pilot"),
                     "image": credentials.image_for(entry, ask),
                     "start_expr": request.get("start_expr", "true"),
-                    "policy": (request.get("policy") or {}).get(entry.name) or config.policy_for(entry, f).model_dump(),
+                    "policy": (request.get("policy") or {}).get(entry.name)
+                    or config.policy_for(entry, request.get("frontend", f)).model_dump(),
                 })
         work.append({"entry": entry.name, "launches": launches, "why": why})
     return work

@@ -78,5 +78,5 @@ with DAG(
     )
     FactoryReportOperator(
         task_id="report", inventory=_inventory.output, submitted=_submit.output, actions=_actions,
-        config_file=CONFIG, trigger_rule="all_done",
+        decisions=XComArg(_plan, key="decisions"), config_file=CONFIG, trigger_rule="all_done",
     )

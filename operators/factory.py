@@ -13,12 +13,13 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from airflow_glidein import lifecycle as L
-from airflow_glidein import pilotdb, provisioning, state
+from airflow_glidein import metrics, pilotdb, provisioning, state
 from airflow_glidein import pilots as P
 from airflow_glidein.assets import GLIDEIN_REQUESTS, REQUEST_EVENTS_WINDOW
 from airflow_glidein.bootstrap.launches import userdata_for
 from airflow_glidein.hooks import LaunchSpec, pilot_hook
 from airflow_glidein.operators.base import GlideinBaseOperator
+from airflow_glidein.operators.lifecycle import as_pilot
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -63,12 +64,11 @@ class PlanCycleOperator(GlideinBaseOperator):
     def execute(self, context: Context) -> list[dict[str, Any]]:
         cfg, now, store = self.config, self.now(), state.store()
         rows = list(pilotdb.load_pilots(store, [e.name for e in cfg.entries]).values())
-        levels = {(e, fe): int(ask["idle"]) for fe, req in self.requests.items()
+        levels = {(e, key): int(ask["idle"]) for key, req in self.requests.items()
                   for e, ask in req.get("entries", {}).items()}
         actions = L.reap(cfg, rows, levels, now)
         leaving = {a.id: (P.RETIRING if a.action == "retire" else P.TERMINATING) for a in actions}
-        pilots = [P.Pilot(r["id"], r["entry"], r.get("frontend"), r.get("launch"), leaving.get(r["id"], r["state"]),
-                          r["launched"], r.get("provider_state") or "") for r in rows]
+        pilots = [as_pilot(r, leaving.get(r["id"])) for r in rows]
         blocked = {e: f"listing failed ({err})" for e, err in self.inventory.get("errors", {}).items()}
         for e, h in pilotdb.load_health(store).items():
             if h["until"] > now and e not in blocked:
@@ -81,6 +81,8 @@ class PlanCycleOperator(GlideinBaseOperator):
         for a in actions:
             self.log.info("%s %s at %s: %s", a.action, a.id, a.entry, a.reason)
         context["ti"].xcom_push(key="actions", value=[a.to_dict() for a in actions])
+        context["ti"].xcom_push(key="decisions", value={
+            w["entry"]: {**w["why"], "launch": sum(b["count"] for b in w["launches"])} for w in work})
         return [w for w in work if w["launches"]]
 
 
@@ -111,6 +113,7 @@ class SubmitPilotsOperator(GlideinBaseOperator):
                 count=batch["count"],
                 image=batch["image"],
                 request=batch["request"],
+                extra_tags={P.TAG_FACTORY_RUN: context["run_id"], **burst_tags(batch)},
                 # registers the launch and its bootstrap token, then signs the envelope
                 userdata=userdata_for(cfg, entry, batch, conn_id),
             )
@@ -118,7 +121,9 @@ class SubmitPilotsOperator(GlideinBaseOperator):
                 result = hook.launch(spec)
             except Exception as exc:
                 _launch_failed(entry.name, exc, self.now())
+                metrics.incr(1, "failures", entry.name, "launch", entry=entry.name, kind="launch")
                 raise
+            metrics.incr(len(result["created"]), "launches", entry.name, entry=entry.name, frontend=spec.frontend)
             self.log.info("Entry %s launch %s: %d created, %d already there",
                           entry.name, spec.launch_id, len(result["created"]), len(result["existing"]))
             launched.append({"launch_id": spec.launch_id, "frontend": spec.frontend, **result})
@@ -144,3 +149,11 @@ def _launch_succeeded(entry: str, now: float) -> None:
     health = pilotdb.load_health(store).get(entry)
     if health and health["failures"] and str(health["reason"]).startswith(LAUNCH_FAILED):
         pilotdb.save_health(store, [{"entry": entry, "failures": 0, "until": now, "reason": "", "updated": now}])
+
+
+def burst_tags(batch: dict[str, Any]) -> dict[str, str]:
+    """A burst's pilots carry its id and its own policy, so reaping can read them back."""
+    if not batch.get("burst"):
+        return {}
+    return {P.TAG_BURST: str(batch["burst"]), P.TAG_MAX_LIFETIME: str(int(batch["policy"]["max_lifetime"])),
+            P.TAG_IDLE_TIMEOUT: str(int(batch["policy"]["idle_timeout"]))}

@@ -9,8 +9,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from airflow.sdk.exceptions import AirflowSkipException
+
 from airflow_glidein import credentials as creds
-from airflow_glidein import demand, material, planning, report, secrets, state
+from airflow_glidein import demand, material, metrics, planning, report, secrets, state
 from airflow_glidein.assets import GLIDEIN_REQUESTS, GLIDEIN_STATUS
 from airflow_glidein.hooks.htcondor import HTCondorHook
 from airflow_glidein.operators.base import GlideinBaseOperator
@@ -172,10 +174,19 @@ class PublishRequestOperator(GlideinBaseOperator):
         request = {
             **self.request,
             "cycle": context["run_id"],
-            "ttl": fe.request_ttl,
+            "ttl": self.request.get("ttl") or fe.request_ttl,  # a burst brings its own lifetime
         }
-        request.pop("demand", None)
-        context["outlet_events"][GLIDEIN_REQUESTS].extra = request
+        summary = request.pop("demand", None) or {}
         levels = {e: p["idle"] for e, p in request["entries"].items()}
-        self.log.info("Frontend %s requests idle pilot levels %s", fe.name, levels)
+        if not request.get("burst"):
+            metrics.gauge(summary.get("idle_unmatched", 0), "demand", "unmatched", fe.name, frontend=fe.name)
+            for e, p in request["entries"].items():
+                jobs = p.get("why", {}).get("idle_jobs", 0)
+                metrics.gauge(jobs, "demand", "idle_jobs", fe.name, e, frontend=fe.name, entry=e)
+                metrics.gauge(p["idle"], "request", "level", fe.name, e, frontend=fe.name, entry=e)
+        if request.pop("dry_run", False):
+            raise AirflowSkipException(f"dry run: not publishing {levels}")
+        context["outlet_events"][GLIDEIN_REQUESTS].extra = request
+        who = f"Burst {request['burst']} of frontend {fe.name}" if request.get("burst") else f"Frontend {fe.name}"
+        self.log.info("%s requests idle pilot levels %s", who, levels)
         return {"cycle": request["cycle"], "levels": levels, "skipped": request["skipped"]}

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk.exceptions import AirflowException
 
 from airflow_glidein import lifecycle as L
-from airflow_glidein import pilotdb, report, state
+from airflow_glidein import metrics, pilotdb, report, state
 from airflow_glidein import pilots as P
 from airflow_glidein.assets import GLIDEIN_STATUS
 from airflow_glidein.config import Config, Entry
@@ -38,9 +38,24 @@ def provision_conns(config: Config, entry: Entry) -> list[str]:
     return sorted({c.conn_id for c in config.credentials if c.purpose == "provision" and usable_on(c, entry)})
 
 
+def as_pilot(row: dict[str, Any], state: str | None = None) -> P.Pilot:
+    return P.Pilot(row["id"], row["entry"], row.get("frontend"), row.get("launch"), state or row["state"],
+                   row["launched"], row.get("provider_state") or "", burst=row.get("burst"))
+
+
 def pilot_counts(rows: Any) -> dict[str, dict[str, dict[str, int]]]:
-    return P.counts(P.Pilot(r["id"], r["entry"], r.get("frontend"), r.get("launch"), r["state"], r["launched"],
-                            r.get("provider_state") or "") for r in rows)
+    return P.counts(as_pilot(r) for r in rows)
+
+
+def tag_policy(tags: dict[str, str]) -> dict[str, int] | None:
+    """A pilot's own policy carried in its tags (bursts set theirs), for reaping."""
+    out = {}
+    for field, tag in (("max_lifetime", P.TAG_MAX_LIFETIME), ("idle_timeout", P.TAG_IDLE_TIMEOUT)):
+        try:
+            out[field] = int(tags[tag])
+        except (KeyError, ValueError):
+            continue
+    return out or None
 
 
 class InventoryOperator(GlideinBaseOperator):
@@ -62,6 +77,7 @@ class InventoryOperator(GlideinBaseOperator):
                 except Exception as exc:  # one provider down must not stop the other entries
                     self.log.warning("Entry %s: listing with connection %s failed: %s", entry.name, conn_id, exc)
                     errors[entry.name] = f"{type(exc).__name__}: {str(exc)[:300]}"
+                    metrics.incr(1, "failures", entry.name, "listing", entry=entry.name, kind="listing")
             for iid, (inst, conn_id) in listed.items():
                 prev = remembered.pop(iid, None)
                 frontend = inst.tags.get(P.TAG_FRONTEND)
@@ -71,7 +87,9 @@ class InventoryOperator(GlideinBaseOperator):
                 policy = cfg.policy_for(entry, frontend)
                 st, mem = L.transition(L.Memory.from_dict(prev and prev["memory"]), obs, now, policy.boot_timeout)
                 rows.append({
-                    "id": iid, "entry": entry.name, "frontend": frontend, "launch": inst.launch_id,
+                    "id": iid, "entry": entry.name, "frontend": frontend, "burst": inst.tags.get(P.TAG_BURST),
+                    "policy": tag_policy(inst.tags), "launch": inst.launch_id,
+                    "request": inst.tags.get(P.TAG_REQUEST), "factory_run": inst.tags.get(P.TAG_FACTORY_RUN),
                     "launched": inst.launched, "state": st, "provider_state": inst.state, "conn": conn_id,
                     "detail": inst.detail, "startd": {k: startd[k] for k in STARTD_KEEP if k in startd} if startd else None,
                     "memory": mem.to_dict(), "updated": now, "_prev": prev and prev["state"],
@@ -105,6 +123,8 @@ class InventoryOperator(GlideinBaseOperator):
         new_failures = Counter(r["entry"] for r in rows if r["state"] == P.BOOT_FAILED and r["_prev"] != P.BOOT_FAILED)
         registered = {r["entry"] for r in rows if (r["memory"].get("first_registered") or -1) == now}
         changes = []
+        for entry, n in new_failures.items():
+            metrics.incr(n, "failures", entry, "boot", entry=entry, kind="boot")
         for entry in set(new_failures) | registered:
             failures = 0 if entry in registered else health.get(entry, {}).get("failures", 0) + new_failures[entry]
             reason = f"{new_failures[entry]} pilots failed to boot" if failures else ""
@@ -150,8 +170,10 @@ class ReapPilotsOperator(GlideinBaseOperator):
                     )
             except Exception as exc:
                 self.log.warning("Entry %s: %s of %d pilots failed: %s", entry_name, kind, len(ids), exc)
+                metrics.incr(1, "failures", entry_name, "terminate", entry=entry_name, kind="terminate")
                 failed += items
                 continue
+            metrics.incr(len(ids), "terminations", entry_name, kind, entry=entry_name, action=kind)
             for a in items:
                 self.log.info("%s %s at %s: %s", kind, a.id, a.entry, a.reason)
                 mem = rows[a.id].get("memory") or {}
@@ -183,14 +205,15 @@ class ReapPilotsOperator(GlideinBaseOperator):
 class FactoryReportOperator(GlideinBaseOperator):
     """Publish pilot counts (and backoff, stuck pilots) on ``glidein_status``; print the cycle's summary."""
 
-    template_fields: Sequence[str] = ("inventory", "submitted", "actions", "config_file")
+    template_fields: Sequence[str] = ("inventory", "submitted", "actions", "decisions", "config_file")
 
-    def __init__(self, *, inventory: Any, submitted: Any, actions: Any, **kwargs: Any) -> None:
+    def __init__(self, *, inventory: Any, submitted: Any, actions: Any, decisions: Any = None, **kwargs: Any) -> None:
         kwargs.setdefault("outlets", [GLIDEIN_STATUS])
         super().__init__(**kwargs)
         self.inventory = inventory
         self.submitted = submitted
         self.actions = actions
+        self.decisions = decisions
 
     def execute(self, context: Context) -> dict[str, Any]:
         cfg, now, store = self.config, self.now(), state.store()
@@ -198,7 +221,7 @@ class FactoryReportOperator(GlideinBaseOperator):
         launched = 0
         for item in _items(self.submitted):
             for batch in item["launched"]:
-                for iid in batch["created"]:
+                for iid in batch["created"] + batch.get("existing", []):  # a retry finds what an earlier try made
                     launched += 1
                     rows.append({"id": iid, "entry": item["entry"], "frontend": batch["frontend"],
                                  "launch": batch["launch_id"], "state": P.REQUESTED, "launched": now})
@@ -215,8 +238,11 @@ class FactoryReportOperator(GlideinBaseOperator):
             "stuck": stuck,
             "backoff": backoff,
             "errors": (self.inventory or {}).get("errors", {}),
+            "decisions": self.decisions or {},
+            "run_id": context["run_id"],
         }
         context["outlet_events"][GLIDEIN_STATUS].extra = status
+        metrics.pilots(counts, P.STATES)
         lines = [f"Factory {cfg.factory.name}: {launched} launched, "
                  + ", ".join(f"{n} {k}" for k, n in sorted(status["actions"].items())) if actions else
                  f"Factory {cfg.factory.name}: {launched} launched, nothing reaped"]

@@ -31,6 +31,8 @@ import pytest  # noqa: E402
 
 from tests.helpers import POOL_TOKEN, MotoEC2, migrate_db  # noqa: E402
 
+pytest_plugins = ["tests.servers.fixtures"]  # Nova/Keystone and OpenNebula servers, simulated clock
+
 
 @pytest.fixture(scope="session")
 def airflow_db():
@@ -44,6 +46,18 @@ def moto_server():
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(autouse=True)
+def fresh_requests(request):
+    """Each test starts with no glidein_requests/glidein_status events: old requests must not leak in."""
+    if "airflow_db" not in request.fixturenames:
+        return
+    from airflow.models.asset import AssetEvent
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        session.query(AssetEvent).delete()
 
 
 @pytest.fixture(autouse=True)

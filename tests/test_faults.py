@@ -44,6 +44,7 @@ def fault_config(tmp_path, monkeypatch):
     for e in cfg["entries"]:
         e["limits"] = {"max_pilots": 40, "max_idle": 30, "max_per_cycle": 12, "batch_size": 2}
         e["policy"] = {"max_lifetime": LIFETIME}
+        e["api_budget"] = {"requests": 100000, "per_seconds": 300}  # 200 cycles back to back, not 500 calls / 5 min
         e.pop("requirements", None)
     base = cfg["frontends"][0]
     cfg["frontends"] = [{**base, "name": n, "request_ttl": 100000} for n in ("cms", "atlas")]

@@ -185,7 +185,7 @@ def create_app(*, ui: bool, config_file: str | None = None, state_url: str | Non
         return PlainTextResponse(f"stored={name}\nbytes={size}\n")
 
     if ui:
-        app.mount("/pilots", _Lazy(lambda: _viewer(svc)))
+        app.mount("/pilots", Lazy(lambda: _viewer(svc)))
     return app
 
 
@@ -210,7 +210,7 @@ def _page(title: str, body: str) -> HTMLResponse:
                         f"<body><h2>{html.escape(title)}</h2>{body}</body></html>")
 
 
-class _Lazy:
+class Lazy:
     """An ASGI app built on its first request: the viewer's Airflow auth imports take a second or
     more, and the plugin module is imported by every Airflow process, not only the API server."""
 

@@ -1,24 +1,38 @@
 """The small interface every middleware hook implements, and what they share.
 
 A middleware hook knows three calls: create n instances for a launch, list
-ours (by the factory/entry/launch tags), terminate. Retry safety lives here,
-once for all middlewares: a launch first looks for instances already made
-under its launch id and creates only what is missing, so a retried task (or
-a provider that ignores idempotency tokens) never starts a duplicate pilot.
+ours (by the factory/entry/launch tags), terminate (and its stronger
+variant). What all middlewares need is here, once:
+
+- retry safety: a launch first looks for instances already made under its
+  launch id and creates only what is missing, so a retried task (or a
+  provider that ignores idempotency tokens) never starts a duplicate pilot;
+- the API budget: every provider call takes a token of the endpoint's
+  budget (``airflow_glidein.budget``) and, when the provider throttles
+  (429/503 or its own equivalent), backs off with full jitter and tries again;
+- verified termination: terminate, check the listing, terminate again, then
+  force (force-delete, terminate-hard, remove-x), and report what still stays.
 """
 
 from __future__ import annotations
 
 import importlib
 import logging
+import random
 from abc import abstractmethod
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
+from typing import Any, ClassVar, TypeVar
 
 from airflow.sdk import BaseHook
 
+from airflow_glidein import budget as B
 from airflow_glidein import pilots as P
 from airflow_glidein.config import Entry
+
+T = TypeVar("T")
+Refusals = dict[str, str]  # instance id -> why the provider refused to act on it now
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +48,31 @@ class LaunchSpec:
     extra_tags: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass
+class TerminationReport:
+    """What a verified termination achieved: gone, and what still stays (with why)."""
+
+    gone: list[str] = field(default_factory=list)
+    stuck: dict[str, str] = field(default_factory=dict)
+    steps: list[str] = field(default_factory=list)  # the ladder as it ran, for the log
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def backoff(attempt: int, hint: float, base: float, cap: float) -> float:
+    """Full-jitter exponential backoff, never shorter than the provider's Retry-After."""
+    return max(hint, random.uniform(0, min(cap, base * 2**attempt)))
+
+
 class PilotHook(BaseHook):
     """Base of the middleware hooks. Subclasses set ``middleware`` and the ``_`` methods."""
 
     middleware: ClassVar[str]
+    throttle_retries: ClassVar[int] = 6  # backoffs on throttling before the call fails
+    backoff_base: ClassVar[float] = 2.0  # s; doubles per attempt, with full jitter
+    backoff_cap: ClassVar[float] = 60.0
+    terminate_settle: ClassVar[float] = 10.0  # s a termination may take before it is checked
 
     def __init__(self, entry: Entry, factory: str, conn_id: str, **kwargs: Any) -> None:
         super().__init__()
@@ -55,12 +90,53 @@ class PilotHook(BaseHook):
         """Start ``count`` instances tagged with ``tags``, in as few calls as the API allows."""
 
     @abstractmethod
-    def _terminate(self, ids: list[str]) -> None:
-        """Ask the provider to terminate these instances."""
+    def _terminate(self, ids: list[str]) -> Refusals | None:
+        """Ask the provider to terminate these instances (best effort over all; already gone is fine).
 
-    def _force_terminate(self, ids: list[str]) -> None:
+        Returns the ones the provider refused to act on now, with its reason.
+        """
+
+    def _force_terminate(self, ids: list[str]) -> Refusals | None:
         """The middleware's stronger variant (force-delete, terminate-hard); default: terminate again."""
-        self._terminate(ids)
+        return self._terminate(ids)
+
+    def _needs_force(self, inst: P.ProviderInstance) -> bool:
+        """True if only the forced variant can end this instance now (e.g. Nova's SOFT_DELETED)."""
+        return False
+
+    def _throttled(self, outcome: Any) -> float | None:
+        """If this result or exception means "slow down": the seconds the provider asks (0: unsaid)."""
+        return None
+
+    # -- the API budget ---------------------------------------------------
+    @cached_property
+    def budget(self) -> B.ApiBudget:
+        return B.ApiBudget.for_entry(self.entry)
+
+    def api_call(self, send: Callable[[], T], what: str = "call", charge: bool = True) -> T:
+        """One provider call through the budget, backing off while the provider throttles.
+
+        ``charge=False`` when the transport already takes a token per request
+        (EC2's before-send event), so a call is never counted twice.
+        """
+        for attempt in range(self.throttle_retries + 1):
+            if charge:
+                self.budget.acquire()
+            try:
+                outcome: Any = send()
+                failed = False
+            except Exception as exc:
+                outcome, failed = exc, True
+            hint = self._throttled(outcome)
+            if hint is None or attempt == self.throttle_retries:
+                if failed:
+                    raise outcome
+                return outcome
+            pause = backoff(attempt, hint, self.backoff_base, self.backoff_cap)
+            log.warning("%s %s throttled by %s; retry %d of %d in %.1f s", self.middleware, what,
+                        self.entry.api_endpoint, attempt + 1, self.throttle_retries, pause)
+            B.CLOCK.sleep(pause)
+        raise AssertionError("unreachable")
 
     # -- shared behaviour -------------------------------------------------
     def tags(self, spec: LaunchSpec) -> dict[str, str]:
@@ -82,14 +158,57 @@ class PilotHook(BaseHook):
         missing = spec.count - len(existing)
         created: list[P.ProviderInstance] = []
         if missing > 0:
-            created = self._create(spec, missing, self.tags(spec))
+            had = {i.id for i in existing}
+            created = [i for i in self._create(spec, missing, self.tags(spec)) if i.id not in had]
         else:
             log.info("Launch %s already has %d of %d instances; creating none", spec.launch_id, len(existing), spec.count)
         return {"existing": [i.id for i in existing], "created": [i.id for i in created]}
 
-    def terminate(self, ids: list[str], force: bool = False) -> None:
-        if ids:
-            (self._force_terminate if force else self._terminate)(list(ids))
+    def terminate(self, ids: list[str], force: bool = False) -> Refusals:
+        """One termination request for ``ids`` (``force``: the stronger variant); returns refusals."""
+        if not ids:
+            return {}
+        return (self._force_terminate if force else self._terminate)(list(ids)) or {}
+
+    def still_there(self, ids: list[str]) -> dict[str, P.ProviderInstance]:
+        """Which of ``ids`` the provider still lists (any state but terminated): one listing."""
+        wanted = set(ids)
+        return {i.id: i for i in self._list() if i.id in wanted and i.state != P.P_TERMINATED}
+
+    def terminate_verified(self, ids: list[str], settle: float | None = None) -> TerminationReport:
+        """Terminate, verify, terminate again, then force; report what still stays.
+
+        Each step waits ``settle`` seconds (entry option ``terminate_settle``)
+        and checks with one listing, so a termination in progress is not
+        forced early and the calls stay few. What stays after the forced step
+        is reported as stuck with its provider state: the caller keeps it on
+        record (never dropped) and tries again next cycle.
+        """
+        settle = float(self.entry.options.get("terminate_settle", self.terminate_settle) if settle is None else settle)
+        report = TerminationReport()
+        left = list(dict.fromkeys(ids))
+        refused: Refusals = {}
+        only_force: set[str] = set()  # e.g. soft-deleted: asking again cannot help
+        for step, force in (("terminate", False), ("terminate again", False), ("force", True)):
+            if not left:
+                break
+            batch = left if force else [i for i in left if i not in only_force]
+            refused.update(self.terminate(batch, force=force))
+            report.steps.append(f"{step}: {len(batch)}")
+            B.CLOCK.sleep(settle)
+            there = self.still_there(left)
+            report.gone += [i for i in left if i not in there]
+            left = [i for i in left if i in there]
+            only_force = {i for i in left if self._needs_force(there[i])}
+            for iid in left:
+                inst = there[iid]
+                why = refused.get(iid) or inst.detail
+                report.stuck[iid] = f"{inst.state}" + (f": {why}" if why else "")
+        report.stuck = {i: report.stuck[i] for i in left}
+        if left:
+            log.warning("%s at %s: %d still there after terminate, terminate again and force: %s",
+                        self.middleware, self.entry.name, len(left), report.stuck)
+        return report
 
 
 def pilot_hook(entry: Entry, factory: str, conn_id: str, **kwargs: Any) -> PilotHook:

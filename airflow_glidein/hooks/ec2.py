@@ -6,6 +6,10 @@ InstanceInitiatedShutdownBehavior=terminate, so a pilot that powers itself
 off stops costing money. ClientToken makes the call idempotent on AWS; other
 EC2 APIs (and moto) ignore it, so the base class's check-before-create is
 what makes a retry safe everywhere.
+
+Every HTTP request botocore sends (retries included) takes a token of the
+entry's API budget (a before-send event); calls that still end throttled
+(RequestLimitExceeded and friends) back off in the base class.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ STATE = {
     "terminated": P.P_TERMINATED,
 }
 LIVE_STATES = ["pending", "running", "stopping", "stopped", "shutting-down"]
+THROTTLING = {"RequestLimitExceeded", "Throttling", "ThrottlingException", "TooManyRequestsException",
+              "SlowDown", "ServiceUnavailable", "Unavailable"}
 
 
 class EC2PilotHook(PilotHook):
@@ -42,7 +48,15 @@ class EC2PilotHook(PilotHook):
     def client(self) -> Any:
         from airflow.providers.amazon.aws.hooks.ec2 import EC2Hook
 
-        return EC2Hook(api_type="client_type", aws_conn_id=self.conn_id, region_name=self.entry.region).conn
+        client = EC2Hook(api_type="client_type", aws_conn_id=self.conn_id, region_name=self.entry.region).conn
+        client.meta.events.register("before-send.ec2", self._charge)
+        return client
+
+    def _charge(self, **_: Any) -> None:
+        self.budget.acquire()  # returning None lets botocore send the request
+
+    def _throttled(self, outcome: Any) -> float | None:
+        return 0.0 if isinstance(outcome, Exception) and _error_code(outcome) in THROTTLING else None
 
     def _filters(self, launch_id: str | None) -> list[dict]:
         filters = [
@@ -55,14 +69,17 @@ class EC2PilotHook(PilotHook):
         return filters
 
     def _list(self, launch_id: str | None = None) -> list[P.ProviderInstance]:
-        out = []
-        pages = self.client.get_paginator("describe_instances").paginate(
-            Filters=self._filters(launch_id), PaginationConfig={"PageSize": 1000}
-        )
-        for page in pages:
-            for reservation in page.get("Reservations", []):
-                out.extend(_instance(i) for i in reservation.get("Instances", []))
-        return out
+        def listing() -> list[P.ProviderInstance]:
+            out = []
+            pages = self.client.get_paginator("describe_instances").paginate(
+                Filters=self._filters(launch_id), PaginationConfig={"PageSize": 1000}
+            )
+            for page in pages:
+                for reservation in page.get("Reservations", []):
+                    out.extend(_instance(i) for i in reservation.get("Instances", []))
+            return out
+
+        return self.api_call(listing, "describe_instances", charge=False)
 
     def _create(self, spec: LaunchSpec, count: int, tags: dict[str, str]) -> list[P.ProviderInstance]:
         opts = self.entry.options
@@ -85,7 +102,7 @@ class EC2PilotHook(PilotHook):
         if opts.get("instance_profile"):
             params["IamInstanceProfile"] = {"Name": opts["instance_profile"]}
         try:
-            resp = self.client.run_instances(**params)
+            resp = self.api_call(lambda: self.client.run_instances(**params), "run_instances", charge=False)
         except Exception as exc:
             if _error_code(exc) == "IdempotentParameterMismatch":
                 # AWS already ran this launch's token with another count: the
@@ -97,7 +114,9 @@ class EC2PilotHook(PilotHook):
 
     def _terminate(self, ids: list[str]) -> None:
         for chunk in range(0, len(ids), 1000):
-            self.client.terminate_instances(InstanceIds=ids[chunk : chunk + 1000])
+            part = ids[chunk : chunk + 1000]
+            self.api_call(lambda: self.client.terminate_instances(InstanceIds=part), "terminate_instances",
+                          charge=False)
 
     def test_connection(self) -> tuple[bool, str]:
         try:

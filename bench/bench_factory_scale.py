@@ -1,0 +1,217 @@
+"""Factory inventory + reaping cycle at scale, on moto's EC2 server (a separate process on 127.0.0.1).
+
+20 entries in 4 regions; N pilots spread evenly; 10% of them past their
+lifetime. Times the factory's own operators (inventory -> plan_cycle ->
+reap_pilots -> the verify check), counts the provider API calls at the
+server, and reports peak memory of the factory process.
+
+Goals (issue 7): calls grow with entries and pages, not with pilots; the
+cycle takes at most 60 s on this machine at 10,000 pilots.
+
+    python bench/bench_factory_scale.py [--pilots 10000] [--also 2000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+REGIONS = ["us-east-1", "us-west-2", "eu-west-1", "eu-central-1"]
+ENTRIES = 20
+LIFETIME = 3600
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Moto:
+    """moto's server in its own process; every request is one line on its log."""
+
+    def __init__(self, workdir: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = workdir / "moto.log"
+        self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                                     stdout=open(self.log, "w"), stderr=subprocess.STDOUT)
+        for _ in range(200):
+            try:
+                urllib.request.urlopen(f"{self.url}/moto-api/").read()
+                return
+            except Exception:
+                time.sleep(0.1)
+        raise RuntimeError("moto server did not start")
+
+    def calls(self) -> int:
+        return sum(1 for line in open(self.log) if '"POST / HTTP' in line)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait()
+
+
+def config(workdir: Path) -> Path:
+    entries = [{
+        "name": f"e{n:02d}", "middleware": "ec2", "region": REGIONS[n % len(REGIONS)], "image": "ami-1e749f67",
+        "flavor": "c5.xlarge", "cores": 4, "trust_domain": "aws",
+        "limits": {"max_pilots": 100000, "max_idle": 100000, "max_per_cycle": 0},
+        "policy": {"max_lifetime": LIFETIME},
+    } for n in range(ENTRIES)]
+    cfg = {
+        "factory": {"name": "bench-factory", "bootstrap_url": "http://127.0.0.1:8080/glidein"},
+        "entries": entries,
+        "frontends": [{"name": "cms", "demand": {"queue_file": "none.json"}, "entries": [e["name"] for e in entries],
+                       "credentials": ["aws", "pool"]}],
+        "credentials": [
+            {"id": "aws", "type": "ec2_key_pair", "conn_id": "bench_aws", "trust_domain": "aws", "purpose": "provision"},
+            {"id": "pool", "type": "idtoken", "conn_id": "bench_pool", "trust_domain": "aws", "purpose": "pilot"},
+        ],
+    }
+    import yaml
+
+    path = workdir / "glidein.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def populate(moto: Moto, pilots: int) -> tuple[float, float]:
+    """Make the pilots, the 10% that will be old first; returns (launch time of the young, duration)."""
+    import boto3
+
+    clients = {r: boto3.client("ec2", region_name=r, endpoint_url=moto.url, aws_access_key_id="k",
+                               aws_secret_access_key="s") for r in REGIONS}
+    per_entry = pilots // ENTRIES
+
+    def make(n: int, entry: int, batch: str) -> None:
+        for start in range(0, n, 500):
+            count = min(500, n - start)
+            tags = {"glidein:factory": "bench-factory", "glidein:frontend": "cms", "glidein:entry": f"e{entry:02d}",
+                    "glidein:launch": f"bench.cms.e{entry:02d}.{batch}{start}", "glidein:request": "bench"}
+            clients[REGIONS[entry % len(REGIONS)]].run_instances(
+                ImageId="ami-1e749f67", InstanceType="c5.xlarge", MinCount=count, MaxCount=count,
+                TagSpecifications=[{"ResourceType": "instance",
+                                    "Tags": [{"Key": k, "Value": v} for k, v in tags.items()]}])
+
+    t0 = time.time()
+    old = per_entry // 10
+    for e in range(ENTRIES):
+        make(old, e, "old")
+    time.sleep(2.5)  # LaunchTime has 1 s resolution: keep the two cohorts apart
+    young_from = time.time() - 0.5
+    for e in range(ENTRIES):
+        make(per_entry - old, e, "young")
+    return young_from, time.time() - t0
+
+
+def cycle(cfg_path: Path, moto: Moto, young_from: float) -> dict:
+    """One inventory + reaping cycle through the factory's operators; the clock makes the first cohort old."""
+    from airflow_glidein.operators import InventoryOperator, PlanCycleOperator, ReapPilotsOperator
+    from airflow_glidein.operators.base import GlideinBaseOperator
+    from airflow_glidein.sensors.pilots import still_present
+
+    # the factory's clock: every young pilot is just under its lifetime, the old cohort past it
+    offset = young_from + LIFETIME - 1 - time.time()
+    real_now = GlideinBaseOperator.now
+    GlideinBaseOperator.now = lambda op: real_now(op) + offset
+
+    class TI:
+        pushed: dict = {}
+
+        def xcom_push(self, key, value):
+            self.pushed[key] = value
+
+    ctx = {"run_id": "bench", "ti": TI()}
+    figures = {}
+    calls0 = moto.calls()
+    t = time.perf_counter()
+    inv = InventoryOperator(task_id="inventory", config_file=str(cfg_path)).execute(ctx)
+    figures["inventory_s"] = time.perf_counter() - t
+    figures["inventory_calls"] = moto.calls() - calls0
+    t1 = time.perf_counter()
+    PlanCycleOperator(task_id="plan_cycle", requests={}, inventory=inv, config_file=str(cfg_path)).execute(ctx)
+    figures["plan_s"] = time.perf_counter() - t1
+    actions = ctx["ti"].pushed["actions"]
+    calls1 = moto.calls()
+    t2 = time.perf_counter()
+    done = ReapPilotsOperator(task_id="reap_pilots", actions=actions, config_file=str(cfg_path)).execute(ctx)
+    figures["reap_s"] = time.perf_counter() - t2
+    figures["reap_calls"] = moto.calls() - calls1
+    calls2 = moto.calls()
+    t3 = time.perf_counter()
+    left = still_present(str(cfg_path), done)
+    figures["verify_s"] = time.perf_counter() - t3
+    figures["verify_calls"] = moto.calls() - calls2
+    figures["cycle_s"] = time.perf_counter() - t
+    figures["calls"] = moto.calls() - calls0
+    figures["pilots_listed"] = sum(c.get("total", 0) for fes in inv["counts"].values() for c in fes.values())
+    figures["terminated"] = len(actions)
+    figures["left_after_terminate"] = len(left)
+    GlideinBaseOperator.now = real_now
+    return figures
+
+
+def run(pilots: int) -> dict:
+    work = Path(tempfile.mkdtemp(prefix="glidein-bench-"))
+    os.environ.update({
+        "AIRFLOW_HOME": str(work), "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{work}/airflow.db",
+        "AIRFLOW__LOGGING__LOGGING_LEVEL": "WARNING", "AWS_EC2_METADATA_DISABLED": "true",
+        "GLIDEIN_STATE_URL": f"sqlite:///{work}/state.db",
+    })
+    moto = Moto(work)
+    try:
+        os.environ["AIRFLOW_CONN_BENCH_AWS"] = json.dumps({
+            "conn_type": "aws", "login": "k", "password": "s", "extra": {"endpoint_url": moto.url}})
+        os.environ["AIRFLOW_CONN_BENCH_POOL"] = json.dumps({"conn_type": "generic", "password": "x.y.z"})
+        cfg_path = config(work)
+        young_from, setup_s = populate(moto, pilots)
+        figures = cycle(cfg_path, moto, young_from)
+        figures["setup_s"] = setup_s
+        return figures
+    finally:
+        moto.stop()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--pilots", type=int, default=10000)
+    ap.add_argument("--also", type=int, default=2000, help="a smaller scale, to show calls do not grow with pilots")
+    args = ap.parse_args()
+    import logging
+
+    logging.disable(logging.WARNING)
+    results = {n: run(n) for n in sorted({args.also, args.pilots}) if n}
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"Factory inventory + reaping cycle on moto's EC2 server, {ENTRIES} entries in {len(REGIONS)} regions")
+    print(f"{'pilots':>8} {'listed':>7} {'reaped':>7} {'calls':>6} {'inv s':>7} {'plan s':>7} {'reap s':>7} "
+          f"{'verify s':>8} {'cycle s':>8}")
+    for n, f in results.items():
+        print(f"{n:>8} {f['pilots_listed']:>7} {f['terminated']:>7} {f['calls']:>6} {f['inventory_s']:>7.1f} "
+              f"{f['plan_s']:>7.2f} {f['reap_s']:>7.1f} {f['verify_s']:>8.1f} {f['cycle_s']:>8.1f}")
+    big = results[max(results)]
+    pages = ENTRIES * -(-max(results) // ENTRIES // 1000)
+    print(f"API calls at {max(results)} pilots: {big['inventory_calls']} listing + {big['reap_calls']} terminate + "
+          f"{big['verify_calls']} verify (entries x pages = {pages} per listing pass)")
+    print(f"peak RSS of the factory process: {peak_mb:.0f} MB")
+    calls = [f["calls"] for f in results.values()]
+    ok_calls = len(set(calls)) == 1
+    ok_time = big["cycle_s"] <= 60
+    print(f"goal: calls independent of pilots ({'met' if ok_calls else 'NOT met'}: {calls}); "
+          f"cycle <= 60 s at {max(results)} pilots ({'met' if ok_time else 'NOT met'}: {big['cycle_s']:.1f} s)")
+    return 0 if ok_calls and ok_time else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""What the test servers share: a threaded HTTP server on 127.0.0.1, a call log, a throttle, a clock.
+
+Every request is logged with the clock's time (a test can hand the servers
+and the product the same simulated clock) before the server decides to
+throttle it, so the log is what the provider would have counted.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+@dataclass
+class Call:
+    at: float
+    method: str
+    path: str  # the URL path; for XML-RPC the method (and the action of one.vm.action)
+    status: int = 0
+    query: str = ""
+
+
+class WallClock:
+    def time(self) -> float:
+        return time.time()
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(max(seconds, 0))
+
+
+class SimClock:
+    """A clock that moves only when someone sleeps (or a server ticks it per request)."""
+
+    def __init__(self, start: float = 1_700_000_000.0, tick: float = 0.0) -> None:
+        self.now = start
+        self.tick = tick
+        self.slept = 0.0
+        self._lock = threading.Lock()
+
+    def time(self) -> float:
+        with self._lock:
+            return self.now
+
+    def sleep(self, seconds: float) -> None:
+        with self._lock:
+            self.now += max(seconds, 0)
+            self.slept += max(seconds, 0)
+
+    def advance(self) -> None:
+        with self._lock:
+            self.now += self.tick
+
+
+class Throttle:
+    """Refuse calls beyond ``limit`` in any sliding window of ``window`` seconds (None: never)."""
+
+    def __init__(self) -> None:
+        self.limit: int | None = None
+        self.window = 300.0
+        self._accepted: deque[float] = deque()
+        self.refused = 0
+
+    def set(self, limit: int | None, window: float = 300.0) -> None:
+        self.limit, self.window = limit, window
+        self._accepted.clear()
+        self.refused = 0
+
+    def admit(self, now: float) -> float | None:
+        """None if admitted, else the seconds until a slot frees (Retry-After)."""
+        if self.limit is None:
+            return None
+        while self._accepted and self._accepted[0] <= now - self.window:
+            self._accepted.popleft()
+        if len(self._accepted) >= self.limit:
+            self.refused += 1
+            return self._accepted[0] + self.window - now
+        self._accepted.append(now)
+        return None
+
+
+class QuickHandler(BaseHTTPRequestHandler):
+    """Keep-alive HTTP/1.1 without Nagle's delay between headers and body."""
+
+    protocol_version = "HTTP/1.1"
+
+    def setup(self) -> None:
+        super().setup()
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def log_message(self, *args) -> None:  # quiet
+        pass
+
+
+class TestServer:
+    """Owns a ThreadingHTTPServer on 127.0.0.1 (ephemeral port), its clock, log and throttle."""
+
+    __test__ = False  # not a pytest class
+
+    def __init__(self, handler_class) -> None:
+        self.clock = WallClock()
+        self.calls: list[Call] = []
+        self.throttle = Throttle()
+        self.lock = threading.RLock()
+        handler_class.owner = self
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler_class)
+        self.httpd.daemon_threads = True
+        self.port = self.httpd.server_address[1]
+        self.base = f"http://127.0.0.1:{self.port}"
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> TestServer:
+        self._thread = threading.Thread(target=self.httpd.serve_forever, name=type(self).__name__, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def log_call(self, method: str, path: str, query: str = "") -> tuple[Call, float | None]:
+        """Record a request and decide on throttling; returns (call, retry_after or None)."""
+        with self.lock:
+            if hasattr(self.clock, "advance"):
+                self.clock.advance()
+            now = self.clock.time()
+            call = Call(now, method, path, query=query)
+            self.calls.append(call)
+            return call, self.throttle.admit(now)
+
+    def max_in_window(self, window: float, match=lambda c: True) -> int:
+        """The most calls (matching ``match``) the server saw in any window of ``window`` seconds."""
+        times = sorted(c.at for c in self.calls if match(c))
+        best, lo = 0, 0
+        for hi, t in enumerate(times):
+            while times[lo] <= t - window:
+                lo += 1
+            best = max(best, hi - lo + 1)
+        return best
+
+
+_KEY = None
+
+
+def signed_envelope(middleware: str, payload: dict) -> str:
+    """A real signed UserData envelope, with a key made once per test session."""
+    global _KEY
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from airflow_glidein import userdata
+
+    _KEY = _KEY or Ed25519PrivateKey.generate()
+    return userdata.build(middleware, payload, _KEY)
