@@ -46,7 +46,6 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from airflow_glidein import credentials, demand, planning, report
-    from airflow_glidein.classads import Matcher
 
     try:
         cfg = load_config(args.config)
@@ -61,16 +60,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
         except KeyError as exc:
             print(exc.args[0], file=sys.stderr)
             return 1
-        entries = [cfg.entry(e) for e in fe.entries]
-        attrs = demand.match_attributes(fe.match_expr, entries)
+        attrs = demand.match_attributes(fe.match_expr, [cfg.entry(e) for e in fe.entries])
         try:
             groups = demand.read_queue_file(args.queue, attrs)
         except ValueError as exc:
             print(str(exc), file=sys.stderr)
             return 1
-        demand.match_groups(groups, Matcher(fe.match_expr, {e.name: (e.machine_attrs(), e.requirements) for e in entries}))
-        choice = credentials.select(cfg, name)
-        request = planning.plan_frontend(cfg, name, groups, choice)
+        demand.match_groups(groups, demand.matcher_for(cfg, name))
+        request = planning.plan_frontend(cfg, name, groups, credentials.select(cfg, name))
         request["demand"] = demand.summarize(groups)
         out[name] = request
         if not args.json:

@@ -88,6 +88,7 @@ class PilotPolicy(Model):
     idle_timeout: Pos = 1200  # s a registered pilot may stay unclaimed
     max_lifetime: Pos = 86400  # s from launch until the pilot is retired
     retire_window: NonNeg = 3600  # s a retiring busy pilot may finish its jobs
+    min_idle_lifetime: NonNeg = 1800  # s of life a pilot needs left to count as capacity (glideinWMS #554)
 
 
 class PolicyOverride(Model):
@@ -95,6 +96,7 @@ class PolicyOverride(Model):
     idle_timeout: Pos | None = None
     max_lifetime: Pos | None = None
     retire_window: NonNeg | None = None
+    min_idle_lifetime: NonNeg | None = None  # a VO of long jobs raises it
 
 
 class ApiBudget(Model):
@@ -179,6 +181,14 @@ class FrontendLimits(Model):
     max_idle: NonNeg = 100  # this frontend's booting + idle pilots in all entries
     max_running_per_entry: NonNeg = 10000
     max_idle_per_entry: NonNeg = 100
+    # glideinWMS's curbs: each one reached halves what is added this cycle.
+    curb_idle_per_entry: NonNeg = 5  # booting + idle pilots at one entry
+    curb_idle: NonNeg = 20  # booting + idle pilots in all entries
+    curb_running: NonNeg = 9000  # pilots in all entries
+    reserve_idle: NonNeg = 5  # extra pilots for jobs idle 10 min or more (glideinWMS reserve)
+    # glideinWMS divides new requests by 3; our factory subtracts in-flight launches exactly, so 1 by default.
+    ramp_up_attenuation: float = Field(default=1.0, ge=1.0)
+    fraction_running: float = Field(default=1.15, ge=1.0)  # max running = (wanted + busy) x this + 1
 
 
 class Frontend(Model):
@@ -345,13 +355,21 @@ def load_config(path: str | os.PathLike) -> Config:
     except OSError as exc:
         raise ConfigError(path, [f"cannot read the file: {exc.strerror}"]) from None
     try:
-        data = yaml.safe_load(text)
+        data = _load_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         raise ConfigError(path, [f"{where}not valid YAML ({getattr(exc, 'problem', None) or exc})"]) from None
     _resolve_paths(data, path.parent)
     return parse_config(data, path)
+
+
+def _load_yaml(text: str) -> Any:
+    """libyaml where installed (10x faster on a large file); the pure-Python parser words the errors."""
+    try:
+        return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    except yaml.YAMLError:
+        return yaml.safe_load(text)
 
 
 def _resolve_paths(data: Any, base: Path) -> None:

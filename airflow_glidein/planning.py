@@ -1,11 +1,24 @@
 """Frontend planning: how many idle pilots each entry should hold (a level).
 
-Follows glideinWMS's frontend: a job group that matches k usable entries
-counts 1/k toward each, so a job is not provisioned k times; the share is
-turned into pilots by the group's own resource requests (cores, memory,
-GPUs) against the entry's pilot size; frontend limits cap the result. Every
-number says which limit bound it. The factory subtracts pilots that already
-boot or idle, and applies the entry-wide limits across frontends.
+Follows glideinWMS's frontend (glideinFrontendElement.compute_glidein_min_idle
+and compute_glidein_max_run), in pilots rather than glideins:
+
+- a job group that matches k usable entries counts 1/k toward each, so a job
+  is not provisioned k times;
+- each group's share becomes pilots by its *own* request against the entry's
+  pilot size (jobs per pilot = the fewest of cores, memory and GPUs that fit),
+  summed over groups; glideinWMS scales an entry's average cores instead,
+  which misjudges entries fed mixed single- and multi-core jobs;
+- pilots already booting or idle at the entry (the factory's last status)
+  count first: only what is still missing is added, within the per-entry
+  limits, then attenuated (ramp-up), topped up with the reserve for jobs
+  idle 10 minutes or more, halved once per curb reached, at least 1;
+- frontend-wide limits cap the sum over entries.
+
+The level published is pilots booting or idle wanted at the entry; the
+factory launches level minus what it sees booting or idle, and applies the
+entry-wide and factory-wide limits across frontends. Every number says which
+limit bound it.
 """
 
 from __future__ import annotations
@@ -17,8 +30,8 @@ from typing import Any
 from airflow_glidein.config import Config
 from airflow_glidein.demand import JobGroup
 
-FRACTION_RUNNING = 1.15  # glideinWMS's head room of max_running over demand
 EPS = 1e-9
+RESOURCES = ("cores", "memory_mb", "gpus")
 
 
 def apportion(total: int, weights: Mapping[str, float]) -> dict[str, int]:
@@ -34,10 +47,25 @@ def apportion(total: int, weights: Mapping[str, float]) -> dict[str, int]:
     return out
 
 
-def entry_shares(groups: list[JobGroup], usable: set[str]) -> dict[str, dict[str, float]]:
-    """Fractional idle/running jobs and resources each usable entry is asked to serve."""
-    shares: dict[str, dict[str, float]] = {
-        e: {"idle_jobs": 0.0, "running_jobs": 0.0, "cores": 0.0, "memory_mb": 0.0, "gpus": 0.0, "groups": 0}
+def jobs_per_pilot(job: tuple[int, int, int], pilot: tuple[int, int, int]) -> tuple[int, str]:
+    """How many jobs of this size one pilot runs, and which resource decides (0: it does not fit)."""
+    per = {}
+    for name, want, have in zip(RESOURCES, job, pilot):
+        if name == "cores":
+            want = max(want, 1)
+        if want > 0:
+            per[name] = have // want
+    resource = min(per, key=lambda r: (per[r], RESOURCES.index(r)))
+    return per[resource], resource
+
+
+def entry_shares(
+    groups: list[JobGroup], usable: set[str], sizes: Mapping[str, tuple[int, int, int]]
+) -> dict[str, dict[str, Any]]:
+    """Fractional jobs, resources and pilots each usable entry is asked to serve."""
+    shares: dict[str, dict[str, Any]] = {
+        e: {"idle_jobs": 0.0, "idle_old_jobs": 0.0, "running_jobs": 0.0, "cores": 0.0, "memory_mb": 0.0,
+            "gpus": 0.0, "pilots": 0.0, "pilots_old": 0.0, "by": dict.fromkeys(RESOURCES, 0.0), "groups": 0}
         for e in usable
     }
     for g in groups:
@@ -45,26 +73,27 @@ def entry_shares(groups: list[JobGroup], usable: set[str]) -> dict[str, dict[str
         if not targets:
             continue
         k = len(targets)
+        size = (g.cpus, g.memory, g.gpus)
         for e in targets:
+            per, resource = jobs_per_pilot(size, sizes[e])
+            if per <= 0:
+                continue  # matching already refuses jobs bigger than the pilot; never divide by zero
             s = shares[e]
             s["idle_jobs"] += g.idle / k
+            s["idle_old_jobs"] += g.idle_old / k
             s["running_jobs"] += g.running / k
-            s["cores"] += g.idle * g.cpus / k
-            s["memory_mb"] += g.idle * g.memory / k
-            s["gpus"] += g.idle * g.gpus / k
+            s["cores"] += g.idle * max(size[0], 1) / k
+            s["memory_mb"] += g.idle * size[1] / k
+            s["gpus"] += g.idle * size[2] / k
+            s["pilots"] += g.idle / k / per
+            s["pilots_old"] += g.idle_old / k / per
+            s["by"][resource] += g.idle / k / per
             s["groups"] += 1
     return shares
 
 
-def pilots_for(share: Mapping[str, float], cores: int, memory_mb: int, gpus: int) -> tuple[int, str]:
-    """Pilots needed for a share, and which resource decided it."""
-    need = {"cores": share["cores"] / cores, "memory_mb": share["memory_mb"] / memory_mb}
-    if gpus:
-        need["gpus"] = share["gpus"] / gpus
-    elif share["gpus"] > 0:
-        need["gpus"] = 0.0  # a GPU job matched a GPU-less entry: the match said so, honour cores/memory
-    resource = max(need, key=lambda r: need[r])
-    return math.ceil(need[resource] - EPS) if need[resource] > EPS else 0, resource
+def _ceil(x: float) -> int:
+    return math.ceil(x - EPS) if x > EPS else 0
 
 
 def _bind(candidates: list[tuple[int, str]]) -> tuple[int, str]:
@@ -86,41 +115,73 @@ def plan_frontend(
     frontend's pilots per entry ({"booting", "idle", "busy", "total"}).
     """
     fe = config.frontend(frontend)
+    lim = fe.limits
     pilots = pilots or {}
+    counts_of = {e: {s: int(c.get(s, 0)) for s in ("booting", "idle", "busy", "total")} for e, c in pilots.items()}
+    total_have = sum(c["booting"] + c["idle"] for c in counts_of.values())
+    total_live = total_have + sum(c["busy"] for c in counts_of.values())
     usable = {e for e in fe.entries if "skip" not in credentials.get(e, {"skip": "not selected"})}
-    shares = entry_shares(groups, usable)
+    sizes = {e: (config.entry(e).cores, config.entry(e).memory_mb, config.entry(e).gpus) for e in usable}
+    shares = entry_shares(groups, usable, sizes)
     plans: dict[str, dict[str, Any]] = {}
     for name in fe.entries:
         if name not in usable:
             continue
-        entry = config.entry(name)
-        counts = {s: int(pilots.get(name, {}).get(s, 0)) for s in ("booting", "idle", "busy", "total")}
+        counts = counts_of.get(name, {"booting": 0, "idle": 0, "busy": 0, "total": 0})
         share = shares[name]
-        wanted, resource = pilots_for(share, entry.cores, entry.memory_mb, entry.gpus)
-        level, bound = _bind([
-            (wanted, f"demand ({resource})"),
-            (fe.limits.max_idle_per_entry, "frontend.max_idle_per_entry"),
-            (fe.limits.max_running_per_entry - counts["busy"], "frontend.max_running_per_entry"),
-        ])
-        max_running = min(fe.limits.max_running_per_entry, int((level + counts["busy"]) * FRACTION_RUNNING + 1))
+        have = counts["booting"] + counts["idle"]
+        live = have + counts["busy"]
+        wanted, wanted_old = _ceil(share["pilots"]), _ceil(share["pilots_old"])
+        resource = max(RESOURCES, key=lambda r: share["by"][r])
+        missing, missing_old = max(wanted - have, 0), max(wanted_old - have, 0)
+        limits = {
+            "frontend.max_idle_per_entry": lim.max_idle_per_entry - have,
+            "frontend.max_running_per_entry": lim.max_running_per_entry - live,
+        }
+        new, bound = _bind([(missing, f"demand ({resource})"), *((v, k) for k, v in limits.items())])
+        add, curbs = new, []
+        if new > 0:
+            add = int(new / lim.ramp_up_attenuation) + min(missing_old // 3, lim.reserve_idle)
+            add = min(add, new)  # the reserve tops up the attenuation; it never asks beyond demand or limits
+            if add < new:
+                curbs.append(f"ramp_up_attenuation {lim.ramp_up_attenuation:g}")
+            for count, curb, label in (
+                (have, lim.curb_idle_per_entry, "curb_idle_per_entry"),
+                (total_have, lim.curb_idle, "curb_idle"),
+                (total_live, lim.curb_running, "curb_running"),
+            ):
+                if count >= curb:
+                    add /= 2
+                    curbs.append(f"{label} ({count} >= {curb}: halved)")
+            add = max(int(add), 1)
+        if add < new:
+            bound = curbs[-1].split(" (")[0] if len(curbs) == 1 else "curbs"
+        level = min(have, wanted) + add
+        max_running = counts["busy"]
+        if wanted > 0:
+            max_running = min(lim.max_running_per_entry, int((wanted + counts["busy"]) * lim.fraction_running + 1))
         plans[name] = {
             "idle": level,
             "max_running": max_running,
             "why": {
                 "idle_jobs": round(share["idle_jobs"], 3),
+                "idle_old_jobs": round(share["idle_old_jobs"], 3),
                 "running_jobs": round(share["running_jobs"], 3),
                 "cores": round(share["cores"], 3),
                 "memory_mb": round(share["memory_mb"], 3),
                 "gpus": round(share["gpus"], 3),
-                "pilot_size": {"cores": entry.cores, "memory_mb": entry.memory_mb, "gpus": entry.gpus},
+                "pilot_size": dict(zip(RESOURCES, sizes[name])),
+                "pilots_exact": round(share["pilots"], 3),
                 "wanted": wanted,
                 "pilots": counts,
+                "add": add,
+                "limits": limits,
+                "curbs": curbs,
                 "bound_by": bound,
             },
         }
-    _cap_total(plans, fe.limits.max_idle, "frontend.max_idle")
-    busy = sum(int(pilots.get(e, {}).get("busy", 0)) for e in fe.entries)
-    _cap_total(plans, fe.limits.max_running - busy, "frontend.max_running")
+    _cap_total(plans, lim.max_idle - total_have, "frontend.max_idle")
+    _cap_total(plans, lim.max_running - total_live, "frontend.max_running")
     for name, plan in plans.items():
         plan.update(credentials[name])
     skipped = {e: credentials[e]["skip"] for e in fe.entries if e not in usable and e in credentials}
@@ -133,14 +194,15 @@ def plan_frontend(
     }
 
 
-def _cap_total(plans: dict[str, dict[str, Any]], cap: int, name: str) -> None:
-    """Scale levels down in proportion when their sum exceeds a frontend-wide cap."""
-    total = sum(p["idle"] for p in plans.values())
-    cap = max(cap, 0)
-    if total <= cap:
+def _cap_total(plans: dict[str, dict[str, Any]], room: int, name: str) -> None:
+    """Scale this cycle's additions down in proportion when their sum exceeds a frontend-wide room."""
+    total = sum(p["why"]["add"] for p in plans.values())
+    room = max(room, 0)
+    if total <= room:
         return
-    new = apportion(cap, {e: p["idle"] for e, p in plans.items()})
+    new = apportion(room, {e: p["why"]["add"] for e, p in plans.items()})
     for e, p in plans.items():
-        if new[e] < p["idle"]:
-            p["idle"] = new[e]
+        if new[e] < p["why"]["add"]:
+            p["idle"] -= p["why"]["add"] - new[e]
+            p["why"]["add"] = new[e]
             p["why"]["bound_by"] = name

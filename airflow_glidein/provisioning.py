@@ -58,10 +58,26 @@ def plan_launches(
     pilots: Iterable[P.Pilot],
     key: str,
     blocked: Mapping[str, str] | None = None,
+    now: float | None = None,
 ) -> list[dict[str, Any]]:
-    """Per entry with something to launch: its batches and the reasoning."""
+    """Per entry with something to launch: its batches and the reasoning.
+
+    With ``now``, a pilot with less lifetime left than the policy's
+    min_idle_lifetime is no capacity (it cannot run the jobs it is counted
+    for; glideinWMS #554 counted such slots and asked for nothing while they
+    expired).
+    """
     blocked = blocked or {}
     pilots = list(pilots)
+    entries = {e.name: e for e in config.entries}
+    expiring = set()
+    if now is not None:
+        for p in pilots:
+            if p.state in P.CAPACITY and p.entry in entries:
+                policy = config.policy_for(entries[p.entry], p.frontend)
+                if p.launched + policy.max_lifetime - now < policy.min_idle_lifetime:
+                    expiring.add(p.id)
+    pilots = [p if p.id not in expiring else _not_capacity(p) for p in pilots]
     by_entry: dict[str, list[P.Pilot]] = {}
     for p in pilots:
         by_entry.setdefault(p.entry, []).append(p)
@@ -86,7 +102,8 @@ def plan_launches(
             mine = [p for p in here if p.key == f]
             capacity = sum(p.state in P.CAPACITY for p in mine)
             active = sum(p.state in P.ACTIVE for p in mine)
-            deficit = max(0, min(int(ask["idle"]) - capacity, int(ask.get("max_running", math.inf)) - active))
+            cap = ask.get("max_running")  # a request without one (a burst) is not capped here
+            deficit = max(0, min(int(ask["idle"]) - capacity, (int(cap) - active) if cap is not None else math.inf))
             deficits[f] = deficit
             why["frontends"][f] = {"level": ask["idle"], "capacity": capacity, "active": active,
                                    "max_running": ask.get("max_running"), "deficit": deficit}
@@ -129,3 +146,7 @@ def plan_launches(
                 })
         work.append({"entry": entry.name, "launches": launches, "why": why})
     return work
+
+
+def _not_capacity(p: P.Pilot) -> P.Pilot:
+    return P.Pilot(**{**p.to_dict(), "state": P.RETIRING})

@@ -19,17 +19,18 @@ def plan_table(request: Mapping[str, Any]) -> str:
     for name, p in sorted(request.get("entries", {}).items()):
         w = p["why"]
         pc = w["pilots"]
+        bound = w["bound_by"] + (f" [{'; '.join(w['curbs'])}]" if w.get("curbs") else "")
         rows.append([
             name, w["idle_jobs"], w["cores"], w["wanted"],
-            f"{pc['booting']}/{pc['idle']}/{pc['busy']}", p["idle"], p["max_running"], w["bound_by"],
+            f"{pc['booting']}/{pc['idle']}/{pc['busy']}", w.get("add", "-"), p["idle"], p["max_running"], bound,
         ])
     for name, reason in sorted(request.get("skipped", {}).items()):
-        rows.append([name, "-", "-", "-", "-", 0, 0, f"skipped: {reason}"])
+        rows.append([name, "-", "-", "-", "-", "-", 0, 0, f"skipped: {reason}"])
     head = f"Plan of frontend {request.get('frontend')}"
     if request.get("missing_schedds"):
         head += " (schedds not answering: " + ", ".join(m["schedd"] for m in request["missing_schedds"]) + ")"
     return head + "\n" + table(
-        ["entry", "idle jobs", "cores", "wanted", "boot/idle/busy", "level", "max run", "bound by"], rows
+        ["entry", "idle jobs", "cores", "wanted", "boot/idle/busy", "add", "level", "max run", "bound by"], rows
     )
 
 

@@ -73,7 +73,8 @@ class PlanCycleOperator(GlideinBaseOperator):
         for e, h in pilotdb.load_health(store).items():
             if h["until"] > now and e not in blocked:
                 blocked[e] = f"{h['reason']}, until {int(h['until'] - now)} s from now"
-        work = provisioning.plan_launches(cfg, self.requests, pilots, provisioning.run_key(context["run_id"]), blocked)
+        work = provisioning.plan_launches(cfg, self.requests, pilots, provisioning.run_key(context["run_id"]), blocked,
+                                          now=now)
         for item in work:
             n = sum(b["count"] for b in item["launches"])
             self.log.info("Entry %s: launch %d (bound by %s) %s", item["entry"], n, item["why"]["bound_by"], item["why"])

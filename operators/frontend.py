@@ -14,7 +14,6 @@ from airflow.sdk.exceptions import AirflowSkipException
 from airflow_glidein import credentials as creds
 from airflow_glidein import demand, material, metrics, planning, report, secrets, state
 from airflow_glidein.assets import GLIDEIN_REQUESTS, GLIDEIN_STATUS
-from airflow_glidein.classads import Matcher
 from airflow_glidein.hooks.htcondor import HTCondorHook
 from airflow_glidein.operators.base import GlideinBaseOperator
 from airflow_glidein.pilots import CAPACITY
@@ -38,16 +37,17 @@ class QueryDemandOperator(GlideinBaseOperator):
 
     def execute(self, context: Context) -> dict[str, Any]:
         fe = self.config.frontend(self.frontend)
-        entries = [self.config.entry(e) for e in fe.entries]
-        attrs = demand.match_attributes(fe.match_expr, entries)
+        attrs = demand.match_attributes(fe.match_expr, [self.config.entry(e) for e in fe.entries])
         hook = HTCondorHook(collector=fe.demand.collector)
-        groups, missing = demand.collect(fe.demand, attrs, hook.schedd_names, hook.query_jobs, self.log)
-        matcher = Matcher(fe.match_expr, {e.name: (e.machine_attrs(), e.requirements) for e in entries})
+        groups, missing = demand.collect(fe.demand, attrs, hook, self.log)
+        matcher = demand.matcher_for(self.config, fe.name)
         demand.match_groups(groups, matcher)
         summary = demand.summarize(groups)
         self.log.info(
-            "Frontend %s: %d idle and %d running jobs in %d groups; %d idle jobs match no entry",
-            fe.name, summary["idle"], summary["running"], summary["groups"], summary["idle_unmatched"],
+            "Frontend %s: %d idle and %d running jobs in %d groups (%d ClassAd evaluations); "
+            "%d idle jobs match no entry",
+            fe.name, summary["idle"], summary["running"], summary["groups"], matcher.evaluations,
+            summary["idle_unmatched"],
         )
         return {"groups": [g.to_dict() for g in groups], "summary": summary, "missing_schedds": missing}
 
@@ -130,12 +130,22 @@ class PlanPilotsOperator(GlideinBaseOperator):
         return request
 
     def _my_pilots(self, context: Context) -> dict[str, dict[str, int]]:
-        """This frontend's pilots per entry, from the factory's latest status event."""
+        """This frontend's pilots per entry, from the factory's latest status event.
+
+        A status older than this frontend's request_ttl is not trusted: the
+        plan then counts no pilots (the factory still subtracts what it sees).
+        """
         try:
             events = context["inlet_events"][GLIDEIN_STATUS]
-            status = events[-1].extra if len(events) else {}
+            latest = events[-1] if len(events) else None
         except (KeyError, IndexError):
-            status = {}
+            latest = None
+        status = (latest.extra or {}) if latest is not None else {}
+        if latest is not None and getattr(latest, "timestamp", None) is not None:
+            age = self.now() - latest.timestamp.timestamp()
+            if age > self.config.frontend(self.frontend).request_ttl:
+                self.log.warning("The factory's last status is %d s old; planning as if no pilots ran", age)
+                status = {}
         out = {}
         for entry, fes in (status.get("pilots") or {}).items():
             c = fes.get(self.frontend) or {}

@@ -54,7 +54,7 @@ class HTCondorHook(BaseHook):
         """The named schedds, or every schedd the collector knows."""
         if names:
             return list(names)
-        ads = self.collector.query(htcondor2.AdType.Schedd, projection=["Name"])
+        ads = self.collector.locateAll(htcondor2.DaemonType.Schedd)
         return sorted(str(ad["Name"]) for ad in ads)
 
     def schedd(self, name: str) -> htcondor2.Schedd:
@@ -64,6 +64,33 @@ class HTCondorHook(BaseHook):
     def query_jobs(self, schedd: str, constraint: str, projection: list[str]) -> list[dict[str, Any]]:
         ads = self.schedd(schedd).query(constraint=constraint, projection=projection)
         return [ad_to_dict(ad, projection) for ad in ads]
+
+    def query_demand(self, schedd: str, constraint: str, attrs: list[str], old_before: int) -> dict[str, Any]:
+        """A schedd's idle and running jobs, counted by the schedd where it can.
+
+        First a GroupBy query: the schedd returns one ad per distinct value of
+        ``attrs`` + JobStatus with its JobCount, plus a second one for the jobs
+        idle since before ``old_before``. A schedd that refuses it is asked for
+        the job ads themselves (projected to ``attrs``), grouped by the caller.
+        A schedd too old to know GroupBy answers with job ads anyway; they
+        carry no JobCount and count one each.
+        """
+        sd = self.schedd(schedd)
+        projection = sorted(set(attrs) | {"JobStatus"})
+        try:
+            ads = sd.query(constraint=constraint, projection=projection, opts=htcondor2.QueryOpt.GroupBy)
+            old = sd.query(
+                constraint=f"({constraint}) && JobStatus == 1 && QDate <= {int(old_before)}",
+                projection=projection,
+                opts=htcondor2.QueryOpt.GroupBy,
+            )
+            keep = projection + ["JobCount"]
+            return {"mode": "groupby", "ads": [ad_to_dict(a, keep) for a in ads], "old": [ad_to_dict(a, keep) for a in old]}
+        except htcondor2.HTCondorException as exc:
+            note = f"GroupBy refused ({exc}); grouped here"  # no logging: this may run in a forked child
+        projection = sorted(set(projection) | {"QDate"})
+        ads = sd.query(constraint=constraint, projection=projection)
+        return {"mode": "jobs", "ads": [ad_to_dict(a, projection) for a in ads], "note": note}
 
     def query_startds(self, constraint: str, projection: list[str]) -> list[dict[str, Any]]:
         ads = self.collector.query(htcondor2.AdType.Startd, constraint=constraint, projection=projection)
