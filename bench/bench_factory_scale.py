@@ -121,10 +121,9 @@ def cycle(cfg_path: Path, moto: Moto, young_from: float) -> dict:
     from airflow_glidein.operators.base import GlideinBaseOperator
     from airflow_glidein.sensors.pilots import still_present
 
-    # the factory's clock: every young pilot is just under its lifetime, the old cohort past it
-    offset = young_from + LIFETIME - 1 - time.time()
+    # the factory's clock, frozen where every young pilot is just under its lifetime and the old cohort past it
     real_now = GlideinBaseOperator.now
-    GlideinBaseOperator.now = lambda op: real_now(op) + offset
+    GlideinBaseOperator.now = lambda op: young_from + LIFETIME - 1
 
     class TI:
         pushed: dict = {}

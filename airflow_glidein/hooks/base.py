@@ -177,8 +177,24 @@ class PilotHook(BaseHook):
             **spec.extra_tags,
         }
 
+    def listing_scope(self) -> tuple:
+        """Entries whose hooks (with one connection) give the same scope are listed together by ``_list_all``."""
+        return ("entry", self.entry.name)
+
+    def _list_all(self) -> list[P.ProviderInstance] | None:
+        """Our pilots of every entry this connection reaches at this endpoint, in one listing pass.
+
+        None where the middleware cannot (the inventory then lists entry by
+        entry). Cloud Scheduler's lesson: one listing per credential and cloud
+        per poll, not per entry or VM.
+        """
+        return None
+
     def list_pilots(self) -> list[P.ProviderInstance]:
         return self._list()
+
+    def list_endpoint(self) -> list[P.ProviderInstance] | None:
+        return self._list_all()
 
     def launch(self, spec: LaunchSpec) -> dict[str, list[str]]:
         """Idempotent: returns {"existing": ids, "created": ids} for the launch id."""
