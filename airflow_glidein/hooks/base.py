@@ -31,6 +31,7 @@ from typing import Any, ClassVar, TypeVar
 from airflow.sdk import BaseHook
 
 from airflow_glidein import budget as B
+from airflow_glidein import metrics
 from airflow_glidein import pilots as P
 from airflow_glidein.config import Entry
 
@@ -160,6 +161,7 @@ class PilotHook(BaseHook):
                 if failed:
                     raise outcome
                 return outcome
+            metrics.incr(1, "api", "throttled", self.entry.api_endpoint, endpoint=self.entry.api_endpoint)
             pause = backoff(attempt, hint, self.backoff_base, self.backoff_cap)
             log.warning("%s %s throttled by %s; retry %d of %d in %.1f s", self.middleware, what,
                         self.entry.api_endpoint, attempt + 1, self.throttle_retries, pause)
