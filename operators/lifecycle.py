@@ -115,10 +115,15 @@ class InventoryOperator(GlideinBaseOperator):
         ads = HTCondorHook(collector=collector).query_startds(
             f'GLIDEIN_Factory == "{self.config.factory.name}"', STARTD_ATTRS
         )
-        return {str(ad["GLIDEIN_PILOT_ID"]): ad for ad in ads if "GLIDEIN_PILOT_ID" in ad}
+        return L.pilot_ads(ads)  # a pilot's slots, as one ad
 
     def _entry_health(self, store: state.StateStore, rows: list[dict], now: float) -> None:
-        """Boot failures new this cycle back an entry off; a pilot registering clears it."""
+        """Boot failures new this cycle back an entry off; a pilot registering clears it.
+
+        A cycle with new failures counts once, however many pilots failed in
+        it (cluster-autoscaler counts failed scale-ups, not nodes): a batch of
+        ten dead pilots is one failure, not an hour's backoff at once.
+        """
         health = pilotdb.load_health(store)
         new_failures = Counter(r["entry"] for r in rows if r["state"] == P.BOOT_FAILED and r["_prev"] != P.BOOT_FAILED)
         registered = {r["entry"] for r in rows if (r["memory"].get("first_registered") or -1) == now}
@@ -126,7 +131,7 @@ class InventoryOperator(GlideinBaseOperator):
         for entry, n in new_failures.items():
             metrics.incr(n, "failures", entry, "boot", entry=entry, kind="boot")
         for entry in set(new_failures) | registered:
-            failures = 0 if entry in registered else health.get(entry, {}).get("failures", 0) + new_failures[entry]
+            failures = 0 if entry in registered else health.get(entry, {}).get("failures", 0) + 1
             reason = f"{new_failures[entry]} pilots failed to boot" if failures else ""
             changes.append({"entry": entry, "failures": failures, "until": L.backoff_until(failures, now),
                             "reason": reason, "updated": now})
