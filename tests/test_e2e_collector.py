@@ -170,3 +170,71 @@ def test_scale_down_takes_idle_pilots_longest_idle_first_never_busy(ec2, pool, t
     run = ok(run_dag("glidein_factory"))
     assert set(actions_of(run)) == {a}
     assert live_ids(ec2) == {busy, pslots}
+
+
+def two_entry_config(tmp_path, monkeypatch, pool):
+    cfg = example_config()
+    cfg["factory"].update(retry_delay=0, verify_timeout=2, verify_poll=1, collector=pool.address)
+    for e in cfg["entries"]:
+        e["policy"] = POLICY
+    fe = cfg["frontends"][0]
+    fe["request_ttl"] = 100000
+    # 16 one-core jobs that run at either entry: 8 each, 2 pilots of 4 cores east, 1 of 8 west
+    fe["demand"]["queue_file"] = write_queue(tmp_path, idle_jobs(16, "AWS_US_EAST_1,AWS_US_WEST_2"))
+    write_config(tmp_path, cfg, monkeypatch)
+
+
+def test_entry_whose_pilots_fail_to_boot_is_backed_off_and_the_frontend_plans_elsewhere(
+        ec2, pool, tmp_path, monkeypatch):
+    east, west = "aws-us-east-1", "aws-us-west-2"
+    clock = Clock(monkeypatch)
+    two_entry_config(tmp_path, monkeypatch, pool)
+    fe = ok(run_dag("glidein_frontend_cms"))
+    assert {e: p["idle"] for e, p in xcom(fe, "plan_pilots")["entries"].items()} == {east: 2, west: 1}
+    ok(run_dag("glidein_factory"))
+    dead = [i["InstanceId"] for i in ec2.instances("us-east-1")]
+    assert len(dead) == 2
+    (alive,) = [i["InstanceId"] for i in ec2.instances("us-west-2")]
+    register(pool, alive, "Unclaimed", clock.now())
+    ec2.age(dead, POLICY["boot_timeout"] + 100)
+
+    # East's pilots never registered: one failed cycle backs it off for 60 s; west's pilot registered.
+    run = ok(run_dag("glidein_factory"))
+    now = clock.now()
+    backoff = xcom(run, "report")["backoff"]
+    assert list(backoff) == [east] and backoff[east]["failures"] == 1
+    assert backoff[east]["reason"] == "2 pilots failed to boot"
+    assert 50 < backoff[east]["until"] - now <= 60
+    assert not {i["InstanceId"] for i in ec2.instances("us-east-1")}  # the dead ones are gone
+    page = dashboard.render(dashboard.snapshot())  # the Pilots page reads the same status
+    assert f"Entry {east} backed off: 2 pilots failed to boot" in page
+
+    # The frontend leaves east out this cycle, with the reason; all 16 jobs are planned at west.
+    fe = ok(run_dag("glidein_frontend_cms"))
+    plan = xcom(fe, "plan_pilots")
+    assert list(plan["entries"]) == [west] and plan["entries"][west]["why"]["idle_jobs"] == 16
+    assert "backed off by the factory" in plan["skipped"][east] and "2 pilots failed to boot" in plan["skipped"][east]
+    assert plan["entries"][west]["idle"] == 2  # 16 cores: two 8-core pilots, one of them already idle
+    run = ok(run_dag("glidein_factory"))
+    assert xcom(run, "plan_cycle", key="decisions")[west]["launch"] == 1
+    assert not ec2.instances("us-east-1") and len(ec2.instances("us-west-2")) == 2
+
+    # After the backoff, east is planned again; its next pilots fail too: the backoff doubles.
+    clock.offset = 61
+    fe = ok(run_dag("glidein_frontend_cms"))
+    assert east in xcom(fe, "plan_pilots")["entries"] and east not in xcom(fe, "plan_pilots")["skipped"]
+    ok(run_dag("glidein_factory"))
+    failing, late = sorted(i["InstanceId"] for i in ec2.instances("us-east-1"))
+    ec2.age([failing], POLICY["boot_timeout"] + 100)
+    run = ok(run_dag("glidein_factory"))
+    backoff = xcom(run, "report")["backoff"]
+    assert backoff[east]["failures"] == 2 and 110 < backoff[east]["until"] - clock.now() <= 120
+    assert east in xcom(ok(run_dag("glidein_frontend_cms")), "plan_pilots")["skipped"]
+
+    # The other pilot was just slow: it registers, and that clears the backoff at once.
+    register(pool, late, "Unclaimed", clock.now())
+    run = ok(run_dag("glidein_factory"))
+    assert xcom(run, "report")["backoff"] == {}
+    assert pilotdb.load_health(state.store())[east]["failures"] == 0
+    plan = xcom(ok(run_dag("glidein_frontend_cms")), "plan_pilots")
+    assert east in plan["entries"] and plan["skipped"] == {}
