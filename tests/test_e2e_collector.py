@@ -238,3 +238,31 @@ def test_entry_whose_pilots_fail_to_boot_is_backed_off_and_the_frontend_plans_el
     assert pilotdb.load_health(state.store())[east]["failures"] == 0
     plan = xcom(ok(run_dag("glidein_frontend_cms")), "plan_pilots")
     assert east in plan["entries"] and plan["skipped"] == {}
+
+
+def test_a_startd_that_cannot_be_retired_does_not_stop_the_others(ec2, pool, tmp_path, monkeypatch):
+    from airflow_glidein.operators import InventoryOperator
+
+    collector_config(tmp_path, monkeypatch, pool, jobs=2, max_pilots=2)
+    ok(run_dag("glidein_frontend_cms"))
+    ok(run_dag("glidein_factory"))
+    stays, leaves = sorted(live_ids(ec2))
+    for iid in (stays, leaves):
+        register(pool, iid, "Claimed", Clock(monkeypatch).now() - 100)
+    ec2.age([stays, leaves], POLICY["max_lifetime"] + 100)
+    real = InventoryOperator.execute
+
+    def inventory_then_one_startd_leaves(op, context):  # between the inventory and the retire
+        out = real(op, context)
+        pool.remove_startds([leaves])
+        return out
+
+    monkeypatch.setattr(InventoryOperator, "execute", inventory_then_one_startd_leaves)
+    run = run_dag("glidein_factory")
+    assert {a: kind for a, (kind, _) in actions_of(run).items()} == {stays: "retire", leaves: "retire"}
+    assert task_states(run)["reap_pilots"] == "failed"  # named, after Airflow's retries
+    # the one that could be asked was asked once (the retries did not ask again) and is remembered as retiring
+    assert pool.commands == [("OffPeaceful", f"slot1@glidein-{stays}")]
+    rows = table()
+    assert rows[stays]["state"] == P.RETIRING and rows[stays]["memory"]["retire_requested"] is not None
+    assert rows[leaves]["memory"]["retire_requested"] is None
