@@ -93,6 +93,45 @@ def transition(mem: Memory, obs: Observation, now: float, boot_timeout: float) -
     return P.BOOTING, mem
 
 
+_SLOT_RANK = {"Drained": 3, "Preempting": 3, "Claimed": 2}  # a slot in a higher state decides the pilot's
+
+
+def pilot_ads(ads: Iterable[Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
+    """One startd ad per pilot (by GLIDEIN_PILOT_ID) from its slot ads.
+
+    A pilot with a partitionable slot advertises it (Unclaimed while it has
+    resources left, however busy the pilot) and one dynamic slot per claim.
+    The pilot is retiring if any slot drains, else busy if any slot is
+    Claimed, else idle since its latest slot changed state: never idle, and
+    so never reaped as idle, while one job runs.
+    """
+    out: dict[str, Mapping[str, Any]] = {}
+    for ad in ads:
+        pid = ad.get("GLIDEIN_PILOT_ID")
+        if pid is None:
+            continue
+        pid, prev = str(pid), out.get(str(pid))
+        if prev is None or _slot_key(ad) > _slot_key(prev):
+            out[pid] = ad
+    return out
+
+
+def _slot_key(ad: Mapping[str, Any]) -> tuple[int, float]:
+    since = ad.get("EnteredCurrentState")
+    return _SLOT_RANK.get(str(ad.get("State", "")), 0), float(since) if isinstance(since, (int, float)) else 0.0
+
+
+def backed_off(status: Mapping[str, Any], now: float) -> dict[str, str]:
+    """Entries the factory's status reports in backoff at ``now``, with the reason (the frontend plans elsewhere)."""
+    out = {}
+    for entry, b in (status.get("backoff") or {}).items():
+        until = float(b.get("until", 0))
+        if until > now:
+            out[entry] = (f"entry backed off by the factory for another {int(until - now)} s "
+                          f"({b.get('failures', 0)} failures: {b.get('reason') or 'unknown'})")
+    return out
+
+
 @dataclass(frozen=True)
 class Action:
     id: str

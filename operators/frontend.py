@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk.exceptions import AirflowSkipException
 
 from airflow_glidein import credentials as creds
-from airflow_glidein import demand, material, metrics, planning, report, secrets, state
+from airflow_glidein import demand, lifecycle, material, metrics, planning, report, secrets, state
 from airflow_glidein.assets import GLIDEIN_REQUESTS, GLIDEIN_STATUS
 from airflow_glidein.hooks.htcondor import HTCondorHook
 from airflow_glidein.operators.base import GlideinBaseOperator
@@ -122,18 +122,26 @@ class PlanPilotsOperator(GlideinBaseOperator):
 
     def execute(self, context: Context) -> dict[str, Any]:
         groups = [demand.JobGroup.from_dict(g) for g in self.demand["groups"]]
-        pilots = self._my_pilots(context)
-        request = planning.plan_frontend(self.config, self.frontend, groups, self.credentials, pilots)
+        status = self._status(context)
+        pilots = self._my_pilots(status)
+        credentials = dict(self.credentials)
+        for entry, why in sorted(lifecycle.backed_off(status, self.now()).items()):
+            if "skip" not in credentials.get(entry, {"skip": "not selected"}):
+                # unusable this cycle, like an entry without a credential: its share goes to the others
+                self.log.warning("Frontend %s leaves entry %s out of this cycle: %s", self.frontend, entry, why)
+                credentials[entry] = {"skip": why}
+        request = planning.plan_frontend(self.config, self.frontend, groups, credentials, pilots)
         request["missing_schedds"] = self.demand.get("missing_schedds", [])
         request["demand"] = self.demand.get("summary", {})
         self.log.info("%s", report.plan_table(request))
         return request
 
-    def _my_pilots(self, context: Context) -> dict[str, dict[str, int]]:
-        """This frontend's pilots per entry, from the factory's latest status event.
+    def _status(self, context: Context) -> dict[str, Any]:
+        """The factory's latest status event (pilot counts, entry backoff).
 
         A status older than this frontend's request_ttl is not trusted: the
-        plan then counts no pilots (the factory still subtracts what it sees).
+        plan then counts no pilots (the factory still subtracts what it sees)
+        and no backoff (the factory still holds launches back).
         """
         try:
             events = context["inlet_events"][GLIDEIN_STATUS]
@@ -146,6 +154,10 @@ class PlanPilotsOperator(GlideinBaseOperator):
             if age > self.config.frontend(self.frontend).request_ttl:
                 self.log.warning("The factory's last status is %d s old; planning as if no pilots ran", age)
                 status = {}
+        return status
+
+    def _my_pilots(self, status: dict[str, Any]) -> dict[str, dict[str, int]]:
+        """This frontend's pilots per entry, from the factory's status."""
         out = {}
         for entry, fes in (status.get("pilots") or {}).items():
             c = fes.get(self.frontend) or {}

@@ -147,10 +147,15 @@ class InventoryOperator(GlideinBaseOperator):
         ads = HTCondorHook(collector=collector).query_startds(
             f'GLIDEIN_Factory == "{self.config.factory.name}"', STARTD_ATTRS
         )
-        return {str(ad["GLIDEIN_PILOT_ID"]): ad for ad in ads if "GLIDEIN_PILOT_ID" in ad}
+        return L.pilot_ads(ads)  # a pilot's slots, as one ad
 
     def _entry_health(self, store: state.StateStore, rows: list[dict], now: float) -> None:
-        """Boot failures new this cycle back an entry off; a pilot registering clears it."""
+        """Boot failures new this cycle back an entry off; a pilot registering clears it.
+
+        A cycle with new failures counts once, however many pilots failed in
+        it (cluster-autoscaler counts failed scale-ups, not nodes): a batch of
+        ten dead pilots is one failure, not an hour's backoff at once.
+        """
         health = pilotdb.load_health(store)
         new_failures = Counter(r["entry"] for r in rows if r["state"] == P.BOOT_FAILED and r["_prev"] != P.BOOT_FAILED)
         registered = {r["entry"] for r in rows if (r["memory"].get("first_registered") or -1) == now}
@@ -158,7 +163,7 @@ class InventoryOperator(GlideinBaseOperator):
         for entry, n in new_failures.items():
             metrics.incr(n, "failures", entry, "boot", entry=entry, kind="boot")
         for entry in set(new_failures) | registered:
-            failures = 0 if entry in registered else health.get(entry, {}).get("failures", 0) + new_failures[entry]
+            failures = 0 if entry in registered else health.get(entry, {}).get("failures", 0) + 1
             reason = f"{new_failures[entry]} pilots failed to boot" if failures else ""
             changes.append({"entry": entry, "failures": failures, "until": L.backoff_until(failures, now),
                             "reason": reason, "updated": now})
@@ -187,6 +192,8 @@ class ReapPilotsOperator(GlideinBaseOperator):
         rows = pilotdb.load_pilots(store)
         groups: dict[tuple[str, str, str], list[L.Action]] = {}
         for a in actions:
+            if a.action == "retire" and (rows.get(a.id, {}).get("memory") or {}).get("retire_requested") is not None:
+                continue  # asked already (this is a retry): once is enough
             if a.id in rows:
                 groups.setdefault((a.entry, rows[a.id]["conn"], a.action), []).append(a)
         memory: dict[str, dict] = {}
@@ -195,8 +202,10 @@ class ReapPilotsOperator(GlideinBaseOperator):
         for (entry_name, conn_id, kind), items in sorted(groups.items()):
             ids = sorted(a.id for a in items)
             try:
-                if kind == "retire":
-                    self._retire([rows[i] for i in ids])
+                if kind == "retire":  # one startd that cannot be asked must not stop the others being remembered
+                    refused = self._retire([rows[i] for i in ids])
+                    failed += [a for a in items if a.id in refused]
+                    items = [a for a in items if a.id not in refused]
                 else:
                     pilot_hook(cfg.entry(entry_name), cfg.factory.name, conn_id).terminate(
                         ids, force=kind == "force_terminate"
@@ -206,7 +215,7 @@ class ReapPilotsOperator(GlideinBaseOperator):
                 metrics.incr(1, "failures", entry_name, "terminate", entry=entry_name, kind="terminate")
                 failed += items
                 continue
-            metrics.incr(len(ids), "terminations", entry_name, kind, entry=entry_name, action=kind)
+            metrics.incr(len(items), "terminations", entry_name, kind, entry=entry_name, action=kind)
             for a in items:
                 self.log.info("%s %s at %s: %s", kind, a.id, a.entry, a.reason)
                 mem = rows[a.id].get("memory") or {}
@@ -225,14 +234,23 @@ class ReapPilotsOperator(GlideinBaseOperator):
             raise AirflowException(f"{len(failed)} reaping actions failed: {[f'{a.action} {a.id}' for a in failed][:20]}")
         return done
 
-    def _retire(self, rows: list[dict]) -> None:
-        """Ask each startd to shut down peacefully: running jobs finish, then the pilot exits."""
+    def _retire(self, rows: list[dict]) -> dict[str, str]:
+        """Ask each startd to shut down peacefully: running jobs finish, then the pilot exits.
+
+        Returns the pilots whose startd could not be asked, with why.
+        """
         hook = HTCondorHook(collector=self.config.factory.collector)
+        refused = {}
         for row in rows:
             name = (row.get("startd") or {}).get("Name")
-            if not name:
-                raise AirflowException(f"pilot {row['id']} has no startd to retire")
-            hook.retire_startd(name)
+            try:
+                if not name:
+                    raise AirflowException(f"pilot {row['id']} has no startd to retire")
+                hook.retire_startd(name)
+            except Exception as exc:
+                self.log.warning("Pilot %s: retiring startd %s failed: %s", row["id"], name, exc)
+                refused[row["id"]] = f"{type(exc).__name__}: {exc}"
+        return refused
 
 
 class FactoryReportOperator(GlideinBaseOperator):

@@ -78,6 +78,22 @@ class MotoEC2:
         return out
 
 
+class Clock:
+    """The glidein operators' clock, moved forward by the test (providers and Airflow keep real time)."""
+
+    def __init__(self, monkeypatch):
+        from airflow_glidein.operators.base import GlideinBaseOperator
+
+        self.offset = 0.0
+        real = GlideinBaseOperator.now
+        monkeypatch.setattr(GlideinBaseOperator, "now", lambda op: real(op) + self.offset)
+
+    def now(self) -> float:
+        import time
+
+        return time.time() + self.offset
+
+
 def write_config(tmp_path: Path, data: dict[str, Any], monkeypatch=None, name: str = "glidein.yaml") -> Path:
     path = tmp_path / name
     path.write_text(yaml.safe_dump(data, sort_keys=False))

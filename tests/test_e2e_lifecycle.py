@@ -8,19 +8,9 @@ from airflow_glidein import pilotdb, state
 from airflow_glidein import pilots as P
 from airflow_glidein.hooks.ec2 import EC2PilotHook
 from airflow_glidein.lifecycle import TERMINATE_DEADLINE
-from airflow_glidein.operators.base import GlideinBaseOperator
-from tests.helpers import example_config, idle_jobs, run_dag, task_states, write_config, write_queue, xcom
+from tests.helpers import Clock, example_config, idle_jobs, run_dag, task_states, write_config, write_queue, xcom
 
 pytestmark = pytest.mark.usefixtures("airflow_db")
-
-
-class Clock:
-    """The factory's clock, moved forward by the test (providers keep real time)."""
-
-    def __init__(self, monkeypatch):
-        self.offset = 0.0
-        real = GlideinBaseOperator.now
-        monkeypatch.setattr(GlideinBaseOperator, "now", lambda op: real(op) + self.offset)
 
 
 @pytest.fixture

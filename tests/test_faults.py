@@ -33,20 +33,26 @@ from tests.helpers import REPO, example_config, idle_jobs, run_dag, task_states,
 
 pytestmark = pytest.mark.usefixtures("airflow_db")
 
-RUNS = int(os.environ.get("GLIDEIN_FAULT_RUNS", "200"))
+RUNS = int(os.environ.get("GLIDEIN_FAULT_RUNS", "200"))  # faulted runs in all, split across the middlewares
+MIDDLEWARES = ("ec2", "openstack", "opennebula")
 LIFETIME = 3600
 REGIONS = {"aws-us-east-1": "us-east-1", "aws-us-west-2": "us-west-2"}
 
 
-def fault_config(tmp_path, monkeypatch):
+def fault_config(tmp_path, monkeypatch, cloud=None):
     cfg = example_config()
     cfg["factory"].update(retries=3, retry_delay=0, verify_timeout=1, verify_poll=1)
+    if cloud is not None and cloud.middleware != "ec2":  # two entries on the one test server, their credentials
+        cfg["entries"] = [{**cloud.entry, "name": name} for name in cloud.entries]
+        cfg["credentials"] = cloud.credentials
     for e in cfg["entries"]:
         e["limits"] = {"max_pilots": 40, "max_idle": 30, "max_per_cycle": 12, "batch_size": 2}
         e["policy"] = {"max_lifetime": LIFETIME}
         e["api_budget"] = {"requests": 100000, "per_seconds": 300}  # 200 cycles back to back, not 500 calls / 5 min
         e.pop("requirements", None)
     base = cfg["frontends"][0]
+    if cloud is not None:
+        base = {**base, "entries": list(cloud.entries), "credentials": [c["id"] for c in cfg["credentials"]]}
     cfg["frontends"] = [{**base, "name": n, "request_ttl": 100000} for n in ("cms", "atlas")]
     return write_config(tmp_path, cfg, monkeypatch)
 
@@ -56,6 +62,72 @@ def instances(ec2, live_only=False):
     for region in REGIONS.values():
         out += ec2.instances(region, live_only=live_only)
     return out
+
+
+class Cloud:
+    """What the randomized run needs of one middleware's test provider: its entries, every instance it
+    ever made (launch id of each, terminated ones included), the live ones, aging, a fresh start."""
+
+    def __init__(self, middleware, request, monkeypatch):
+        self.middleware = middleware
+        request.getfixturevalue("ec2")  # moto, and the pilot credential's connection every cloud uses
+        if middleware == "ec2":
+            self.server = request.getfixturevalue("ec2")
+            self.entries = tuple(REGIONS)
+            self.provision, self.pilot = "aws-demo", "cms-pool-token"
+            return
+        from tests.test_e2e_multicloud import multicloud_config
+
+        multi = multicloud_config("unused.json")
+        self.entry = next(e for e in multi["entries"] if e["middleware"] == middleware)
+        domain = self.entry["trust_domain"]
+        self.credentials = [c for c in multi["credentials"] if c["trust_domain"] == domain]
+        self.provision = next(c["id"] for c in self.credentials if c["purpose"] == "provision")
+        self.pilot = next(c["id"] for c in self.credentials if c["purpose"] == "pilot")
+        self.entries = (f"{self.entry['name']}-a", f"{self.entry['name']}-b")
+        self.server = request.getfixturevalue("nova" if middleware == "openstack" else "one")
+        self.created: Counter = Counter()  # Nova forgets deleted servers: count them as they are made
+        if middleware == "openstack":
+            nova, real_create = self.server, self.server.create
+
+            def create(body, mv):
+                before = set(nova.servers)
+                out = real_create(body, mv)
+                self.created.update(nova.servers[sid]["metadata"].get(P.TAG_LAUNCH) for sid in set(nova.servers) - before)
+                return out
+
+            monkeypatch.setattr(nova, "create", create)
+
+    def made(self) -> Counter:
+        if self.middleware == "ec2":
+            return Counter(i["TagMap"][P.TAG_LAUNCH] for i in instances(self.server))
+        if self.middleware == "openstack":
+            return Counter(self.created)
+        return Counter(vm["USER_TEMPLATE"].get("GLIDEIN_LAUNCH") for vm in self.server.vms.values())
+
+    def live(self) -> list[str]:
+        if self.middleware == "ec2":
+            return sorted(i["InstanceId"] for i in instances(self.server, live_only=True))
+        if self.middleware == "openstack":
+            return sorted(s["id"] for s in self.server.live())
+        return sorted(str(vm["ID"]) for vm in self.server.live())
+
+    def age(self, ids, seconds) -> None:
+        if self.middleware == "ec2":
+            for region in REGIONS.values():
+                mine = {i["InstanceId"] for i in self.server.instances(region)} & set(ids)
+                self.server.age(mine, seconds, region)
+        elif self.middleware == "openstack":
+            for sid in ids:
+                self.server.servers[sid]["created"] -= seconds
+        else:
+            for vid in ids:
+                self.server.vms[int(vid)]["STIME"] -= int(seconds)
+
+    def reset(self) -> None:
+        self.server.reset()
+        if self.middleware == "openstack":
+            self.created.clear()
 
 
 class FakeTI:
@@ -78,12 +150,12 @@ def attempt(make_op, context, tries=4):
     raise AssertionError("still failing after retries")
 
 
-def random_requests(rng):
+def random_requests(rng, cloud):
     out = {}
     for fe in ("cms", "atlas"):
         out[fe] = {"frontend": fe, "cycle": f"c{rng.random()}", "start_expr": "true", "entries": {
-            e: {"idle": rng.randint(0, 6), "max_running": 20, "provision": "aws-demo", "pilot": "cms-pool-token"}
-            for e in REGIONS if rng.random() < 0.8}}
+            e: {"idle": rng.randint(0, 6), "max_running": 20, "provision": cloud.provision, "pilot": cloud.pilot}
+            for e in cloud.entries if rng.random() < 0.8}}
     return out
 
 
@@ -102,25 +174,27 @@ def feasible(work, actions):
     return out
 
 
-def test_randomized_faults_never_duplicate_or_leak(ec2, tmp_path, monkeypatch, state_store):
-    rng = random.Random(20261126)
-    path = str(fault_config(tmp_path, monkeypatch))
+@pytest.mark.parametrize("middleware", MIDDLEWARES)
+def test_randomized_faults_never_duplicate_or_leak(middleware, request, tmp_path, monkeypatch, state_store):
+    runs = -(-RUNS // len(MIDDLEWARES))  # this middleware's share of the faulted runs
+    rng = random.Random(f"20261126-{middleware}")
+    cloud = Cloud(middleware, request, monkeypatch)
+    path = str(fault_config(tmp_path, monkeypatch, cloud))
     faults = Faults().install(monkeypatch)
     planned: dict[str, int] = {}
     fired: Counter = Counter()
     run = 0
-    while sum(fired.values()) < RUNS:
+    while sum(fired.values()) < runs:
         run += 1
-        assert run < RUNS * 3, f"only {sum(fired.values())} faults in {run} runs"
-        if run % 12 == 0:  # a fresh provider now and then keeps moto's listings small
-            ec2.reset()
+        assert run < runs * 3, f"only {sum(fired.values())} faults in {run} runs"
+        if run % 12 == 0:  # a fresh provider now and then keeps the listings small
+            cloud.reset()
             planned.clear()
         context = {"run_id": f"fault-run-{run}", "ti": FakeTI()}
-        requests = random_requests(rng)
+        requests = random_requests(rng, cloud)
         if rng.random() < 0.6:  # some pilots reach their end of life
-            for region in REGIONS.values():
-                alive = [i["InstanceId"] for i in ec2.instances(region)]
-                ec2.age(rng.sample(alive, k=min(len(alive), rng.randint(0, 3))), 2 * LIFETIME, region)
+            alive = cloud.live()
+            cloud.age(rng.sample(alive, k=min(len(alive), rng.randint(0, 6))), 2 * LIFETIME)
         inventory = InventoryOperator(task_id="inventory", config_file=path).execute(context)
         work = PlanCycleOperator(task_id="plan_cycle", requests=requests, inventory=inventory,
                                  config_file=path).execute(context)
@@ -140,15 +214,15 @@ def test_randomized_faults_never_duplicate_or_leak(ec2, tmp_path, monkeypatch, s
             fired[faults.fired[-1][:2]] += 1
         faults.armed = None
         # zero duplicates for any launch id, terminated instances included
-        made = Counter(i["TagMap"][P.TAG_LAUNCH] for i in instances(ec2))
+        made = cloud.made()
         assert all(n <= planned.get(lid, 0) for lid, n in made.items()), {
             lid: (n, planned.get(lid)) for lid, n in made.items() if n > planned.get(lid, 0)}
         # every termination decided this run happened, fault or not
         going = {a["id"] for a in actions if a["action"] != "retire"}
-        assert not going & {i["InstanceId"] for i in instances(ec2, live_only=True)}
+        assert not going & set(cloud.live())
     if RUNS >= 100:  # a short local run (GLIDEIN_FAULT_RUNS) need not reach every point
         assert set(fired) == {(t, p) for t in TASKS for p in POINTS}, fired
-    print(f"{sum(fired.values())} faults fired in {run} runs: {dict(sorted(fired.items()))}")
+    print(f"{middleware}: {sum(fired.values())} faults fired in {run} runs: {dict(sorted(fired.items()))}")
 
 
 @pytest.mark.parametrize("task, point", [(t, p) for t in TASKS for p in POINTS])

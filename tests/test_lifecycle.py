@@ -174,3 +174,36 @@ def test_pilots_of_entries_no_longer_configured_are_not_touched(cfg):
 def test_backoff_doubles_and_caps():
     assert L.backoff_until(0, NOW) == NOW
     assert [L.backoff_until(n, NOW) - NOW for n in (1, 2, 3, 7, 12)] == [60, 120, 240, 3600, 3600]
+
+
+# -- a pilot's slot ads as one --------------------------------------------
+
+def slot(pid, name, state, since, **kw):
+    return {"GLIDEIN_PILOT_ID": pid, "Name": name, "State": state, "EnteredCurrentState": since, **kw}
+
+
+def test_a_pilot_with_one_claimed_dynamic_slot_is_busy_whatever_the_order_of_its_ads():
+    pslot = slot("i-1", "slot1@pilot-1", "Unclaimed", NOW - 5000, PartitionableSlot=True)
+    dslot = slot("i-1", "slot1_1@pilot-1", "Claimed", NOW - 100, DynamicSlot=True)
+    for ads in ([pslot, dslot], [dslot, pslot]):
+        ad = L.pilot_ads(ads)["i-1"]
+        assert ad["State"] == "Claimed"
+        assert L.transition(L.Memory(), obs(startd=ad), NOW, BOOT)[0] == P.BUSY
+
+
+def test_an_idle_pilot_is_idle_since_its_latest_slot_change_and_draining_wins():
+    ads = [slot("i-2", "slot1@p2", "Unclaimed", NOW - 900), slot("i-2", "slot2@p2", "Unclaimed", NOW - 30),
+           slot("i-3", "slot1@p3", "Claimed", NOW - 50), slot("i-3", "slot2@p3", "Drained", NOW - 10),
+           {"Name": "slot1@not-a-glidein", "State": "Unclaimed"}]
+    out = L.pilot_ads(ads)
+    assert set(out) == {"i-2", "i-3"}
+    assert out["i-2"]["Name"] == "slot2@p2" and L._idle_for(out["i-2"], NOW) == 30
+    assert L.transition(L.Memory(), obs(startd=out["i-3"]), NOW, BOOT)[0] == P.RETIRING
+
+
+def test_backed_off_entries_from_the_factory_status():
+    status = {"backoff": {"a": {"until": NOW + 120, "failures": 2, "reason": "3 pilots failed to boot"},
+                          "b": {"until": NOW - 1, "failures": 1, "reason": "over"}}}
+    out = L.backed_off(status, NOW)
+    assert list(out) == ["a"] and "another 120 s" in out["a"] and "3 pilots failed to boot" in out["a"]
+    assert L.backed_off({}, NOW) == {}

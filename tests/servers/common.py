@@ -7,6 +7,7 @@ throttle it, so the log is what the provider would have counted.
 
 from __future__ import annotations
 
+import random
 import socket
 import threading
 import time
@@ -56,21 +57,33 @@ class SimClock:
 
 
 class Throttle:
-    """Refuse calls beyond ``limit`` in any sliding window of ``window`` seconds (None: never)."""
+    """Refuse calls beyond ``limit`` in any sliding window of ``window`` seconds (None: never),
+    or (``random``) a share of all calls, drawn from a seeded generator."""
 
     def __init__(self) -> None:
         self.limit: int | None = None
         self.window = 300.0
         self._accepted: deque[float] = deque()
         self.refused = 0
+        self.share = 0.0
+        self._rng = random.Random(0)
 
     def set(self, limit: int | None, window: float = 300.0) -> None:
         self.limit, self.window = limit, window
         self._accepted.clear()
         self.refused = 0
+        self.share = 0.0
+
+    def random(self, share: float, seed: int = 0) -> None:
+        """Refuse this share of calls at random (Retry-After: 1 s), whatever the rate."""
+        self.set(None)
+        self.share, self._rng = share, random.Random(seed)
 
     def admit(self, now: float) -> float | None:
         """None if admitted, else the seconds until a slot frees (Retry-After)."""
+        if self.share and self._rng.random() < self.share:
+            self.refused += 1
+            return 0.0
         if self.limit is None:
             return None
         while self._accepted and self._accepted[0] <= now - self.window:

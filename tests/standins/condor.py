@@ -10,8 +10,12 @@ return real ``htcondor2.SubmitResult`` objects, the enums are htcondor2's.
 
 What it covers:
 - Collector: ``query`` (schedd, startd and any ads, constraint, projection),
-  ``locate``, ``locateAll``; startd ads added with ``Pool.add_startd`` (the
+  ``locate`` (schedds, and startds by Name), ``locateAll``; startd ads added
+  with ``Pool.add_startd`` and taken away with ``Pool.remove_startds`` (the
   factory's inventory reads GLIDEIN_PILOT_ID, GLIDEIN_Factory, State, ...).
+- ``htcondor2.send_command``: commands sent to a located startd are recorded
+  in ``Pool.commands`` as (command name, startd Name); the startd's ads stay
+  (a peaceful shutdown lets running jobs finish; tests decide when it goes).
 - Schedd: ``query`` with ``QueryOpt.Default`` (job ads), ``GroupBy`` (one ad
   per distinct value of the projection, with JobCount) and ``AutoCluster``
   (one ad per distinct value of the schedd's significant attributes, with
@@ -279,6 +283,7 @@ class Pool:
         self.address = address
         self.schedds: dict[str, ScheddState] = {}
         self.startds: list[classad2.ClassAd] = []
+        self.commands: list[tuple[str, str]] = []  # (DaemonCommand name, startd Name) sent by send_command
         self.collector = CollectorState(self)
         self.closed = threading.Event()
         self.dir = tempfile.mkdtemp(prefix="condor-standin-")
@@ -295,13 +300,22 @@ class Pool:
         for key, value in attrs.items():
             ad[key] = value
         ad.setdefault("MyType", "Machine")
+        ad.setdefault("MyAddress", f"<127.0.0.1:9618?sock=startd_{attrs.get('Name', len(self.startds))}>")
         self.startds.append(ad)
         return ad
+
+    def remove_startds(self, pilot_ids: Iterable[str]) -> int:
+        """Take away every startd ad of these pilots (GLIDEIN_PILOT_ID), as when a pilot exits."""
+        gone = set(pilot_ids)
+        before = len(self.startds)
+        self.startds = [ad for ad in self.startds if ad.get("GLIDEIN_PILOT_ID") not in gone]
+        return before - len(self.startds)
 
     def install(self, monkeypatch: Any) -> Pool:
         _POOLS[self.address] = self
         monkeypatch.setattr(htcondor2, "Collector", Collector)
         monkeypatch.setattr(htcondor2, "Schedd", Schedd)
+        monkeypatch.setattr(htcondor2, "send_command", send_command)
         return self
 
     def close(self) -> None:
@@ -348,8 +362,13 @@ class Collector:
     def locate(self, daemon_type: htcondor2.DaemonType, name: str | None = None) -> classad2.ClassAd:
         pool = _pool(self._address)
         pool.collector._enter(f"Failed to locate {name}")
+        if daemon_type == htcondor2.DaemonType.Startd:
+            ad = next((a for a in pool.startds if name is not None and a.get("Name") == name), None)
+            if ad is None:
+                raise htcondor2.HTCondorException(f"Unable to locate daemon {name}")
+            return classad2.ClassAd({"MyType": "Machine", "Name": name, "MyAddress": ad["MyAddress"]})
         if daemon_type != htcondor2.DaemonType.Schedd:
-            raise htcondor2.HTCondorException(f"stand-in locates schedds only, not {daemon_type}")
+            raise htcondor2.HTCondorException(f"stand-in locates schedds and startds only, not {daemon_type}")
         sd = pool.schedds.get(name) if name else next(iter(pool.schedds.values()), None)
         if sd is None:
             raise htcondor2.HTCondorException(f"Unable to locate daemon {name}")
@@ -361,6 +380,18 @@ class Collector:
         if daemon_type != htcondor2.DaemonType.Schedd:
             return []
         return [pool.location(sd) for sd in pool.schedds.values()]
+
+
+def send_command(ad: classad2.ClassAd, dc: htcondor2.DaemonCommand, target: str | None = None) -> None:
+    """htcondor2.send_command to a startd located through the stand-in collector: recorded."""
+    if not isinstance(dc, htcondor2.DaemonCommand):
+        raise TypeError("dc must be an htcondor2.DaemonCommand")
+    for pool in _POOLS.values():
+        if any(a.get("MyAddress") == ad.get("MyAddress") for a in pool.startds):
+            pool.collector._enter(f"Failed to send {dc.name} to {ad.get('Name')}")
+            pool.commands.append((dc.name, str(ad["Name"])))
+            return
+    raise htcondor2.HTCondorException(f"Failed to send {dc.name} to {ad.get('Name')}: no daemon at {ad.get('MyAddress')}")
 
 
 class Schedd:
