@@ -1,9 +1,12 @@
-"""Factory inventory + reaping cycle at scale, on moto's EC2 server (a separate process on 127.0.0.1).
+"""Factory inventory + reaping cycle at scale, on moto's EC2 server (one process per region on 127.0.0.1).
 
 20 entries in 4 regions; N pilots spread evenly; 10% of them past their
-lifetime. Times the factory's own operators (inventory -> plan_cycle ->
-reap_pilots -> the verify check), counts the provider API calls at the
-server, and reports peak memory of the factory process.
+lifetime. Times the factory's own operators as the factory DAG runs them:
+the per-endpoint tasks (inventory, then reap_pilots and the verify check)
+side by side, as the DAG's endpoint task groups do on several workers, and
+plan_cycle between them. Counts the provider API calls at the servers and
+reports the peak memory of the factory process. Each region is its own
+endpoint, as on AWS, so each gets its own moto server (and connection).
 
 Goals (issue 7): calls grow with entries and pages, not with pilots; the
 cycle takes at most 60 s on this machine at 10,000 pilots.
@@ -40,10 +43,10 @@ def free_port() -> int:
 class Moto:
     """moto's server in its own process; every request is one line on its log."""
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, name: str):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log = workdir / "moto.log"
+        self.log = workdir / f"moto-{name}.log"
         self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
                                      stdout=open(self.log, "w"), stderr=subprocess.STDOUT)
         for _ in range(200):
@@ -65,7 +68,7 @@ class Moto:
 def config(workdir: Path) -> Path:
     entries = [{
         "name": f"e{n:02d}", "middleware": "ec2", "region": REGIONS[n % len(REGIONS)], "image": "ami-1e749f67",
-        "flavor": "c5.xlarge", "cores": 4, "trust_domain": "aws",
+        "flavor": "c5.xlarge", "cores": 4, "trust_domain": f"aws-{REGIONS[n % len(REGIONS)]}",
         "limits": {"max_pilots": 100000, "max_idle": 100000, "max_per_cycle": 0},
         "policy": {"max_lifetime": LIFETIME},
     } for n in range(ENTRIES)]
@@ -73,10 +76,13 @@ def config(workdir: Path) -> Path:
         "factory": {"name": "bench-factory", "bootstrap_url": "http://127.0.0.1:8080/glidein"},
         "entries": entries,
         "frontends": [{"name": "cms", "demand": {"queue_file": "none.json"}, "entries": [e["name"] for e in entries],
-                       "credentials": ["aws", "pool"]}],
+                       "credentials": [f"aws-{r}" for r in REGIONS] + [f"pool-{r}" for r in REGIONS]}],
         "credentials": [
-            {"id": "aws", "type": "ec2_key_pair", "conn_id": "bench_aws", "trust_domain": "aws", "purpose": "provision"},
-            {"id": "pool", "type": "idtoken", "conn_id": "bench_pool", "trust_domain": "aws", "purpose": "pilot"},
+            {"id": f"aws-{r}", "type": "ec2_key_pair", "conn_id": f"bench_aws_{r.replace('-', '_')}",
+             "trust_domain": f"aws-{r}", "purpose": "provision"} for r in REGIONS
+        ] + [
+            {"id": f"pool-{r}", "type": "idtoken", "conn_id": "bench_pool", "trust_domain": f"aws-{r}",
+             "purpose": "pilot"} for r in REGIONS
         ],
     }
     import yaml
@@ -86,11 +92,11 @@ def config(workdir: Path) -> Path:
     return path
 
 
-def populate(moto: Moto, pilots: int) -> tuple[float, float]:
+def populate(motos: dict[str, Moto], pilots: int) -> tuple[float, float]:
     """Make the pilots, the 10% that will be old first; returns (launch time of the young, duration)."""
     import boto3
 
-    clients = {r: boto3.client("ec2", region_name=r, endpoint_url=moto.url, aws_access_key_id="k",
+    clients = {r: boto3.client("ec2", region_name=r, endpoint_url=motos[r].url, aws_access_key_id="k",
                                aws_secret_access_key="s") for r in REGIONS}
     per_entry = pilots // ENTRIES
 
@@ -115,8 +121,11 @@ def populate(moto: Moto, pilots: int) -> tuple[float, float]:
     return young_from, time.time() - t0
 
 
-def cycle(cfg_path: Path, moto: Moto, young_from: float) -> dict:
+def cycle(cfg_path: Path, motos: dict[str, Moto], young_from: float) -> dict:
     """One inventory + reaping cycle through the factory's operators; the clock makes the first cohort old."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from airflow_glidein.config import get_config
     from airflow_glidein.operators import InventoryOperator, PlanCycleOperator, ReapPilotsOperator
     from airflow_glidein.operators.base import GlideinBaseOperator
     from airflow_glidein.sensors.pilots import still_present
@@ -124,6 +133,7 @@ def cycle(cfg_path: Path, moto: Moto, young_from: float) -> dict:
     # the factory's clock, frozen where every young pilot is just under its lifetime and the old cohort past it
     real_now = GlideinBaseOperator.now
     GlideinBaseOperator.now = lambda op: young_from + LIFETIME - 1
+    endpoints = {ep: [e.name for e in es] for ep, es in get_config(str(cfg_path)).endpoints().items()}
 
     class TI:
         pushed: dict = {}
@@ -131,30 +141,41 @@ def cycle(cfg_path: Path, moto: Moto, young_from: float) -> dict:
         def xcom_push(self, key, value):
             self.pushed[key] = value
 
+    def calls() -> int:
+        return sum(m.calls() for m in motos.values())
+
+    def per_endpoint(make):
+        with ThreadPoolExecutor(len(endpoints)) as pool:  # the DAG's endpoint task groups, side by side
+            return list(pool.map(lambda names: make(names).execute(ctx), endpoints.values()))
+
     ctx = {"run_id": "bench", "ti": TI()}
     figures = {}
-    calls0 = moto.calls()
+    calls0 = calls()
     t = time.perf_counter()
-    inv = InventoryOperator(task_id="inventory", config_file=str(cfg_path)).execute(ctx)
+    invs = per_endpoint(lambda names: InventoryOperator(task_id="inventory", entries=names, config_file=str(cfg_path)))
     figures["inventory_s"] = time.perf_counter() - t
-    figures["inventory_calls"] = moto.calls() - calls0
+    figures["inventory_calls"] = calls() - calls0
     t1 = time.perf_counter()
-    PlanCycleOperator(task_id="plan_cycle", requests={}, inventory=inv, config_file=str(cfg_path)).execute(ctx)
+    PlanCycleOperator(task_id="plan_cycle", requests={}, inventory=invs, config_file=str(cfg_path)).execute(ctx)
     figures["plan_s"] = time.perf_counter() - t1
     actions = ctx["ti"].pushed["actions"]
-    calls1 = moto.calls()
+    calls1 = calls()
     t2 = time.perf_counter()
-    done = ReapPilotsOperator(task_id="reap_pilots", actions=actions, config_file=str(cfg_path)).execute(ctx)
+    done = [t for r in per_endpoint(lambda names: ReapPilotsOperator(
+        task_id="reap_pilots", actions=actions, entries=names, config_file=str(cfg_path))) for t in r]
     figures["reap_s"] = time.perf_counter() - t2
-    figures["reap_calls"] = moto.calls() - calls1
-    calls2 = moto.calls()
+    figures["reap_calls"] = calls() - calls1
+    calls2 = calls()
     t3 = time.perf_counter()
-    left = still_present(str(cfg_path), done)
+    with ThreadPoolExecutor(len(endpoints)) as pool:
+        left = [i for part in pool.map(lambda names: still_present(str(cfg_path), [d for d in done if d["entry"] in names]),
+                                       endpoints.values()) for i in part]
     figures["verify_s"] = time.perf_counter() - t3
-    figures["verify_calls"] = moto.calls() - calls2
+    figures["verify_calls"] = calls() - calls2
     figures["cycle_s"] = time.perf_counter() - t
-    figures["calls"] = moto.calls() - calls0
-    figures["pilots_listed"] = sum(c.get("total", 0) for fes in inv["counts"].values() for c in fes.values())
+    figures["calls"] = calls() - calls0
+    figures["pilots_listed"] = sum(c.get("total", 0) for inv in invs for fes in inv["counts"].values()
+                                   for c in fes.values())
     figures["terminated"] = len(actions)
     figures["left_after_terminate"] = len(left)
     GlideinBaseOperator.now = real_now
@@ -169,18 +190,20 @@ def run(pilots: int) -> dict:
         "AIRFLOW__LOGGING__LOGGING_LEVEL": "WARNING", "AWS_EC2_METADATA_DISABLED": "true",
         "GLIDEIN_STATE_URL": f"sqlite:///{work}/state.db",
     })
-    moto = Moto(work)
+    motos = {r: Moto(work, r) for r in REGIONS}
     try:
-        os.environ["AIRFLOW_CONN_BENCH_AWS"] = json.dumps({
-            "conn_type": "aws", "login": "k", "password": "s", "extra": {"endpoint_url": moto.url}})
+        for r, moto in motos.items():
+            os.environ[f"AIRFLOW_CONN_BENCH_AWS_{r.replace('-', '_').upper()}"] = json.dumps({
+                "conn_type": "aws", "login": "k", "password": "s", "extra": {"endpoint_url": moto.url}})
         os.environ["AIRFLOW_CONN_BENCH_POOL"] = json.dumps({"conn_type": "generic", "password": "x.y.z"})
         cfg_path = config(work)
-        young_from, setup_s = populate(moto, pilots)
-        figures = cycle(cfg_path, moto, young_from)
+        young_from, setup_s = populate(motos, pilots)
+        figures = cycle(cfg_path, motos, young_from)
         figures["setup_s"] = setup_s
         return figures
     finally:
-        moto.stop()
+        for moto in motos.values():
+            moto.stop()
 
 
 def main() -> int:
@@ -193,7 +216,8 @@ def main() -> int:
     logging.disable(logging.WARNING)
     results = {n: run(n) for n in sorted({args.also, args.pilots}) if n}
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"Factory inventory + reaping cycle on moto's EC2 server, {ENTRIES} entries in {len(REGIONS)} regions")
+    print(f"Factory inventory + reaping cycle on moto's EC2 servers, {ENTRIES} entries in {len(REGIONS)} regions "
+          f"(one endpoint, server and task group each)")
     print(f"{'pilots':>8} {'listed':>7} {'reaped':>7} {'calls':>6} {'inv s':>7} {'plan s':>7} {'reap s':>7} "
           f"{'verify s':>8} {'cycle s':>8}")
     for n, f in results.items():
