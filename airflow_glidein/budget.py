@@ -23,7 +23,7 @@ import time
 
 from sqlalchemy import Column, Float, Index, Integer, String, Table, delete, func, insert, select
 
-from airflow_glidein import state
+from airflow_glidein import metrics, state
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,7 @@ class ApiBudget:
                 used = conn.execute(select(func.count()).where(SPENT.c.endpoint == self.endpoint)).scalar_one()
                 if used + n <= self.requests:
                     conn.execute(insert(SPENT), [{"endpoint": self.endpoint, "at": now}] * n)
+                    metrics.incr(n, "api", "calls", self.endpoint, endpoint=self.endpoint)  # every call takes a token
                     return waited
                 # the (used + n - requests)-th oldest token must come back first
                 back = conn.execute(

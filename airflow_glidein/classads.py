@@ -103,31 +103,21 @@ def split_and(text: str) -> list[str]:
     (no top-level || or ?:), which is checked; every piece must parse too.
     """
     s = text.strip()
-    while s.startswith("(") and _closing(s, 0) == len(s) - 1:
+    while s.startswith("(") and _closing(s) == len(s) - 1:
         s = s[1:-1].strip()
-    pieces, depth, start, i, quote = [], 0, 0, 0, None
-    while i < len(s):
-        c = s[i]
-        if quote:
-            if c == "\\":
-                i += 1
-            elif c == quote:
-                quote = None
-        elif c in "\"'":
-            quote = c
-        elif c in "([{":
-            depth += 1
-        elif c in ")]}":
-            depth -= 1
-        elif depth == 0:
-            two = s[i:i + 2]
-            if two == "||" or c == "?":
-                return [text]
-            if two == "&&":
-                pieces.append(s[start:i].strip())
-                start = i + 2
-                i += 1
-        i += 1
+    pieces, start, skip = [], 0, False
+    for i, c, depth in _walk(s):
+        if skip:
+            skip = False
+            continue
+        if depth:
+            continue
+        two = s[i:i + 2]
+        if two == "||" or c == "?":
+            return [text]
+        if two == "&&":
+            pieces.append(s[start:i].strip())
+            start, skip = i + 2, True
     pieces.append(s[start:].strip())
     if len(pieces) < 2 or not all(pieces):
         return [text]
@@ -139,8 +129,9 @@ def split_and(text: str) -> list[str]:
     return pieces
 
 
-def _closing(s: str, open_at: int) -> int:
-    depth, quote, i = 0, None, open_at
+def _walk(s: str):
+    """(index, char, bracket depth) of every character outside string literals."""
+    depth, quote, i = 0, None, 0
     while i < len(s):
         c = s[i]
         if quote:
@@ -150,13 +141,20 @@ def _closing(s: str, open_at: int) -> int:
                 quote = None
         elif c in "\"'":
             quote = c
-        elif c == "(":
-            depth += 1
-        elif c == ")":
-            depth -= 1
-            if depth == 0:
-                return i
+        else:
+            if c in ")]}":
+                depth -= 1
+            yield i, c, depth
+            if c in "([{":
+                depth += 1
         i += 1
+
+
+def _closing(s: str) -> int:
+    """Where the bracket opening ``s`` closes (-1: never)."""
+    for i, c, depth in _walk(s):
+        if c == ")" and depth == 0:
+            return i
     return -1
 
 

@@ -120,6 +120,34 @@ def cmd_pubkey(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sync_pools(args: argparse.Namespace) -> int:
+    """One Airflow pool per API endpoint, sized by its entries' api_budget.concurrency.
+
+    The factory DAG runs every task that calls an endpoint in that endpoint's
+    pool. Writes Airflow's metadata DB, like ``airflow pools set``: run it
+    where the Airflow CLI runs.
+    """
+    from airflow_glidein.config import config_path, pool_name
+    from airflow_glidein.report import table
+
+    try:
+        cfg = load_config(args.config or config_path())
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    from airflow.models.pool import Pool
+
+    rows = []
+    for endpoint, entries in sorted(cfg.endpoints().items()):
+        slots = max(e.api_budget.concurrency for e in entries)
+        names = ", ".join(e.name for e in entries)
+        Pool.create_or_update_pool(name=pool_name(endpoint), slots=slots, include_deferred=False,
+                                   description=f"airflow-glidein: calls to {endpoint} (entries {names})")
+        rows.append([pool_name(endpoint), slots, names])
+    print(table(["pool", "slots", "entries"], rows))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m airflow_glidein", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -138,6 +166,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=8081)
     p.add_argument("--prefix", default="/glidein", help="URL prefix, as in the factory's bootstrap_url (default /glidein)")
     p.set_defaults(func=cmd_serve_bootstrap)
+    p = sub.add_parser("sync-pools", help="create or resize one Airflow pool per provider API endpoint")
+    p.add_argument("config", nargs="?", help="configuration file (default: [glidein] config_file)")
+    p.set_defaults(func=cmd_sync_pools)
     p = sub.add_parser("pubkey", help="print the envelope signing key's public PEM (bake it into the VM image)")
     p.set_defaults(func=cmd_pubkey)
     args = parser.parse_args(argv)

@@ -104,6 +104,7 @@ class ApiBudget(Model):
 
     requests: Pos = 500
     per_seconds: Pos = 300
+    concurrency: Pos = 4  # slots of the endpoint's Airflow pool: factory tasks calling it at once
 
 
 class Entry(Model):
@@ -287,6 +288,13 @@ class Config(Model):
             raise ValueError("; ".join(problems))
         return self
 
+    def endpoints(self) -> dict[str, list[Entry]]:
+        """Entries by the API endpoint they call: one Airflow pool and one API budget each."""
+        out: dict[str, list[Entry]] = {}
+        for e in self.entries:
+            out.setdefault(e.api_endpoint, []).append(e)
+        return out
+
     def entry(self, name: str) -> Entry:
         return next(e for e in self.entries if e.name == name)
 
@@ -417,3 +425,8 @@ def get_config(path: str | None = None) -> Config:
     except OSError:
         stamp = (-1, -1)
     return _cached(str(path), stamp)
+
+
+def pool_name(endpoint: str) -> str:
+    """The Airflow pool of an API endpoint."""
+    return "glidein_" + re.sub(r"[^A-Za-z0-9_.-]", "_", endpoint)

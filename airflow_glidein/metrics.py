@@ -12,8 +12,8 @@ tags, for backends that keep tags:
     glidein.terminations.<entry>.<action>          count  terminate / force_terminate / retire asked
     glidein.failures.<entry>.<kind>                count  kind: launch, boot, listing, terminate
     glidein.stuck.<entry>                          gauge  pilots terminate could not remove
-    glidein.api.calls.<endpoint>                   count  provider API calls
-    glidein.api.throttled.<endpoint>               count  calls the provider throttled
+    glidein.api.calls.<endpoint>                   count  provider API calls (each takes a budget token)
+    glidein.api.throttled.<endpoint>               count  calls the provider throttled (then retried with backoff)
 """
 
 from __future__ import annotations

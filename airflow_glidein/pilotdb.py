@@ -99,6 +99,12 @@ def delete_pilots(store: StateStore, ids: Iterable[str]) -> None:
             conn.execute(delete(PILOTS).where(PILOTS.c.id.in_(ids[chunk : chunk + 500])))
 
 
+def forget_entries_except(store: StateStore, entries: Iterable[str]) -> None:
+    """Drop rows of entries no longer configured: their pilots are no longer listed or managed."""
+    with store.begin() as conn:
+        conn.execute(delete(PILOTS).where(PILOTS.c.entry.not_in(list(entries))))
+
+
 def update_memory(
     store: StateStore,
     updates: Mapping[str, Mapping[str, Any]],

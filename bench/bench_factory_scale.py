@@ -121,10 +121,9 @@ def cycle(cfg_path: Path, moto: Moto, young_from: float) -> dict:
     from airflow_glidein.operators.base import GlideinBaseOperator
     from airflow_glidein.sensors.pilots import still_present
 
-    # the factory's clock: every young pilot is just under its lifetime, the old cohort past it
-    offset = young_from + LIFETIME - 1 - time.time()
+    # the factory's clock, frozen where every young pilot is just under its lifetime and the old cohort past it
     real_now = GlideinBaseOperator.now
-    GlideinBaseOperator.now = lambda op: real_now(op) + offset
+    GlideinBaseOperator.now = lambda op: young_from + LIFETIME - 1
 
     class TI:
         pushed: dict = {}
@@ -201,9 +200,9 @@ def main() -> int:
         print(f"{n:>8} {f['pilots_listed']:>7} {f['terminated']:>7} {f['calls']:>6} {f['inventory_s']:>7.1f} "
               f"{f['plan_s']:>7.2f} {f['reap_s']:>7.1f} {f['verify_s']:>8.1f} {f['cycle_s']:>8.1f}")
     big = results[max(results)]
-    pages = ENTRIES * -(-max(results) // ENTRIES // 1000)
+    pages = len(REGIONS) * -(-max(results) // len(REGIONS) // 1000)
     print(f"API calls at {max(results)} pilots: {big['inventory_calls']} listing + {big['reap_calls']} terminate + "
-          f"{big['verify_calls']} verify (entries x pages = {pages} per listing pass)")
+          f"{big['verify_calls']} verify (regions x pages = {pages} per listing pass)")
     print(f"peak RSS of the factory process: {peak_mb:.0f} MB")
     calls = [f["calls"] for f in results.values()]
     ok_calls = len(set(calls)) == 1

@@ -6,13 +6,14 @@ entry-wide limits hold across frontends without locks.
 
 from __future__ import annotations
 
+import re
 from datetime import timedelta
 
 import pendulum
-from airflow.sdk import DAG, AssetOrTimeSchedule, CronTriggerTimetable, XComArg
+from airflow.sdk import DAG, AssetOrTimeSchedule, CronTriggerTimetable, TaskGroup, XComArg, task
 
 from airflow_glidein.assets import GLIDEIN_REQUESTS
-from airflow_glidein.config import config_path, get_config
+from airflow_glidein.config import config_path, get_config, pool_name
 from airflow_glidein.operators import (
     CollectRequestsOperator,
     FactoryReportOperator,
@@ -26,7 +27,8 @@ from airflow_glidein.sensors import PilotsTerminatedSensor
 DOC = """
 ### Glidein factory `{name}`
 
-The only DAG that talks to resource providers. Each run:
+The only DAG that talks to resource providers. Each API endpoint (an EC2 region,
+an OpenStack or OpenNebula endpoint) has its own task group and Airflow pool. Each run:
 
 1. `collect_requests` - the newest unexpired request of every frontend (`glidein_requests` events);
 2. `inventory` - our instances at every entry, listed by tag, joined with the collector's startd
@@ -54,6 +56,13 @@ _schedule = (
     else [GLIDEIN_REQUESTS]
 )
 
+
+@task(task_id="work")
+def _work_of(work: list, entries: list) -> list:
+    """This endpoint's share of the cycle's launches (what its submit_pilots maps over)."""
+    return [w for w in work if w["entry"] in entries]
+
+
 with DAG(
     dag_id="glidein_factory",
     schedule=_schedule,
@@ -65,18 +74,37 @@ with DAG(
     default_args={"retries": _cfg.factory.retries, "retry_delay": timedelta(seconds=_cfg.factory.retry_delay)},
 ) as glidein_factory:
     _requests = CollectRequestsOperator(task_id="collect_requests", config_file=CONFIG)
-    _inventory = InventoryOperator(task_id="inventory", config_file=CONFIG)
+    # One task group per API endpoint: every task in it calls only that endpoint and runs in its
+    # Airflow pool (python -m airflow_glidein sync-pools), so the factory, however many entries and
+    # frontends share the endpoint, never has more calls in flight there than the pool's slots.
+    _groups = {}
+    for _endpoint, _entries in sorted(_cfg.endpoints().items()):
+        _names = [e.name for e in _entries]
+        with TaskGroup(group_id=re.sub(r"[^A-Za-z0-9_-]", "_", _endpoint),
+                       tooltip=f"{_endpoint}: {', '.join(_names)}") as _group:
+            _groups[_endpoint] = (_group, _names, InventoryOperator(
+                task_id="inventory", entries=_names, config_file=CONFIG, pool=pool_name(_endpoint)))
     _plan = PlanCycleOperator(
-        task_id="plan_cycle", requests=_requests.output, inventory=_inventory.output, config_file=CONFIG
+        task_id="plan_cycle", requests=_requests.output, inventory=[g[2].output for g in _groups.values()],
+        config_file=CONFIG,
     )
     _actions = XComArg(_plan, key="actions")
-    _submit = SubmitPilotsOperator.partial(task_id="submit_pilots", config_file=CONFIG).expand(work=_plan.output)
-    _reap = ReapPilotsOperator(task_id="reap_pilots", actions=_actions, config_file=CONFIG)
-    _reap >> PilotsTerminatedSensor(
-        task_id="verify_terminations", targets=_reap.output, config_file=CONFIG,
-        timeout=_cfg.factory.verify_timeout, poll_interval=_cfg.factory.verify_poll, retries=0,
-    )
+    _submits, _reaps = [], []
+    for _endpoint, (_group, _names, _inventory) in _groups.items():
+        with _group:
+            _pool = pool_name(_endpoint)
+            _submit = SubmitPilotsOperator.partial(task_id="submit_pilots", config_file=CONFIG, pool=_pool).expand(
+                work=_work_of(_plan.output, _names))
+            _reap = ReapPilotsOperator(task_id="reap_pilots", actions=_actions, entries=_names, config_file=CONFIG,
+                                       pool=_pool)
+            _reap >> PilotsTerminatedSensor(
+                task_id="verify_terminations", targets=_reap.output, config_file=CONFIG, pool=_pool,
+                timeout=_cfg.factory.verify_timeout, poll_interval=_cfg.factory.verify_poll, retries=0,
+            )
+            _plan >> _reap
+        _submits.append(_submit)
+        _reaps.append(_reap)
     FactoryReportOperator(
-        task_id="report", inventory=_inventory.output, submitted=_submit.output, actions=_actions,
-        decisions=XComArg(_plan, key="decisions"), config_file=CONFIG, trigger_rule="all_done",
-    )
+        task_id="report", inventory=[g[2].output for g in _groups.values()], submitted=[s.output for s in _submits],
+        actions=_actions, decisions=XComArg(_plan, key="decisions"), config_file=CONFIG, trigger_rule="all_done",
+    ).set_upstream(_submits + _reaps)

@@ -84,6 +84,11 @@ def main() -> int:
 
         initdb()
         quiet()
+        from airflow_glidein.cli import main as glidein_cli
+
+        print("Airflow pools, one per provider API endpoint (python -m airflow_glidein sync-pools):")
+        glidein_cli(["sync-pools"])
+        print()
         bag = DagBag(dag_folder=str(REPO / "dags"))
         if bag.import_errors:
             print("DAG import errors:", bag.import_errors, file=sys.stderr)

@@ -19,7 +19,7 @@ from airflow_glidein.assets import GLIDEIN_REQUESTS, REQUEST_EVENTS_WINDOW
 from airflow_glidein.bootstrap.launches import userdata_for
 from airflow_glidein.hooks import LaunchSpec, pilot_hook
 from airflow_glidein.operators.base import GlideinBaseOperator
-from airflow_glidein.operators.lifecycle import as_pilot
+from airflow_glidein.operators.lifecycle import as_pilot, merged_errors
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -69,7 +69,7 @@ class PlanCycleOperator(GlideinBaseOperator):
         actions = L.reap(cfg, rows, levels, now)
         leaving = {a.id: (P.RETIRING if a.action == "retire" else P.TERMINATING) for a in actions}
         pilots = [as_pilot(r, leaving.get(r["id"])) for r in rows]
-        blocked = {e: f"listing failed ({err})" for e, err in self.inventory.get("errors", {}).items()}
+        blocked = {e: f"listing failed ({err})" for e, err in merged_errors(self.inventory).items()}
         for e, h in pilotdb.load_health(store).items():
             if h["until"] > now and e not in blocked:
                 blocked[e] = f"{h['reason']}, until {int(h['until'] - now)} s from now"

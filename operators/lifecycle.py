@@ -59,26 +59,30 @@ def tag_policy(tags: dict[str, str]) -> dict[str, int] | None:
 
 
 class InventoryOperator(GlideinBaseOperator):
-    """Our pilots at every entry, their states, into the pilot table; returns counts and errors."""
+    """Our pilots at the given entries (default: all), their states, into the pilot table.
+
+    Entries reached with one connection and one listing scope (an EC2 region,
+    an OpenNebula user's pool) are listed in one pass. Returns counts and
+    per-entry listing errors; an entry that could not be listed keeps its
+    remembered pilots untouched.
+    """
+
+    template_fields: Sequence[str] = ("entries", "config_file")
+
+    def __init__(self, *, entries: list[str] | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.entries = entries
 
     def execute(self, context: Context) -> dict[str, Any]:
         cfg, now, store = self.config, self.now(), state.store()
+        mine = [cfg.entry(n) for n in self.entries] if self.entries else list(cfg.entries)
         frontends = {f.name for f in cfg.frontends}
         startds = self._startds()
-        remembered = pilotdb.load_pilots(store)
+        remembered = pilotdb.load_pilots(store, [e.name for e in mine])
+        listed, errors = self._listings(mine)
         rows: list[dict[str, Any]] = []
-        errors: dict[str, str] = {}
-        for entry in cfg.entries:
-            listed: dict[str, tuple[P.ProviderInstance, str]] = {}
-            for conn_id in provision_conns(cfg, entry):
-                try:
-                    for inst in pilot_hook(entry, cfg.factory.name, conn_id).list_pilots():
-                        listed.setdefault(inst.id, (inst, conn_id))
-                except Exception as exc:  # one provider down must not stop the other entries
-                    self.log.warning("Entry %s: listing with connection %s failed: %s", entry.name, conn_id, exc)
-                    errors[entry.name] = f"{type(exc).__name__}: {str(exc)[:300]}"
-                    metrics.incr(1, "failures", entry.name, "listing", entry=entry.name, kind="listing")
-            for iid, (inst, conn_id) in listed.items():
+        for entry in mine:
+            for iid, (inst, conn_id) in listed.get(entry.name, {}).items():
                 prev = remembered.pop(iid, None)
                 frontend = inst.tags.get(P.TAG_FRONTEND)
                 startd = startds.get(iid) if startds is not None else None
@@ -95,10 +99,9 @@ class InventoryOperator(GlideinBaseOperator):
                     "memory": mem.to_dict(), "updated": now, "_prev": prev and prev["state"],
                 })
         # Remembered pilots missing from a good listing are gone: terminated, verified.
-        listed_ok = {e.name for e in cfg.entries} - set(errors)
-        gone = [pid for pid, row in remembered.items() if row["entry"] in listed_ok or row["entry"] not in
-                {e.name for e in cfg.entries}]
+        gone = [pid for pid, row in remembered.items() if row["entry"] not in errors]
         pilotdb.delete_pilots(store, gone)
+        pilotdb.forget_entries_except(store, [e.name for e in cfg.entries])
         pilotdb.save_pilots(store, rows)
         self._entry_health(store, rows, now)
         counts = pilot_counts(rows)
@@ -106,6 +109,35 @@ class InventoryOperator(GlideinBaseOperator):
         if gone:
             self.log.info("%d pilots left their provider since the last cycle: %s", len(gone), sorted(gone)[:20])
         return {"counts": counts, "errors": errors, "collector": startds is not None, "gone": len(gone)}
+
+    def _listings(self, entries: list[Entry]) -> tuple[dict[str, dict], dict[str, str]]:
+        """{entry: {id: (instance, connection)}} and {entry: error}, in as few listings as the APIs allow."""
+        cfg = self.config
+        groups: dict[tuple, list[tuple[Entry, Any]]] = {}
+        for entry in entries:
+            for conn_id in provision_conns(cfg, entry):
+                hook = pilot_hook(entry, cfg.factory.name, conn_id)
+                groups.setdefault((conn_id, hook.listing_scope()), []).append((entry, hook))
+        listed: dict[str, dict] = {e.name: {} for e in entries}
+        errors: dict[str, str] = {}
+        for (conn_id, _scope), members in groups.items():
+            names = {e.name for e, _ in members}
+            try:
+                together = members[0][1].list_endpoint() if len(members) > 1 else None
+                if together is not None:
+                    for inst in together:
+                        if inst.tags.get(P.TAG_ENTRY) in names:
+                            listed[inst.tags[P.TAG_ENTRY]].setdefault(inst.id, (inst, conn_id))
+                    continue
+                for entry, hook in members:
+                    for inst in hook.list_pilots():
+                        listed[entry.name].setdefault(inst.id, (inst, conn_id))
+            except Exception as exc:  # one provider down must not stop the other entries
+                self.log.warning("Entries %s: listing with connection %s failed: %s", sorted(names), conn_id, exc)
+                for name in names:
+                    errors[name] = f"{type(exc).__name__}: {str(exc)[:300]}"
+                    metrics.incr(1, "failures", name, "listing", entry=name, kind="listing")
+        return listed, errors
 
     def _startds(self) -> dict[str, dict] | None:
         collector = self.config.factory.collector
@@ -142,15 +174,16 @@ class ReapPilotsOperator(GlideinBaseOperator):
     verify sensor can wait for it.
     """
 
-    template_fields: Sequence[str] = ("actions", "config_file")
+    template_fields: Sequence[str] = ("actions", "entries", "config_file")
 
-    def __init__(self, *, actions: Any, **kwargs: Any) -> None:
+    def __init__(self, *, actions: Any, entries: list[str] | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.actions = actions
+        self.entries = entries  # only these entries' actions (one endpoint's); default all
 
     def execute(self, context: Context) -> list[dict[str, Any]]:
         cfg, now, store = self.config, self.now(), state.store()
-        actions = [L.Action(**a) for a in self.actions or []]
+        actions = [L.Action(**a) for a in self.actions or [] if not self.entries or a["entry"] in self.entries]
         rows = pilotdb.load_pilots(store)
         groups: dict[tuple[str, str, str], list[L.Action]] = {}
         for a in actions:
@@ -219,7 +252,7 @@ class FactoryReportOperator(GlideinBaseOperator):
         cfg, now, store = self.config, self.now(), state.store()
         rows = list(pilotdb.load_pilots(store, [e.name for e in cfg.entries]).values())
         launched = 0
-        for item in _items(self.submitted):
+        for item in _flatten(self.submitted):
             for batch in item["launched"]:
                 for iid in batch["created"] + batch.get("existing", []):  # a retry finds what an earlier try made
                     launched += 1
@@ -237,7 +270,7 @@ class FactoryReportOperator(GlideinBaseOperator):
             "actions": dict(Counter(a["action"] for a in actions)),
             "stuck": stuck,
             "backoff": backoff,
-            "errors": (self.inventory or {}).get("errors", {}),
+            "errors": merged_errors(self.inventory),
             "decisions": self.decisions or {},
             "run_id": context["run_id"],
         }
@@ -262,3 +295,20 @@ class FactoryReportOperator(GlideinBaseOperator):
 def _items(seq: Any) -> list:
     """A mapped task's results; indexing by length avoids probing past the end."""
     return [seq[i] for i in range(len(seq))] if seq else []
+
+
+def _flatten(outputs: Any) -> list:
+    """The results of one mapped task, or of several (one per endpoint), as one list."""
+    if isinstance(outputs, (list, tuple)):
+        return [item for seq in outputs for item in _items(seq)]
+    return _items(outputs)
+
+
+def merged_errors(inventories: Any) -> dict[str, str]:
+    """Listing errors of one inventory result, or of several (one per endpoint)."""
+    if isinstance(inventories, dict):
+        inventories = [inventories]
+    out: dict[str, str] = {}
+    for inv in inventories or []:
+        out.update((inv or {}).get("errors", {}))
+    return out

@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseSensorOperator
 from airflow.sdk.exceptions import AirflowException
 
-from airflow_glidein import pilots as P
 from airflow_glidein.config import get_config
 from airflow_glidein.hooks import pilot_hook
 
@@ -30,8 +29,7 @@ def still_present(config_file: str | None, targets: list[dict[str, Any]]) -> lis
         if not t.get("ids"):
             continue
         hook = pilot_hook(cfg.entry(t["entry"]), cfg.factory.name, t["conn"])
-        live = {i.id for i in hook.list_pilots() if i.state != P.P_TERMINATED}
-        present += [i for i in t["ids"] if i in live]
+        present += list(hook.still_there(list(t["ids"])))
     return sorted(present)
 
 

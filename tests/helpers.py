@@ -119,27 +119,70 @@ def run_dag(dag_id: str):
 
 
 def xcom(dagrun, task_id: str, map_index: int | None = -1, key: str = "return_value") -> Any:
-    """A task's return value from the metadata DB (tests only; tasks never read it)."""
+    """A task's return value from the metadata DB (tests only; tasks never read it).
+
+    The factory has one task group per API endpoint ("ec2-us-east-1.inventory"):
+    a bare name ("inventory") gathers that task of every group: the one value,
+    or lists concatenated and dicts merged.
+    """
     from airflow.models.xcom import XComModel
     from airflow.utils.session import create_session
 
     with create_session() as session:
+        ids = [t for t in _task_ids(dagrun, session) if t == task_id or t.endswith("." + task_id)]
+        if task_id in ids:
+            ids = [task_id]
         rows = session.scalars(XComModel.get_many(
-            run_id=dagrun.run_id, dag_ids=dagrun.dag_id, task_ids=task_id, key=key,
+            run_id=dagrun.run_id, dag_ids=dagrun.dag_id, task_ids=ids or task_id, key=key,
             map_indexes=map_index,
         )).all()
-        values = [XComModel.deserialize_value(r) for r in rows]
+        values = [XComModel.deserialize_value(r) for r in sorted(rows, key=lambda r: (r.task_id, r.map_index))]
     if map_index is None:
         return values
-    return values[0] if values else None
+    if len(values) <= 1:
+        return values[0] if values else None
+    return _merge(values)
+
+
+def _task_ids(dagrun, session) -> list[str]:
+    return sorted({ti.task_id for ti in dagrun.get_task_instances(session=session)})
+
+
+def _merge(values: list) -> Any:
+    if all(isinstance(v, list) for v in values):
+        return [x for v in values for x in v]
+    if all(isinstance(v, dict) for v in values):
+        out: dict = {}
+        for v in values:
+            for k, x in v.items():
+                if k not in out:
+                    out[k] = x
+                elif isinstance(x, dict) and isinstance(out[k], dict):
+                    out[k] = {**out[k], **x}
+                elif isinstance(x, bool) or isinstance(out[k], bool):
+                    out[k] = out[k] or x
+                elif isinstance(x, (int, float)) and isinstance(out[k], (int, float)):
+                    out[k] = out[k] + x
+                elif isinstance(x, list) and isinstance(out[k], list):
+                    out[k] = out[k] + x
+        return out
+    return values
 
 
 def task_states(dagrun) -> dict[str, str]:
+    """State per task instance ("group.task[map_index]"), plus per bare task name across the
+    endpoint groups ("reap_pilots"): that state if they agree, else the states joined by "|"."""
     from airflow.utils.session import create_session
 
     with create_session() as session:
         tis = dagrun.get_task_instances(session=session)
-        return {(ti.task_id if ti.map_index < 0 else f"{ti.task_id}[{ti.map_index}]"): str(ti.state) for ti in tis}
+        full = {(ti.task_id if ti.map_index < 0 else f"{ti.task_id}[{ti.map_index}]"): str(ti.state) for ti in tis}
+    bare: dict[str, set] = {}
+    for name, st in full.items():
+        short = name.rsplit(".", 1)[-1].split("[")[0]
+        if short != name.split("[")[0]:
+            bare.setdefault(short, set()).add(st)
+    return {**{k: "|".join(sorted(v)) for k, v in bare.items()}, **full}
 
 
 def jwt_token(claims: dict[str, Any], signature: str = "c2lnbmF0dXJlLW5vdC1jaGVja2Vk") -> str:

@@ -78,3 +78,6 @@ def test_demand_levels_pilots_and_launches_are_emitted(ec2, statsd, tmp_path, mo
     assert statsd.values("airflow.glidein.pilots.aws-us-east-1.requested") == ["10|g"]
     assert statsd.values("airflow.glidein.pilots.aws-us-west-2.requested") == ["5|g"]
     assert statsd.values("airflow.glidein.stuck.aws-us-east-1") == ["0|g"]
+    # every provider call is counted per API endpoint (it takes a token of that endpoint's budget)
+    calls = sum(int(v.split("|")[0]) for v in statsd.values("airflow.glidein.api.calls.ec2-us-east-1"))
+    assert calls == 5  # one listing, then per batch (2) the check-before-create listing and RunInstances

@@ -71,10 +71,10 @@ def test_trigger_times_out_naming_the_pilots_still_there(pilots):
 def test_trigger_turns_a_provider_error_into_an_error_event(pilots, monkeypatch):
     path, targets, _ = pilots
 
-    def down(self, launch_id=None):
+    def down(self, **params):
         raise ConnectionError("endpoint unreachable")
 
-    monkeypatch.setattr(EC2PilotHook, "_list", down)
+    monkeypatch.setattr(EC2PilotHook, "_describe", down)
     event = run_trigger(PilotsGoneTrigger(targets=targets, config_file=path, poll_interval=0.1,
                                           deadline=time.time() + 5))
     assert event.payload["status"] == "error" and "endpoint unreachable" in event.payload["message"]
@@ -101,3 +101,16 @@ def test_nothing_to_verify_returns_at_once(pilots):
 def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="poll_interval must be positive"):
         PilotsTerminatedSensor(task_id="v", targets=[], poll_interval=0)
+
+
+def test_ec2_still_there_looks_ids_up_and_treats_unknown_ones_as_gone(pilots, ec2):
+    from airflow_glidein.config import get_config
+    from airflow_glidein.hooks import pilot_hook
+
+    path, _, ids = pilots
+    cfg = get_config(path)
+    hook = pilot_hook(cfg.entry("aws-us-east-1"), cfg.factory.name, "glidein_aws_demo")
+    unknown = "i-0123456789abcdef0"  # EC2 forgets terminated instances after a while: NotFound
+    assert sorted(hook.still_there(ids + [unknown])) == ids
+    ec2.client().terminate_instances(InstanceIds=ids[:1])
+    assert sorted(hook.still_there(ids + [unknown])) == ids[1:]

@@ -31,6 +31,7 @@ from typing import Any, ClassVar, TypeVar
 from airflow.sdk import BaseHook
 
 from airflow_glidein import budget as B
+from airflow_glidein import metrics
 from airflow_glidein import pilots as P
 from airflow_glidein.config import Entry
 
@@ -160,6 +161,7 @@ class PilotHook(BaseHook):
                 if failed:
                     raise outcome
                 return outcome
+            metrics.incr(1, "api", "throttled", self.entry.api_endpoint, endpoint=self.entry.api_endpoint)
             pause = backoff(attempt, hint, self.backoff_base, self.backoff_cap)
             log.warning("%s %s throttled by %s; retry %d of %d in %.1f s", self.middleware, what,
                         self.entry.api_endpoint, attempt + 1, self.throttle_retries, pause)
@@ -177,8 +179,24 @@ class PilotHook(BaseHook):
             **spec.extra_tags,
         }
 
+    def listing_scope(self) -> tuple:
+        """Entries whose hooks (with one connection) give the same scope are listed together by ``_list_all``."""
+        return ("entry", self.entry.name)
+
+    def _list_all(self) -> list[P.ProviderInstance] | None:
+        """Our pilots of every entry this connection reaches at this endpoint, in one listing pass.
+
+        None where the middleware cannot (the inventory then lists entry by
+        entry). Cloud Scheduler's lesson: one listing per credential and cloud
+        per poll, not per entry or VM.
+        """
+        return None
+
     def list_pilots(self) -> list[P.ProviderInstance]:
         return self._list()
+
+    def list_endpoint(self) -> list[P.ProviderInstance] | None:
+        return self._list_all()
 
     def launch(self, spec: LaunchSpec) -> dict[str, list[str]]:
         """Idempotent: returns {"existing": ids, "created": ids} for the launch id."""

@@ -15,6 +15,7 @@ entry's API budget (a before-send event); calls that still end throttled
 from __future__ import annotations
 
 import hashlib
+import re
 import logging
 from functools import cached_property
 from typing import Any
@@ -65,28 +66,55 @@ class EC2PilotHook(PilotHook):
     def _throttled(self, outcome: Any) -> float | None:
         return 0.0 if isinstance(outcome, Exception) and _error_code(outcome) in THROTTLING else None
 
-    def _filters(self, launch_id: str | None) -> list[dict]:
+    def _filters(self, launch_id: str | None, all_entries: bool = False) -> list[dict]:
         filters = [
             {"Name": f"tag:{P.TAG_FACTORY}", "Values": [self.factory]},
-            {"Name": f"tag:{P.TAG_ENTRY}", "Values": [self.entry.name]},
             {"Name": "instance-state-name", "Values": LIVE_STATES},
         ]
+        if not all_entries:
+            filters.append({"Name": f"tag:{P.TAG_ENTRY}", "Values": [self.entry.name]})
         if launch_id:
             filters.append({"Name": f"tag:{P.TAG_LAUNCH}", "Values": [launch_id]})
         return filters
 
-    def _list(self, launch_id: str | None = None) -> list[P.ProviderInstance]:
+    def _describe(self, **params: Any) -> list[P.ProviderInstance]:
         def listing() -> list[P.ProviderInstance]:
             out = []
-            pages = self.client.get_paginator("describe_instances").paginate(
-                Filters=self._filters(launch_id), PaginationConfig={"PageSize": 1000}
-            )
+            pages = self.client.get_paginator("describe_instances").paginate(**params)
             for page in pages:
                 for reservation in page.get("Reservations", []):
                     out.extend(_instance(i) for i in reservation.get("Instances", []))
             return out
 
         return self.api_call(listing, "describe_instances", charge=False)
+
+    def _list(self, launch_id: str | None = None) -> list[P.ProviderInstance]:
+        return self._describe(Filters=self._filters(launch_id), PaginationConfig={"PageSize": 1000})
+
+    def listing_scope(self) -> tuple:
+        return ("ec2", self.entry.region)
+
+    def _list_all(self) -> list[P.ProviderInstance]:
+        # one pass per region and account: every entry's pilots, split by their glidein:entry tag
+        return self._describe(Filters=self._filters(None, all_entries=True), PaginationConfig={"PageSize": 1000})
+
+    def still_there(self, ids: list[str]) -> dict[str, P.ProviderInstance]:
+        """Look the ids up directly (EC2 keeps terminated instances visible for a while):
+        no listing of the whole entry. Ids EC2 no longer knows are gone."""
+        out: dict[str, P.ProviderInstance] = {}
+        todo = list(dict.fromkeys(ids))
+        while todo:
+            chunk, todo = todo[:1000], todo[1000:]
+            try:
+                found = self._describe(InstanceIds=chunk)
+            except Exception as exc:
+                unknown = _unknown_ids(exc)
+                if not unknown:
+                    raise
+                todo = [i for i in chunk if i not in unknown] + todo
+                continue
+            out.update({i.id: i for i in found if i.state != P.P_TERMINATED})
+        return out
 
     def _create(self, spec: LaunchSpec, count: int, tags: dict[str, str]) -> list[P.ProviderInstance]:
         opts = self.entry.options
@@ -131,6 +159,14 @@ class EC2PilotHook(PilotHook):
             return True, "Connection successfully tested"
         except Exception as exc:
             return False, str(exc)
+
+
+def _unknown_ids(exc: Exception) -> set[str]:
+    """The ids an InvalidInstanceID.NotFound error names ("The instance IDs 'i-1, i-2' do not exist")."""
+    if _error_code(exc) != "InvalidInstanceID.NotFound":
+        return set()
+    message = getattr(exc, "response", {}).get("Error", {}).get("Message", "")
+    return set(re.findall(r"i-[0-9a-f]+", message))
 
 
 def _error_code(exc: Exception) -> str:

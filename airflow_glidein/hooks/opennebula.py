@@ -124,13 +124,22 @@ class OpenNebulaPilotHook(PilotHook):
 
     # -- the interface ---------------------------------------------------------
     def _list(self, launch_id: str | None = None) -> list[P.ProviderInstance]:
+        return [i for i in self._pool(launch_id) if i.tags.get(P.TAG_ENTRY) == self.entry.name]
+
+    def listing_scope(self) -> tuple:
+        return ("opennebula",)  # the connection names the endpoint and user: their whole pool
+
+    def _list_all(self) -> list[P.ProviderInstance]:
+        return self._pool()  # the user's VM pool holds every entry's VMs: one pass for all
+
+    def _pool(self, launch_id: str | None = None) -> list[P.ProviderInstance]:
         out, offset = [], 0
         while True:
             # -3: this user's VMs; offset and -page size; -1: any state but DONE; "": no pool filter
             page = self._call("vmpool.infoextended", -3, offset, -self.page_size, -1, "").VM
             for vm in page:
                 user = dict(vm.USER_TEMPLATE or {})
-                if user.get("GLIDEIN_FACTORY") != self.factory or user.get("GLIDEIN_ENTRY") != self.entry.name:
+                if user.get("GLIDEIN_FACTORY") != self.factory:
                     continue
                 if launch_id and user.get("GLIDEIN_LAUNCH") != launch_id:
                     continue
