@@ -74,7 +74,9 @@ def registration(config_file: str | None, kind: str, value: str, entries: list[s
         raise RuntimeError(f"no entry could be listed: {errors}")
     table = _table(names, kind, value)
     for pid, row in table.items():
-        known = pilots.setdefault(pid, {"id": pid, "entry": row["entry"], "provider_state": "gone",
+        # not in a good listing: gone; at an entry whose listing failed: as the factory last saw it
+        seen = (row.get("provider_state") or "unknown") if row["entry"] in errors else "gone"
+        known = pilots.setdefault(pid, {"id": pid, "entry": row["entry"], "provider_state": seen,
                                         "launched": row["launched"], "detail": row.get("detail") or ""})
         known["state"] = row["state"]
     ads = HTCondorHook(collector=cfg.factory.collector).query_startds(

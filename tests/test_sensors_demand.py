@@ -291,6 +291,36 @@ def test_registered_trigger_errors_become_error_events(pool, cfg_path, ec2, tmp_
         reg_sensor(no_collector).execute({})
 
 
+def test_one_entry_listing_failing_does_not_stop_the_others(pool, cfg_path, ec2, monkeypatch):
+    from airflow_glidein.hooks.ec2 import EC2PilotHook
+    from airflow_glidein.sensors.registered import registration
+
+    east = launch(ec2, 2)
+    register(pool, east[0])
+    now = time.time()
+    pilotdb.save_pilots(state.store(), [{
+        "id": "i-west1", "entry": "aws-us-west-2", "frontend": "cms", "burst": None, "request": "frontend-run-1",
+        "launch": "L-2", "factory_run": "f-1", "launched": now - 300, "state": "booting", "provider_state": "pending",
+        "conn": "glidein_aws_demo", "detail": "", "startd": None, "policy": None, "memory": {}, "updated": now}])
+    real = EC2PilotHook._list
+
+    def west_down(self, launch_id=None):
+        if self.entry.name == "aws-us-west-2":
+            raise ConnectionError("us-west-2 endpoint unreachable")
+        return real(self, launch_id)
+
+    monkeypatch.setattr(EC2PilotHook, "_list", west_down)
+    found = registration(cfg_path, "request", "frontend-run-1")
+    assert found["errors"] == {"aws-us-west-2": "ConnectionError: us-west-2 endpoint unreachable"}
+    assert found["registered"] == [east[0]]
+    # the west pilot is not called gone: its listing failed, so it is shown as the factory last saw it
+    assert {w["id"]: w["provider_state"] for w in found["waiting"]} == {east[1]: "running", "i-west1": "pending"}
+    monkeypatch.setattr(EC2PilotHook, "_list", lambda self, launch_id=None: (_ for _ in ()).throw(
+        ConnectionError("all down")))
+    with pytest.raises(RuntimeError, match="no entry could be listed"):
+        registration(cfg_path, "request", "frontend-run-1")
+
+
 @pytest.mark.parametrize("mode", ["poke", "reschedule"])
 def test_registered_poke_and_reschedule_use_the_same_check(pool, cfg_path, ec2, mode):
     ids = launch(ec2, 2)
