@@ -192,9 +192,18 @@ class FrontendLimits(Model):
     fraction_running: float = Field(default=1.15, ge=1.0)  # max running = (wanted + busy) x this + 1
 
 
+class DemandWatch(Model):
+    """Event-driven runs: the triggerer watches the demand and starts the frontend when it appears."""
+
+    threshold: Pos = 1  # matching idle jobs that start a run
+    poll: Pos = 30  # s between demand queries (each asks every schedd)
+    min_interval: NonNeg = 60  # s at least between two runs it starts
+
+
 class Frontend(Model):
     name: Name
     schedule: str | None = "*/5 * * * *"
+    watch: DemandWatch | None = None  # besides the schedule, run as soon as idle demand appears
     demand: DemandSource
     match_expr: ClassAdExpr = "true"  # over job.* and glidein.*
     start_expr: ClassAdExpr = "true"  # becomes the pilots' START expression

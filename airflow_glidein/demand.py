@@ -314,6 +314,21 @@ def match_groups(groups: list[JobGroup], matcher: classads.Matcher) -> None:
         group.entries = matcher.matches(group.attrs, group.size)
 
 
+def frontend_demand(
+    config: Any, frontend: str, pool: Any, log: Any, now: float | None = None,
+) -> tuple[list[JobGroup], list[dict[str, str]], classads.Matcher]:
+    """A frontend's demand from its source, each group matched against its entries.
+
+    Returns the groups, the schedds that did not answer, and the matcher (for its counters).
+    """
+    fe = config.frontend(frontend)
+    attrs = match_attributes(fe.match_expr, [config.entry(e) for e in fe.entries])
+    groups, missing = collect(fe.demand, attrs, pool, log, now)
+    matcher = matcher_for(config, frontend)
+    match_groups(groups, matcher)
+    return groups, missing, matcher
+
+
 def summarize(groups: list[JobGroup]) -> dict[str, Any]:
     return {
         "groups": len(groups),

@@ -37,11 +37,8 @@ class QueryDemandOperator(GlideinBaseOperator):
 
     def execute(self, context: Context) -> dict[str, Any]:
         fe = self.config.frontend(self.frontend)
-        attrs = demand.match_attributes(fe.match_expr, [self.config.entry(e) for e in fe.entries])
         hook = HTCondorHook(collector=fe.demand.collector)
-        groups, missing = demand.collect(fe.demand, attrs, hook, self.log)
-        matcher = demand.matcher_for(self.config, fe.name)
-        demand.match_groups(groups, matcher)
+        groups, missing, matcher = demand.frontend_demand(self.config, fe.name, hook, self.log)
         summary = demand.summarize(groups)
         self.log.info(
             "Frontend %s: %d idle and %d running jobs in %d groups (%d ClassAd evaluations); "
