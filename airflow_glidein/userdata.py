@@ -262,7 +262,8 @@ def build(middleware: str, payload: Mapping[str, Any], key: Ed25519PrivateKey,
     limit = MAX_BYTES[middleware]
     size = len(text.encode())
     if size > limit:
-        sealed = " (encrypted: about 4/3 of the plain envelope plus 200 bytes)" if seal_to is not None else ""
+        sealed = (" (encrypted: the body is base64-encoded twice, about 16/9 of it plus 450 bytes)"
+                  if seal_to is not None else "")
         raise UserDataTooLarge(
             f"UserData envelope is {size} bytes{sealed}, over the {middleware} limit of {limit} bytes "
             f"(largest fields: {', '.join(sorted(payload, key=lambda k: -len(str(payload[k])))[:3])})"
