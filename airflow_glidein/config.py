@@ -107,6 +107,30 @@ class ApiBudget(Model):
     concurrency: Pos = 4  # slots of the endpoint's Airflow pool: factory tasks calling it at once
 
 
+class UserDataEncryption(Model):
+    """Seal the entry's UserData envelope for its image's X25519 key (README "On the VM").
+
+    Name the image's *public* key, inline or in an Airflow connection; the
+    private key lives only in the image.
+    """
+
+    public_key: str | None = None  # PEM, or base64 of its DER (`openssl pkey -pubout -outform DER | base64`)
+    conn_id: str | None = None  # or: a connection whose password (or extra "public_key") holds it
+
+    @model_validator(mode="after")
+    def _one_key(self) -> UserDataEncryption:
+        if bool(self.public_key) == bool(self.conn_id):
+            raise ValueError("name the image's public key either inline (public_key) or by conn_id, not both")
+        if self.public_key:
+            from airflow_glidein.userdata import EnvelopeError, image_public_from_text
+
+            try:
+                image_public_from_text(self.public_key)
+            except EnvelopeError as exc:
+                raise ValueError(str(exc)) from None
+        return self
+
+
 class Entry(Model):
     name: Name
     middleware: Literal["ec2", "openstack", "opennebula", "htcondor_g"]
@@ -126,6 +150,7 @@ class Entry(Model):
     policy: PilotPolicy = PilotPolicy()
     api_budget: ApiBudget = ApiBudget()
     options: dict[str, Any] = {}  # middleware-specific settings (subnet, network, key name, ...)
+    encrypt_userdata: UserDataEncryption | None = None  # seal the envelope for the image's key
 
     @field_validator("auth_method")
     @classmethod
@@ -143,6 +168,9 @@ class Entry(Model):
                 raise ValueError(f"a {self.middleware} entry needs an image")
             if not self.flavor:
                 raise ValueError(f"a {self.middleware} entry needs a flavor (instance type)")
+        elif self.encrypt_userdata:
+            raise ValueError("encrypt_userdata needs a VM image holding the private key; "
+                             f"{self.middleware} pilots run on worker nodes we do not build")
         return self
 
     @property

@@ -1,4 +1,4 @@
-"""The factory's envelope signing key.
+"""The factory's envelope signing key, and the image keys sealed envelopes are encrypted for.
 
 From the Airflow connection ``[glidein] signing_key_conn_id`` (default
 ``glidein_signing_key``; its password holds an Ed25519 PEM private key or
@@ -15,10 +15,12 @@ import os
 import time
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 from sqlalchemy import Column, Float, String, Table, Text, insert, select
 from sqlalchemy.exc import IntegrityError
 
 from airflow_glidein import userdata
+from airflow_glidein.config import Entry
 from airflow_glidein.state import METADATA, StateStore
 
 log = logging.getLogger(__name__)
@@ -91,3 +93,27 @@ def signing_key(st: StateStore) -> Ed25519PrivateKey:
 
 def public_pem(st: StateStore) -> str:
     return userdata.public_pem(signing_key(st))
+
+
+def image_public_key(entry: Entry) -> X25519PublicKey:
+    """The X25519 public key an entry's envelopes are sealed for (inline in the config, or a connection)."""
+    enc = entry.encrypt_userdata
+    assert enc is not None
+    if enc.public_key:
+        return userdata.image_public_from_text(enc.public_key)
+    from airflow.sdk import BaseHook
+    from airflow.sdk.exceptions import AirflowNotFoundException
+
+    try:
+        conn = BaseHook.get_connection(enc.conn_id)
+    except AirflowNotFoundException:
+        raise userdata.EnvelopeError(f"entry {entry.name}: no Airflow connection {enc.conn_id} holding the image's "
+                                     "public key (encrypt_userdata.conn_id)") from None
+    text = conn.password or (conn.extra_dejson or {}).get("public_key")
+    if not text:
+        raise userdata.EnvelopeError(f"entry {entry.name}: connection {enc.conn_id} holds no image public key "
+                                     "(set its password, or extra public_key)")
+    try:
+        return userdata.image_public_from_text(text)
+    except userdata.EnvelopeError as exc:
+        raise userdata.EnvelopeError(f"entry {entry.name}: connection {enc.conn_id}: {exc}") from None

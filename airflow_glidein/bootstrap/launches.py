@@ -29,7 +29,9 @@ def userdata_for(cfg: Config, entry: Entry, batch: dict[str, Any], provision_con
     """Register ``batch`` (a plan_launches item) with a fresh bootstrap token; return its signed envelope.
 
     The token lives as long as the entry's boot timeout (grid pilots may
-    queue for hours); only its hash is stored.
+    queue for hours); only its hash is stored. An entry with
+    ``encrypt_userdata`` gets the envelope sealed for its image key, with a
+    log-only token in the clear.
     """
     st = st or store()
     now = time.time() if now is None else now
@@ -48,12 +50,18 @@ def userdata_for(cfg: Config, entry: Entry, batch: dict[str, Any], provision_con
         "script_sha256": hashlib.sha256(startup_script()).hexdigest(),
         **policy,
     }
-    # Build first: an envelope too large for the middleware registers nothing.
-    text = userdata.build(entry.middleware, payload, keys.signing_key(st))
+    # Build first: an envelope too large for the middleware (or an entry without its image key) registers nothing.
+    log_token = None
+    if entry.encrypt_userdata:
+        log_token = tokens.new_token()
+        text = userdata.build(entry.middleware, payload, keys.signing_key(st), seal_to=keys.image_public_key(entry),
+                              clear={"log_token": log_token})
+    else:
+        text = userdata.build(entry.middleware, payload, keys.signing_key(st))
     launch = tokens.Launch(
         launch_id=batch["launch_id"], factory=cfg.factory.name, entry=entry.name, frontend=batch["frontend"],
         count=int(batch["count"]), provision_conn=provision_conn, pilot_credential=batch.get("pilot"),
         start_expr=batch.get("start_expr") or "true", policy=policy, created=now,
     )
-    tokens.register_launch(st, launch, token, expires)
+    tokens.register_launch(st, launch, token, expires, log_token)
     return text

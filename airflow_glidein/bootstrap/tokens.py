@@ -38,7 +38,7 @@ launches = Table(
 tokens = Table(
     "glidein_tokens", METADATA,
     Column("token_hash", String(64), primary_key=True),
-    Column("kind", String(16), nullable=False),  # bootstrap | upload
+    Column("kind", String(16), nullable=False),  # bootstrap | upload | log
     Column("launch_id", String(255), nullable=False, index=True),
     Column("pilot_id", String(255)),  # upload tokens: the pilot they write for
     Column("expires", Float, nullable=False),
@@ -53,6 +53,7 @@ bindings = Table(
 
 T = TypeVar("T")
 BOOTSTRAP, UPLOAD = "bootstrap", "upload"
+LOG = "log"  # a sealed envelope's clear log-only token: a wrapper that cannot decrypt still sends its log home
 UPLOAD_MARGIN = 3600  # s past max lifetime + retire window during which logs are still taken
 LOG_GRACE = 3600  # s past its expiry a bootstrap token may still upload a failing wrapper's logs
 
@@ -93,11 +94,13 @@ def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def register_launch(st: StateStore, launch: Launch, token: str, expires: float) -> None:
+def register_launch(st: StateStore, launch: Launch, token: str, expires: float, log_token: str | None = None) -> None:
     """Record a launch (before its provider call) and one bootstrap token for it.
 
     A retried launch registers a new token for the instances it still has to
     make; the instances of the first try keep theirs. Both belong to the launch.
+    ``log_token`` (sealed envelopes) may only upload logs of instances of the
+    launch that have not exchanged yet; it never exchanges.
     """
     row = {**launch.__dict__, "policy": json.dumps(launch.policy, sort_keys=True)}
     with st.begin() as conn:
@@ -108,6 +111,9 @@ def register_launch(st: StateStore, launch: Launch, token: str, expires: float) 
             conn.execute(update(launches).where(launches.c.launch_id == launch.launch_id).values(count=launch.count))
         conn.execute(insert(tokens).values(token_hash=token_hash(token), kind=BOOTSTRAP,
                                            launch_id=launch.launch_id, expires=expires))
+        if log_token:
+            conn.execute(insert(tokens).values(token_hash=token_hash(log_token), kind=LOG,
+                                               launch_id=launch.launch_id, expires=expires))
 
 
 def _token(conn: Any, token: str) -> Any:
@@ -122,12 +128,13 @@ def _launch(conn: Any, launch_id: str, lock: bool = False) -> Launch:
     return Launch.from_row(row)
 
 
-def _bootstrap_launch(conn: Any, token: str, now: float, grace: float = 0) -> Launch:
-    row = _token(conn, token)
-    if row is None or row.kind != BOOTSTRAP:
+def _bootstrap_launch(conn: Any, token: str, now: float, grace: float = 0, kinds: tuple[str, ...] = (BOOTSTRAP,),
+                      row: Any = None) -> Launch:
+    row = row or _token(conn, token)
+    if row is None or row.kind not in kinds:
         raise Refused(403, "unknown bootstrap token")
     if now > row.expires + grace:
-        raise Refused(403, f"bootstrap token of launch {row.launch_id} expired {int(now - row.expires)} s ago")
+        raise Refused(403, f"{row.kind} token of launch {row.launch_id} expired {int(now - row.expires)} s ago")
     return _launch(conn, row.launch_id)
 
 
@@ -195,7 +202,12 @@ def uploader(st: StateStore, token: str, now: float, claimed: str | None, in_lau
             if now > row.expires:
                 raise Refused(403, f"upload token of pilot {row.pilot_id} expired")
             return _launch(conn, row.launch_id).entry, row.pilot_id
-        launch = _bootstrap_launch(conn, token, now, grace=LOG_GRACE)
+        launch = _bootstrap_launch(conn, token, now, grace=LOG_GRACE, kinds=(BOOTSTRAP, LOG), row=row)
+        if row.kind == LOG and claimed:  # readable in UserData: never for a pilot that has its upload token
+            bound = conn.execute(select(bindings.c.launch_id).where(
+                bindings.c.entry == launch.entry, bindings.c.pilot_id == claimed)).first()
+            if bound is not None:
+                raise Refused(403, f"instance {claimed} has exchanged its token: its logs need its upload token")
     if not claimed:
         raise Refused(400, "a log upload with a bootstrap token must name its instance_id")
     _check_listed(in_launch, launch, claimed)

@@ -1,9 +1,10 @@
 #!/bin/sh
 # glidein-wrapper.sh: baked into the VM image, started by glidein-pilot.service at boot.
 #
-# Finds the UserData envelope by middleware, checks the factory's Ed25519 signature, fetches the
-# startup script from the bootstrap service, checks its SHA-256 against the envelope, runs it,
-# then powers the VM off. Needs only sh and curl or wget (plus openssl 1.1.1+ or python3 to verify).
+# Finds the UserData envelope by middleware, checks the factory's Ed25519 signature, decrypts it if
+# it is sealed (with the image's X25519 key), fetches the startup script from the bootstrap service,
+# checks its SHA-256 against the envelope, runs it, then powers the VM off. Needs only sh and curl
+# or wget (plus openssl 1.1.1+ or python3 to verify and decrypt).
 #
 # Usage: glidein-wrapper.sh [ENVELOPE_FILE [INSTANCE_ID]]   (a file/argument: grid pilots)
 #
@@ -19,6 +20,8 @@
 #   GLIDEIN_PUBKEY_FILE             the factory's public key (default /etc/glidein/factory.pub)
 #   GLIDEIN_PUBKEY_SHA256           or: fetch it from the bootstrap service, pinned by this fingerprint
 #   GLIDEIN_VERIFIER                auto | openssl | python3
+#   GLIDEIN_USERDATA_KEY            the image's X25519 private key, for sealed envelopes (default /etc/glidein/userdata.key)
+#   GLIDEIN_DECRYPTER               auto | openssl | python3 (default: as the verifier)
 #   GLIDEIN_WORKDIR                 (default /var/lib/glidein)
 #   GLIDEIN_POWEROFF_CMD            run at the end (default: systemctl poweroff || shutdown -h now || poweroff)
 #   GLIDEIN_HTTP_CLIENT             curl | wget
@@ -42,8 +45,10 @@ export GLIDEIN_LIB GLIDEIN_WORKDIR GLIDEIN_LOG
 IMDS=${GLIDEIN_IMDS_URL:-http://169.254.169.254}
 OS_MD=${GLIDEIN_OPENSTACK_METADATA_URL:-http://169.254.169.254/openstack/latest}
 PUBKEY=${GLIDEIN_PUBKEY_FILE:-/etc/glidein/factory.pub}
+UDKEY=${GLIDEIN_USERDATA_KEY:-/etc/glidein/userdata.key}
 UD=$WORK/userdata
 BODY=$WORK/envelope
+SIGNED=$BODY  # the bytes the signature covers: the body, or a sealed envelope's outer body
 IID=""
 GLIDEIN_URL=""
 TOKEN=""
@@ -163,35 +168,89 @@ openssl_ed25519() {
     return 1
 }
 
+# pick_tool CHOICE WHAT: openssl 1.1.1+ or python3, as CHOICE (auto | openssl | python3) says.
+pick_tool() {
+    case "$1" in
+        openssl | python3) printf '%s\n' "$1" ;;
+        auto)
+            if command -v openssl >/dev/null 2>&1 && openssl_ed25519; then
+                echo openssl
+            elif command -v python3 >/dev/null 2>&1; then
+                echo python3
+            else
+                fail "cannot $2: neither openssl 1.1.1+ nor python3 is installed"
+            fi ;;
+        *) fail "unknown tool $1 to $2 (use openssl or python3)" ;;
+    esac
+}
+
+# tool_name TOOL: what the log says was used.
+tool_name() {
+    if [ "$1" = openssl ]; then echo "openssl ($(openssl version | cut -d' ' -f1-2))"; else echo "$1"; fi
+}
+
 verify_signature() {
-    verifier=${GLIDEIN_VERIFIER:-auto}
-    if [ "$verifier" = auto ]; then
-        if command -v openssl >/dev/null 2>&1 && openssl_ed25519; then
-            verifier=openssl
-        elif command -v python3 >/dev/null 2>&1; then
-            verifier=python3
-        else
-            fail "cannot verify the envelope: neither openssl 1.1.1+ nor python3 is installed"
-        fi
-    fi
+    verifier=$(pick_tool "${GLIDEIN_VERIFIER:-auto}" "verify the envelope") || exit 1
     case "$verifier" in
         openssl)
-            openssl pkeyutl -verify -pubin -inkey "$PUBKEY" -rawin -in "$BODY" -sigfile "$WORK/envelope.sig" \
+            openssl pkeyutl -verify -pubin -inkey "$PUBKEY" -rawin -in "$SIGNED" -sigfile "$WORK/envelope.sig" \
                 >>"$GLIDEIN_LOG" 2>&1 ;;
         python3)
-            python3 "$HERE/ed25519_verify.py" "$PUBKEY" "$BODY" "$WORK/envelope.sig" >>"$GLIDEIN_LOG" 2>&1 ;;
-        *) fail "unknown GLIDEIN_VERIFIER $verifier (use openssl or python3)" ;;
+            python3 "$HERE/ed25519_verify.py" "$PUBKEY" "$SIGNED" "$WORK/envelope.sig" >>"$GLIDEIN_LOG" 2>&1 ;;
     esac
     ok=$?
     [ $ok -eq 0 ] || fail "envelope signature does not verify with the factory key $PUBKEY (checked with $verifier); refusing to run anything"
-    [ "$verifier" = openssl ] && verifier="openssl ($(openssl version | cut -d' ' -f1-2))"
-    glidein_log "envelope signature verified with $verifier"
+    glidein_log "envelope signature verified with $(tool_name "$verifier")"
+}
+
+# -- a sealed envelope: X25519 + PBKDF2-HMAC-SHA256 + ChaCha20 (see airflow_glidein/userdata.py) ----
+# Secrets go through mode-600 files in $WORK, never on a command line (any user can read those).
+open_envelope() {
+    want=$(val recipient "$SIGNED")
+    alg=$(val sealed "$SIGNED")
+    [ "$alg" = x25519-pbkdf2-sha256-chacha20 ] || fail "unknown envelope encryption '$alg'"
+    [ -f "$UDKEY" ] || fail "the envelope is encrypted for the image key sha256:$want, but this image has no private key at $UDKEY: bake it in (docker/vm-image/README.md) or launch this entry without encrypt_userdata"
+    [ -r "$UDKEY" ] || fail "cannot read the image key $UDKEY (the wrapper runs as root)"
+    [ -n "$(find "$UDKEY" -perm -004 2>/dev/null)" ] \
+        && glidein_log "warning: $UDKEY is world-readable; any user of this VM can decrypt its UserData (chmod 600 it)"
+    tool=$(pick_tool "${GLIDEIN_DECRYPTER:-${GLIDEIN_VERIFIER:-auto}}" "decrypt the envelope") || exit 1
+    val epk "$SIGNED" | b64d >"$WORK/epk.der" 2>>"$GLIDEIN_LOG" || fail "sealed envelope: ephemeral key is not base64"
+    val ct "$SIGNED" | b64d >"$WORK/ct.bin" 2>>"$GLIDEIN_LOG" || fail "sealed envelope: ciphertext is not base64"
+    case "$tool" in
+        openssl)
+            got=$(openssl pkey -in "$UDKEY" -pubout -outform DER 2>>"$GLIDEIN_LOG" >"$WORK/image.pub" && sha256 "$WORK/image.pub") ;;
+        python3)
+            got=$(python3 "$HERE/x25519_open.py" fingerprint "$UDKEY" 2>>"$GLIDEIN_LOG") ;;
+    esac
+    [ -n "$got" ] || fail "cannot read the image key $UDKEY with $(tool_name "$tool") (an X25519 PEM private key?)"
+    [ "$got" = "$want" ] || fail "the envelope is encrypted for the image key sha256:$want, but $UDKEY is sha256:$got (checked with $(tool_name "$tool")): this image was baked with another key"
+    case "$tool" in
+        openssl)
+            openssl pkeyutl -derive -inkey "$UDKEY" -peerkey "$WORK/epk.der" -peerform DER -out "$WORK/ecdh.bin" \
+                >>"$GLIDEIN_LOG" 2>&1 \
+            && { od -An -v -tx1 "$WORK/ecdh.bin" | tr -d ' \n'; echo; } >"$WORK/ecdh.pass" \
+            && openssl enc -d -chacha20 -pbkdf2 -iter 1 -md sha256 -pass "file:$WORK/ecdh.pass" \
+                -in "$WORK/ct.bin" -out "$BODY" >>"$GLIDEIN_LOG" 2>&1 ;;
+        python3)
+            python3 "$HERE/x25519_open.py" open "$UDKEY" "$WORK/epk.der" "$WORK/ct.bin" "$BODY" >>"$GLIDEIN_LOG" 2>&1 ;;
+    esac
+    ok=$?
+    rm -f "$WORK/ecdh.bin" "$WORK/ecdh.pass"
+    [ $ok -eq 0 ] || fail "cannot decrypt the envelope with $(tool_name "$tool")"
+    [ "$(val v "$BODY")" = 1 ] && [ -n "$(val token "$BODY")" ] \
+        || fail "the envelope decrypted with $(tool_name "$tool") to no envelope body"
+    glidein_log "envelope decrypted with $(tool_name "$tool") (image key sha256:$got)"
 }
 
 # -- main --------------------------------------------------------------------------------------
 find_userdata "$@"
-[ "$(sed -n 1p "$UD" | tr -d '\r')" = "#glidein-envelope v1" ] || fail "UserData is not a glidein envelope v1"
-sed -n 2p "$UD" | b64d >"$BODY" 2>>"$GLIDEIN_LOG" || fail "envelope body is not base64"
+SEALED=no
+case "$(sed -n 1p "$UD" | tr -d '\r')" in
+    "#glidein-envelope v1") ;;
+    "#glidein-envelope v1 sealed") SEALED=yes SIGNED=$WORK/sealed ;;
+    *) fail "UserData is not a glidein envelope v1" ;;
+esac
+sed -n 2p "$UD" | b64d >"$SIGNED" 2>>"$GLIDEIN_LOG" || fail "envelope body is not base64"
 sed -n 3p "$UD" | b64d >"$WORK/envelope.sig" 2>>"$GLIDEIN_LOG" || fail "envelope signature is not base64"
 IID=${GLIDEIN_INSTANCE_ID:-$(cat "$WORK/instance-id" 2>/dev/null)}
 safe_id "$IID" || { IID=""; fail "no usable instance id (got '$(cat "$WORK/instance-id" 2>/dev/null)')"; }
@@ -199,7 +258,7 @@ safe_id "$IID" || { IID=""; fail "no usable instance id (got '$(cat "$WORK/insta
 if [ ! -f "$PUBKEY" ]; then
     pin=${GLIDEIN_PUBKEY_SHA256:-}
     [ -n "$pin" ] || fail "no factory public key: bake it into $PUBKEY or set GLIDEIN_PUBKEY_SHA256"
-    url=$(val bootstrap_url "$BODY")
+    url=$(val bootstrap_url "$SIGNED")
     PUBKEY=$WORK/factory.pub
     [ "$(http GET "$url/bootstrap/pubkey.pem" "$PUBKEY")" = 200 ] || fail "cannot fetch the factory public key from $url"
     [ "$(sha256 "$PUBKEY")" = "$pin" ] || fail "the public key served by $url does not match the pinned fingerprint $pin"
@@ -207,6 +266,12 @@ fi
 verify_signature
 
 # Trusted from here on.
+if [ "$SEALED" = yes ]; then
+    # the clear log-only token sends this log home if decryption fails
+    GLIDEIN_URL=$(val bootstrap_url "$SIGNED")
+    TOKEN=$(val log_token "$SIGNED")
+    open_envelope
+fi
 GLIDEIN_URL=$(val bootstrap_url "$BODY")
 TOKEN=$(val token "$BODY")
 export GLIDEIN_URL

@@ -1,18 +1,21 @@
 #!/bin/sh
 # install.sh: bake the glidein pilot into a VM image (see docker/vm-image/README.md).
 #
-# Usage: install.sh [--root DIR] [--pubkey FILE] [--sources "imdsv2 imdsv1 ..."] [--no-enable]
-#   --root    the image's root file system (default /: run inside the builder VM)
-#   --pubkey  the factory's public key (python -m airflow_glidein pubkey > factory.pub)
+# Usage: install.sh [--root DIR] [--pubkey FILE] [--image-key FILE] [--sources "imdsv2 imdsv1 ..."] [--no-enable]
+#   --root       the image's root file system (default /: run inside the builder VM)
+#   --pubkey     the factory's public key (python -m airflow_glidein pubkey > factory.pub)
+#   --image-key  the image's X25519 private key, for entries with encrypt_userdata
+#                (openssl genpkey -algorithm X25519 -out userdata.key); installed root-only, mode 600
 #   --sources where this image's clouds put UserData, in order (default: every middleware)
 # HTCondor itself (condor_master on PATH) is installed separately.
 set -eu
 here=$(cd "$(dirname "$0")" && pwd)
-root=/ pubkey="" sources="" enable=yes
+root=/ pubkey="" imagekey="" sources="" enable=yes
 while [ $# -gt 0 ]; do
     case "$1" in
         --root) root=$2; shift 2 ;;
         --pubkey) pubkey=$2; shift 2 ;;
+        --image-key) imagekey=$2; shift 2 ;;
         --sources) sources=$2; shift 2 ;;
         --no-enable) enable=no; shift ;;
         *) echo "install.sh: unknown argument $1" >&2; exit 2 ;;
@@ -20,7 +23,7 @@ while [ $# -gt 0 ]; do
 done
 lib=$root/usr/libexec/glidein
 mkdir -p "$lib" "$root/etc/glidein" "$root/etc/systemd/system"
-for f in glidein-wrapper.sh glidein-lib.sh ed25519_verify.py; do
+for f in glidein-wrapper.sh glidein-lib.sh ed25519_verify.py x25519_open.py; do
     install -m 0755 "$here/$f" "$lib/$f"
 done
 install -m 0644 "$here/glidein-pilot.service" "$root/etc/systemd/system/glidein-pilot.service"
@@ -28,6 +31,11 @@ if [ -n "$pubkey" ]; then
     install -m 0644 "$pubkey" "$root/etc/glidein/factory.pub"
 elif [ ! -f "$root/etc/glidein/factory.pub" ]; then
     echo "install.sh: no --pubkey: set GLIDEIN_PUBKEY_SHA256 in /etc/glidein/wrapper.conf instead" >&2
+fi
+if [ -n "$imagekey" ]; then
+    grep -q "BEGIN PRIVATE KEY" "$imagekey" || { echo "install.sh: $imagekey is not a PEM private key" >&2; exit 2; }
+    (umask 077 && cp "$imagekey" "$root/etc/glidein/userdata.key")
+    chmod 0600 "$root/etc/glidein/userdata.key"
 fi
 if [ -n "$sources" ]; then
     printf 'GLIDEIN_USERDATA_SOURCES="%s"\n' "$sources" >"$root/etc/glidein/wrapper.conf"
