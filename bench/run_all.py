@@ -6,15 +6,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parent.parent
 
 BENCHES = [
-    [str(HERE / "bench_demand.py")],  # 1,000,000 jobs, 500 shapes, 200 entries
+    "bench.bench_demand",  # 1,000,000 jobs, 500 shapes, 200 entries
+    "bench.bench_budget",  # token cost; 500 Nova servers within 500 calls / 5 min
+    "bench.bench_factory_scale",  # inventory + reaping over 10,000 pilots in 20 entries
 ]
 
 if __name__ == "__main__":
     failed = 0
-    for argv in BENCHES:
-        print(f"$ python {' '.join(Path(a).name if a.endswith('.py') else a for a in argv)}", flush=True)
-        failed += subprocess.run([sys.executable, *argv, *sys.argv[1:]]).returncode != 0
+    for module in BENCHES:
+        print(f"$ python -m {module}", flush=True)
+        failed += subprocess.run([sys.executable, "-m", module], cwd=REPO).returncode != 0
     sys.exit(1 if failed else 0)
