@@ -9,17 +9,16 @@ demand appears (dags/glidein_frontends.py, the frontend's ``watch``).
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sequence
-from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from airflow.sdk import BaseSensorOperator, PokeReturnValue
+from airflow.sdk import PokeReturnValue
 from airflow.sdk.exceptions import AirflowException, AirflowSensorTimeout
 
 from airflow_glidein import demand
 from airflow_glidein.config import get_config
 from airflow_glidein.hooks.htcondor import HTCondorHook
+from airflow_glidein.sensors.base import GlideinSensor
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -46,7 +45,7 @@ def matching_idle(config_file: str | None, frontend: str, entries: list[str] | N
     }
 
 
-class IdleJobsSensor(BaseSensorOperator):
+class IdleJobsSensor(GlideinSensor):
     """Succeeds when at least ``threshold`` idle jobs of ``frontend`` match its entries (or ``entries``).
 
     :param frontend: the frontend whose demand source and match are used (templated).
@@ -73,18 +72,12 @@ class IdleJobsSensor(BaseSensorOperator):
         poll_interval: float = 60.0,
         **kwargs: Any,
     ) -> None:
-        kwargs.setdefault("poke_interval", poll_interval)
-        super().__init__(**kwargs)
+        super().__init__(config_file=config_file, deferrable=deferrable, poll_interval=poll_interval, **kwargs)
         if not isinstance(threshold, int) or threshold < 1:
             raise ValueError(f"threshold must be a positive number of jobs, not {threshold!r}")
-        if poll_interval <= 0:
-            raise ValueError("poll_interval must be positive")
         self.frontend = frontend
         self.threshold = threshold
         self.entries = entries
-        self.config_file = config_file
-        self.deferrable = deferrable
-        self.poll_interval = poll_interval
 
     def _check(self) -> dict[str, Any]:
         fe = get_config(self.config_file).frontend(self.frontend)  # a KeyError names an unknown frontend
@@ -101,14 +94,7 @@ class IdleJobsSensor(BaseSensorOperator):
             return self._done(found)
         from airflow_glidein.sensors.triggers import IdleJobsTrigger
 
-        self.defer(
-            trigger=IdleJobsTrigger(
-                frontend=self.frontend, config_file=self.config_file, threshold=self.threshold,
-                entries=self.entries, poll_interval=self.poll_interval, deadline=time.time() + float(self.timeout),
-            ),
-            method_name="execute_complete",
-            timeout=timedelta(seconds=float(self.timeout) + 60),
-        )
+        self.defer_to(IdleJobsTrigger, frontend=self.frontend, threshold=self.threshold, entries=self.entries)
 
     def poke(self, context: Context) -> PokeReturnValue:
         found = self._check()

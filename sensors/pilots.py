@@ -6,16 +6,14 @@ and frees the worker slot; poke and reschedule modes use the same check.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
-from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from airflow.sdk import BaseSensorOperator
 from airflow.sdk.exceptions import AirflowException
 
 from airflow_glidein.config import get_config
 from airflow_glidein.hooks import pilot_hook
+from airflow_glidein.sensors.base import GlideinSensor
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -33,7 +31,7 @@ def still_present(config_file: str | None, targets: list[dict[str, Any]]) -> lis
     return sorted(present)
 
 
-class PilotsTerminatedSensor(BaseSensorOperator):
+class PilotsTerminatedSensor(GlideinSensor):
     """Succeeds when every pilot in ``targets`` has left its provider's listing.
 
     :param targets: [{"entry": name, "conn": connection id, "ids": [...]}], e.g.
@@ -58,15 +56,9 @@ class PilotsTerminatedSensor(BaseSensorOperator):
         poll_interval: float = 30.0,
         **kwargs: Any,
     ) -> None:
-        kwargs.setdefault("poke_interval", poll_interval)
         kwargs.setdefault("timeout", 300)
-        super().__init__(**kwargs)
-        if poll_interval <= 0:
-            raise ValueError("poll_interval must be positive")
+        super().__init__(config_file=config_file, deferrable=deferrable, poll_interval=poll_interval, **kwargs)
         self.targets = targets
-        self.config_file = config_file
-        self.deferrable = deferrable
-        self.poll_interval = poll_interval
 
     def _targets(self) -> list[dict[str, Any]]:
         return [t for t in (self.targets or []) if t.get("ids")]
@@ -81,14 +73,7 @@ class PilotsTerminatedSensor(BaseSensorOperator):
             return self._done()
         from airflow_glidein.sensors.triggers import PilotsGoneTrigger
 
-        self.defer(
-            trigger=PilotsGoneTrigger(
-                targets=self._targets(), config_file=self.config_file, poll_interval=self.poll_interval,
-                deadline=time.time() + float(self.timeout),
-            ),
-            method_name="execute_complete",
-            timeout=timedelta(seconds=float(self.timeout) + 60),
-        )
+        self.defer_to(PilotsGoneTrigger, targets=self._targets())
 
     def poke(self, context: Context) -> bool:
         present = still_present(self.config_file, self._targets())

@@ -17,10 +17,9 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from airflow.sdk import BaseSensorOperator, PokeReturnValue
+from airflow.sdk import PokeReturnValue
 from airflow.sdk.exceptions import AirflowException, AirflowSensorTimeout
 
 from airflow_glidein import pilotdb, state
@@ -29,6 +28,7 @@ from airflow_glidein.config import get_config
 from airflow_glidein.hooks import pilot_hook
 from airflow_glidein.hooks.htcondor import HTCondorHook
 from airflow_glidein.operators.lifecycle import provision_conns
+from airflow_glidein.sensors.base import GlideinSensor
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -116,7 +116,7 @@ def describe_waiting(found: dict[str, Any], limit: int = 20) -> str:
     return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
 
 
-class PilotsRegisteredSensor(BaseSensorOperator):
+class PilotsRegisteredSensor(GlideinSensor):
     """Succeeds when ``min_pilots`` pilots of one request, launch or burst have joined the pool.
 
     :param request: the frontend (or burst) run whose request the pilots serve, e.g. its run_id (templated);
@@ -148,23 +148,17 @@ class PilotsRegisteredSensor(BaseSensorOperator):
         poll_interval: float = 60.0,
         **kwargs: Any,
     ) -> None:
-        kwargs.setdefault("poke_interval", poll_interval)
         kwargs.setdefault("timeout", 1800)
-        super().__init__(**kwargs)
+        super().__init__(config_file=config_file, deferrable=deferrable, poll_interval=poll_interval, **kwargs)
         given = [k for k, v in (("request", request), ("launch", launch), ("burst", burst)) if v]
         if len(given) != 1:
             raise ValueError(f"give exactly one of request, launch or burst (got {given or 'none'})")
         if not isinstance(min_pilots, int) or min_pilots < 1:
             raise ValueError(f"min_pilots must be a positive number, not {min_pilots!r}")
-        if poll_interval <= 0:
-            raise ValueError("poll_interval must be positive")
         self.kind = given[0]
         self.request, self.launch, self.burst = request, launch, burst
         self.min_pilots = min_pilots
         self.entries = entries
-        self.config_file = config_file
-        self.deferrable = deferrable
-        self.poll_interval = poll_interval
         self._last: dict[str, Any] | None = None
 
     @property
@@ -186,15 +180,8 @@ class PilotsRegisteredSensor(BaseSensorOperator):
             return self._done(found)
         from airflow_glidein.sensors.triggers import PilotsJoinedTrigger
 
-        self.defer(
-            trigger=PilotsJoinedTrigger(
-                kind=self.kind, value=self.value, min_pilots=self.min_pilots, entries=self.entries,
-                config_file=self.config_file, poll_interval=self.poll_interval,
-                deadline=time.time() + float(self.timeout),
-            ),
-            method_name="execute_complete",
-            timeout=timedelta(seconds=float(self.timeout) + 60),
-        )
+        self.defer_to(PilotsJoinedTrigger, kind=self.kind, value=self.value, min_pilots=self.min_pilots,
+                      entries=self.entries)
 
     def poke(self, context: Context) -> PokeReturnValue:
         found = self._check()

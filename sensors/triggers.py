@@ -8,10 +8,31 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from airflow.triggers.base import BaseEventTrigger, BaseTrigger, TriggerEvent
+
+
+async def poll_until(trigger: Any, key: str, check: Callable[[], Any], done: Callable[[Any], bool],
+                     waiting: Callable[[Any], str]) -> AsyncIterator[TriggerEvent]:
+    """A one-shot trigger's loop: ``check`` in a worker thread every ``trigger.poll_interval`` until ``done``
+    (a success event), ``trigger.deadline`` (a timeout event) or an error (an error event, not an exception:
+    the sensor reports it). Each event carries the last check under ``key``."""
+    while True:
+        try:
+            found = await asyncio.to_thread(check)
+        except Exception as exc:
+            yield TriggerEvent({"status": "error", "message": f"{type(exc).__name__}: {exc}"})
+            return
+        if done(found):
+            yield TriggerEvent({"status": "success", key: found})
+            return
+        if time.time() >= trigger.deadline:
+            yield TriggerEvent({"status": "timeout", key: found})
+            return
+        trigger.log.info("%s; next check in %s s", waiting(found), trigger.poll_interval)
+        await asyncio.sleep(trigger.poll_interval)
 
 
 class PilotsGoneTrigger(BaseTrigger):
@@ -35,20 +56,9 @@ class PilotsGoneTrigger(BaseTrigger):
     async def run(self) -> AsyncIterator[TriggerEvent]:
         from airflow_glidein.sensors.pilots import still_present
 
-        while True:
-            try:
-                present = await asyncio.to_thread(still_present, self.config_file, self.targets)
-            except Exception as exc:  # an error event, not an exception: the sensor reports it
-                yield TriggerEvent({"status": "error", "message": f"{type(exc).__name__}: {exc}"})
-                return
-            if not present:
-                yield TriggerEvent({"status": "success", "present": []})
-                return
-            if time.time() >= self.deadline:
-                yield TriggerEvent({"status": "timeout", "present": present})
-                return
-            self.log.info("%d pilots still present; next check in %s s", len(present), self.poll_interval)
-            await asyncio.sleep(self.poll_interval)
+        async for event in poll_until(self, "present", lambda: still_present(self.config_file, self.targets),
+                                      lambda present: not present, lambda p: f"{len(p)} pilots still present"):
+            yield event
 
 
 class IdleJobsTrigger(BaseEventTrigger):
@@ -148,18 +158,10 @@ class PilotsJoinedTrigger(BaseTrigger):
     async def run(self) -> AsyncIterator[TriggerEvent]:
         from airflow_glidein.sensors.registered import registration
 
-        while True:
-            try:
-                found = await asyncio.to_thread(registration, self.config_file, self.kind, self.value, self.entries)
-            except Exception as exc:  # an error event, not an exception: the sensor reports it
-                yield TriggerEvent({"status": "error", "message": f"{type(exc).__name__}: {exc}"})
-                return
-            if len(found["registered"]) >= self.min_pilots:
-                yield TriggerEvent({"status": "success", "found": found})
-                return
-            if time.time() >= self.deadline:
-                yield TriggerEvent({"status": "timeout", "found": found})
-                return
-            self.log.info("%s %s: %d of %d pilots registered, waiting for %d; next check in %s s", self.kind,
-                          self.value, len(found["registered"]), found["pilots"], self.min_pilots, self.poll_interval)
-            await asyncio.sleep(self.poll_interval)
+        async for event in poll_until(
+            self, "found", lambda: registration(self.config_file, self.kind, self.value, self.entries),
+            lambda found: len(found["registered"]) >= self.min_pilots,
+            lambda f: f"{self.kind} {self.value}: {len(f['registered'])} of {f['pilots']} pilots registered, "
+                      f"waiting for {self.min_pilots}",
+        ):
+            yield event
