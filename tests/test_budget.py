@@ -9,13 +9,7 @@ import pytest
 from airflow_glidein.budget import ApiBudget, BudgetExhausted
 from airflow_glidein.config import Entry
 from airflow_glidein.hooks import LaunchSpec, pilot_hook
-from tests.servers.common import Call, TestServer, signed_envelope
-
-
-def max_in_window(times: list[float], window: float) -> int:
-    server = TestServer.__new__(TestServer)
-    server.calls = [Call(t, "GET", "/") for t in times]
-    return server.max_in_window(window)
+from tests.servers.common import max_in_window, signed_envelope
 
 
 def test_a_spent_budget_waits_for_the_oldest_token(sim_clock):

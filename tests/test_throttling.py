@@ -23,6 +23,7 @@ from airflow_glidein.hooks import base
 from airflow_glidein.hooks.ec2 import EC2PilotHook
 from airflow_glidein.hooks.opennebula import ATTR as ONE_ATTR
 from tests.helpers import idle_jobs, run_dag, write_config, write_queue, xcom
+from tests.servers.common import max_in_window
 from tests.test_e2e_multicloud import ENTRIES, multicloud_config
 
 pytestmark = pytest.mark.usefixtures("airflow_db")
@@ -75,13 +76,7 @@ class ThrottledEC2:
         return AWSResponse(request.url, 503, {"Content-Type": "text/xml"}, _Body(LIMIT_EXCEEDED))
 
     def max_in_window(self, window: float) -> int:
-        times = sorted(t for t, _ in self.calls)
-        best, lo = 0, 0
-        for hi, t in enumerate(times):
-            while times[lo] <= t - window:
-                lo += 1
-            best = max(best, hi - lo + 1)
-        return best
+        return max_in_window([t for t, _ in self.calls], window)
 
 
 def test_a_cycle_under_30_percent_throttling_launches_the_plan_once_within_budget(

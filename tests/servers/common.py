@@ -146,13 +146,18 @@ class TestServer:
 
     def max_in_window(self, window: float, match=lambda c: True) -> int:
         """The most calls (matching ``match``) the server saw in any window of ``window`` seconds."""
-        times = sorted(c.at for c in self.calls if match(c))
-        best, lo = 0, 0
-        for hi, t in enumerate(times):
-            while times[lo] <= t - window:
-                lo += 1
-            best = max(best, hi - lo + 1)
-        return best
+        return max_in_window([c.at for c in self.calls if match(c)], window)
+
+
+def max_in_window(times: list[float], window: float) -> int:
+    """The most of ``times`` that fall in any window of ``window`` seconds (sliding over the sorted times)."""
+    times = sorted(times)
+    best, lo = 0, 0
+    for hi, t in enumerate(times):
+        while times[lo] <= t - window:
+            lo += 1
+        best = max(best, hi - lo + 1)
+    return best
 
 
 _KEY = None
