@@ -25,7 +25,9 @@ Trigger this DAG with the form to start a burst of pilots now, outside the
 frontends' schedules (for a backfill, a deadline, a test of a new entry).
 
 * **frontend** - whose credentials, START expression and entries to use;
-* **entries** - some of its entries (empty: all of them); pilots are split evenly;
+* **entries** - some of its entries (empty: all of them); pilots are split evenly over those
+  that can take them now (an entry without a usable credential, or backed off by the factory
+  after failed launches or boots, is left out and named in the plan);
 * **pilots** *or* **cores** - how much to start (cores are turned into pilots by each entry's size);
 * **lifetime_hours**, **idle_timeout_minutes** - the burst pilots' own policy
   (at most each entry's `max_lifetime`); the burst holds its pilots this long;
@@ -68,7 +70,8 @@ with DAG(
     _valid = ValidateBurstOperator(task_id="validate_params", config_file=CONFIG, retries=0)
     _creds = SelectCredentialsOperator(task_id="select_credentials", frontend="{{ params.frontend }}",
                                        config_file=CONFIG)
-    _plan = PlanBurstOperator(task_id="plan_burst", credentials=_creds.output, config_file=CONFIG, retries=0)
+    _plan = PlanBurstOperator(task_id="plan_burst", frontend="{{ params.frontend }}", credentials=_creds.output,
+                              config_file=CONFIG, retries=0)
     _valid >> _creds
     PublishRequestOperator(task_id="publish_request", frontend="{{ params.frontend }}", request=_plan.output,
                            config_file=CONFIG)

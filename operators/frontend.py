@@ -105,36 +105,18 @@ class SelectCredentialsOperator(GlideinBaseOperator):
             return None
 
 
-class PlanPilotsOperator(GlideinBaseOperator):
-    """glideinWMS-style plan: a level of idle pilots per entry, each number with its reason."""
+class StatusPlanningOperator(GlideinBaseOperator):
+    """Base of the operators that plan a frontend's request with the factory's latest status
+    (``glidein_status``: pilot counts, entry backoff), read as the task's inlet."""
 
-    template_fields: Sequence[str] = ("frontend", "demand", "credentials", "config_file")
-
-    def __init__(self, *, frontend: str, demand: Any, credentials: Any, **kwargs: Any) -> None:
+    def __init__(self, *, frontend: str, credentials: Any, **kwargs: Any) -> None:
         kwargs.setdefault("inlets", [GLIDEIN_STATUS])
         super().__init__(**kwargs)
         self.frontend = frontend
-        self.demand = demand
         self.credentials = credentials
 
-    def execute(self, context: Context) -> dict[str, Any]:
-        groups = [demand.JobGroup.from_dict(g) for g in self.demand["groups"]]
-        status = self._status(context)
-        pilots = self._my_pilots(status)
-        credentials = dict(self.credentials)
-        for entry, why in sorted(lifecycle.backed_off(status, self.now()).items()):
-            if "skip" not in credentials.get(entry, {"skip": "not selected"}):
-                # unusable this cycle, like an entry without a credential: its share goes to the others
-                self.log.warning("Frontend %s leaves entry %s out of this cycle: %s", self.frontend, entry, why)
-                credentials[entry] = {"skip": why}
-        request = planning.plan_frontend(self.config, self.frontend, groups, credentials, pilots)
-        request["missing_schedds"] = self.demand.get("missing_schedds", [])
-        request["demand"] = self.demand.get("summary", {})
-        self.log.info("%s", report.plan_table(request))
-        return request
-
     def _status(self, context: Context) -> dict[str, Any]:
-        """The factory's latest status event (pilot counts, entry backoff).
+        """The factory's latest status event.
 
         A status older than this frontend's request_ttl is not trusted: the
         plan then counts no pilots (the factory still subtracts what it sees)
@@ -152,6 +134,36 @@ class PlanPilotsOperator(GlideinBaseOperator):
                 self.log.warning("The factory's last status is %d s old; planning as if no pilots ran", age)
                 status = {}
         return status
+
+    def _usable(self, status: dict[str, Any]) -> dict[str, Any]:
+        """The credential selection with the entries the factory backed off marked unusable this cycle,
+        like an entry without a credential: the plan's share of them goes to the other entries."""
+        credentials = dict(self.credentials)
+        for entry, why in sorted(lifecycle.backed_off(status, self.now()).items()):
+            if "skip" not in credentials.get(entry, {"skip": "not selected"}):
+                self.log.warning("Frontend %s leaves entry %s out of this cycle: %s", self.frontend, entry, why)
+                credentials[entry] = {"skip": why}
+        return credentials
+
+
+class PlanPilotsOperator(StatusPlanningOperator):
+    """glideinWMS-style plan: a level of idle pilots per entry, each number with its reason."""
+
+    template_fields: Sequence[str] = ("frontend", "demand", "credentials", "config_file")
+
+    def __init__(self, *, frontend: str, demand: Any, credentials: Any, **kwargs: Any) -> None:
+        super().__init__(frontend=frontend, credentials=credentials, **kwargs)
+        self.demand = demand
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        groups = [demand.JobGroup.from_dict(g) for g in self.demand["groups"]]
+        status = self._status(context)
+        request = planning.plan_frontend(self.config, self.frontend, groups, self._usable(status),
+                                         self._my_pilots(status))
+        request["missing_schedds"] = self.demand.get("missing_schedds", [])
+        request["demand"] = self.demand.get("summary", {})
+        self.log.info("%s", report.plan_table(request))
+        return request
 
     def _my_pilots(self, status: dict[str, Any]) -> dict[str, dict[str, int]]:
         """This frontend's pilots per entry, from the factory's status."""

@@ -111,3 +111,37 @@ def test_params_refused_against_the_configuration(cfg, ec2, params, message, cap
     assert f"invalid burst: " in out + err and message in out + err
     run_dag("glidein_factory")
     assert ec2.instances("us-east-1") == [] and ec2.instances("us-west-2") == []
+
+
+def test_a_backed_off_entry_is_left_out_of_a_burst(cfg, ec2, monkeypatch, capfd):
+    from airflow_glidein.hooks.ec2 import EC2PilotHook
+
+    real_create = EC2PilotHook._create
+
+    def west_is_down(self, spec, count, tags):
+        if self.entry.name == "aws-us-west-2":
+            raise ConnectionError("us-west-2 endpoint unreachable")
+        return real_create(self, spec, count, tags)
+
+    monkeypatch.setattr(EC2PilotHook, "_create", west_is_down)
+    run_dag("glidein_frontend_cms")
+    fa = run_dag("glidein_factory")
+    assert "aws-us-west-2" in xcom(fa, "report")["backoff"]
+
+    # the burst's pilots go where they can start now; the plan says why west got none
+    run = burst(frontend="cms", pilots=4)
+    assert str(run.state) == "success", task_states(run)
+    request = xcom(run, "plan_burst")
+    assert {e: p["idle"] for e, p in request["entries"].items()} == {"aws-us-east-1": 4}
+    assert request["skipped"]["aws-us-west-2"].startswith("entry backed off by the factory for another ")
+    assert "ConnectionError" in request["skipped"]["aws-us-west-2"]
+
+    # a burst only onto the backed-off entry fails, saying so, and publishes nothing
+    capfd.readouterr()
+    run = burst(frontend="cms", entries=["aws-us-west-2"], pilots=2)
+    states = task_states(run)
+    assert states["plan_burst"] == "failed" and states["publish_request"] == "upstream_failed"
+    out, err = capfd.readouterr()
+    assert "no entry can take it: {'aws-us-west-2': 'entry backed off by the factory" in out + err
+    requests = xcom(run_dag("glidein_factory"), "collect_requests")
+    assert [k for k in requests if k.startswith("burst-")] == ["burst-" + request["burst"]]
