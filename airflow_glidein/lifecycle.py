@@ -33,6 +33,7 @@ class Memory:
 
     first_registered: float | None = None
     last_registered: float | None = None
+    last_busy: float | None = None  # last cycle it ran a job: a partitionable slot's clock does not say
     retire_requested: float | None = None
     terminate_requested: float | None = None
     terminate_attempts: int = 0
@@ -81,6 +82,8 @@ def transition(mem: Memory, obs: Observation, now: float, boot_timeout: float) -
         return P.ORPHAN, mem
     if obs.startd is not None:
         activity = str(obs.startd.get("State", ""))
+        if activity == "Claimed":
+            mem = replace(mem, last_busy=now)
         if mem.retire_requested is not None or activity in ("Drained", "Preempting"):
             return P.RETIRING, mem
         return (P.BUSY if activity == "Claimed" else P.IDLE), mem
@@ -143,11 +146,17 @@ class Action:
         return asdict(self)
 
 
-def _idle_for(startd: Mapping[str, Any] | None, now: float) -> float:
+def _idle_for(startd: Mapping[str, Any] | None, now: float, mem: Memory = Memory()) -> float:
+    """Seconds the pilot has been idle: since its slot became Unclaimed, or since we last saw it run a
+    job if later. A partitionable slot stays Unclaimed from boot however many jobs its dynamic slots
+    ran, so its EnteredCurrentState alone would make a pilot whose last job just ended look idle for
+    hours (and reap it before the next negotiation cycle could give it work)."""
     if not startd or startd.get("State") != "Unclaimed":
         return 0.0
     since = startd.get("EnteredCurrentState")
-    return now - float(since) if isinstance(since, (int, float)) else 0.0
+    if not isinstance(since, (int, float)):
+        return 0.0
+    return now - max(float(since), mem.last_busy or 0.0)
 
 
 def reap(
@@ -215,7 +224,7 @@ def reap(
             elif mem.retire_requested is None:
                 act("retire", "orphan (unknown frontend or entry), busy: draining")
         elif state == P.IDLE:
-            idle = _idle_for(startd, now)
+            idle = _idle_for(startd, now, mem)
             if idle > policy.idle_timeout:
                 act("terminate", f"idle for {int(idle)} s > idle_timeout ({policy.idle_timeout} s)")
             elif idle > SCALE_DOWN_GRACE:

@@ -171,6 +171,20 @@ def test_scale_down_takes_idle_pilots_longest_idle_first_never_busy(ec2, pool, t
     assert set(actions_of(run)) == {a}
     assert live_ids(ec2) == {busy, pslots}
 
+    # The partitionable pilot's job ends: its dynamic slot goes, its partitionable slot has been Unclaimed
+    # since boot. It is idle since the factory last saw it busy, not since boot: it gets the scale-down
+    # grace (a negotiation cycle may give it work) before it goes.
+    pool.startds = [ad for ad in pool.startds if ad["Name"] != f"slot1_1@glidein-{pslots}"]
+    clock.offset = 700
+    run = ok(run_dag("glidein_factory"))
+    assert states_of([pslots]) == {pslots: P.IDLE} and actions_of(run) == {}
+    clock.offset = 600 + lifecycle.SCALE_DOWN_GRACE + 60
+    run = ok(run_dag("glidein_factory"))
+    (kind, why), = actions_of(run).values()
+    assert list(actions_of(run)) == [pslots] and kind == "terminate" and why.startswith("scale-down: idle ")
+    assert lifecycle.SCALE_DOWN_GRACE < int(why.split()[2]) < lifecycle.SCALE_DOWN_GRACE + 120  # not ~5000 s
+    assert live_ids(ec2) == {busy}
+
 
 def two_entry_config(tmp_path, monkeypatch, pool):
     cfg = example_config()

@@ -207,3 +207,27 @@ def test_backed_off_entries_from_the_factory_status():
     out = L.backed_off(status, NOW)
     assert list(out) == ["a"] and "another 120 s" in out["a"] and "3 pilots failed to boot" in out["a"]
     assert L.backed_off({}, NOW) == {}
+
+
+def test_a_partitionable_pilot_whose_last_job_just_ended_is_not_idle_since_boot(cfg):
+    """Its partitionable slot has been Unclaimed since boot, 80 min ago; its dynamic slot ran jobs until
+    a moment ago. Idle time counts from the last cycle it was seen busy, not from the slot's clock."""
+    boot = NOW - 5000
+    pslot = slot("i-9", "slot1@p9", "Unclaimed", boot, PartitionableSlot=True)
+    dslot = slot("i-9", "slot1_1@p9", "Claimed", NOW - 3000, DynamicSlot=True)
+    state, mem = L.transition(L.Memory(), obs(age=5000, startd=L.pilot_ads([pslot, dslot])["i-9"]), NOW, BOOT)
+    assert state == P.BUSY and mem.last_busy == NOW
+    # next cycle: the job ended, its dynamic slot is gone; only the partitionable slot is left
+    later = NOW + 120
+    state, mem = L.transition(mem, obs(age=5000, startd=pslot), later, BOOT)
+    assert state == P.IDLE and mem.last_busy == NOW
+    assert L._idle_for(pslot, later, mem) == 120
+    assert L._idle_for(pslot, later) == 5120  # the slot's clock alone: idle since boot
+
+    def decide_at(t, memory):
+        return {a.id: a.reason for a in L.reap(cfg, [row("i-9", P.IDLE, age=NOW - boot, startd=pslot, memory=memory)],
+                                               {("aws-us-east-1", "cms"): 0}, t)}
+
+    assert decide_at(later, mem) == {}  # neither idle_timeout (1200 s) nor scale-down (300 s grace)
+    assert "scale-down: idle 301 s" in decide_at(NOW + 301, mem)["i-9"]
+    assert "idle for 1201 s > idle_timeout" in decide_at(NOW + 1201, mem)["i-9"]
