@@ -61,6 +61,15 @@ def fresh_requests(request):
 
 
 @pytest.fixture(autouse=True)
+def fresh_clients(monkeypatch):
+    """Each test starts with no provider client kept by the process (hooks share them per process):
+    the test clouds are reset between tests, a real cloud is not."""
+    from airflow_glidein.hooks import base
+
+    monkeypatch.setattr(base, "_clients", {})
+
+
+@pytest.fixture(autouse=True)
 def state_store(tmp_path, monkeypatch):
     """Each test its own glidein state store (pilot table, backoff, tokens, budgets)."""
     url = f"sqlite:///{tmp_path}/glidein_state.db"

@@ -155,3 +155,27 @@ def test_throttled_requests_back_off_and_succeed(nova, sim_clock):
     statuses = [c.status for c in nova.calls]
     assert not any(a == b == 429 for a, b in zip(statuses, statuses[1:]))  # ... and we waited as asked
     assert sim_clock.slept >= 60
+
+
+def logins(nova) -> int:
+    return sum(1 for c in nova.calls if c.method == "POST" and c.path == "/identity/v3/auth/tokens")
+
+
+def test_hooks_of_one_endpoint_share_a_login_and_a_rotated_secret_logs_in_again(nova, monkeypatch):
+    """A factory task makes a hook per entry and batch: each one logging in anew would spend the
+    endpoint's API budget on Keystone tokens and version discovery."""
+    hook().launch(spec(count=1))
+    first = len(nova.calls)
+    assert logins(nova) == 1
+    for n in range(3):
+        hook().launch(spec(count=1, launch=f"r1.cms.cern-batch.{n + 1}"))
+    assert logins(nova) == 1
+    # per launch: the lookup of its launch id, the create and the listing that confirms it; no login,
+    # no version discovery, no flavor lookup again
+    assert len(nova.calls) - first == 3 * 3
+    # the connection's secret is rotated: a new client logs in with the new secret
+    rotated = nova.connection_json("application_credential").replace("app-cred-secret", "app-cred-secret-2")
+    monkeypatch.setitem(nova.app_credentials, "app-cred-id", "app-cred-secret-2")
+    monkeypatch.setenv("AIRFLOW_CONN_GLIDEIN_OS_TEST", rotated)
+    hook().launch(spec(count=1, launch="r1.cms.cern-batch.9"))
+    assert logins(nova) == 2

@@ -27,6 +27,7 @@ import base64
 import hashlib
 import logging
 import re
+import threading
 from collections.abc import Iterator
 from datetime import datetime
 from functools import cached_property
@@ -37,7 +38,7 @@ import requests
 from requests.adapters import HTTPAdapter
 
 from airflow_glidein import pilots as P
-from airflow_glidein.hooks.base import LaunchSpec, PilotHook, Refusals
+from airflow_glidein.hooks.base import LaunchSpec, PilotHook, Refusals, conn_fingerprint, shared_client
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,18 @@ class OpenStackPilotHook(PilotHook):
 
     @cached_property
     def conn(self) -> Any:
+        # One logged-in connection per process and thread for the same connection content and endpoint:
+        # a new one costs a Keystone token and version discovery, both charged to the endpoint's budget.
+        # Its transport charges the budget of the hook that made it, which is this endpoint's.
+        return shared_client(self._client_key, self._connect)
+
+    @cached_property
+    def _client_key(self) -> tuple:
+        budget = self.budget
+        return ("openstack", conn_fingerprint(self.conn_id), self.entry.region, budget.endpoint, budget.requests,
+                budget.per_seconds, threading.get_ident())
+
+    def _connect(self) -> Any:
         import openstack
 
         from airflow_glidein.secrets import OpenStackCredentialHook
@@ -130,7 +143,9 @@ class OpenStackPilotHook(PilotHook):
 
     @cached_property
     def flavor_id(self) -> str:
-        return self.conn.compute.find_flavor(self.entry.flavor, ignore_missing=False).id
+        # by name costs two calls (a get, then the list): once per connection, not per hook
+        return shared_client((*self._client_key, "flavor", self.entry.flavor),
+                             lambda: self.conn.compute.find_flavor(self.entry.flavor, ignore_missing=False).id)
 
     # -- names and tags ----------------------------------------------------
     @property
