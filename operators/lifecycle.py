@@ -86,7 +86,8 @@ class InventoryOperator(GlideinBaseOperator):
                 prev = remembered.pop(iid, None)
                 frontend = inst.tags.get(P.TAG_FRONTEND)
                 startd = startds.get(iid) if startds is not None else None
-                obs = L.Observation(inst.state, inst.launched, known=frontend in frontends,
+                removed = inst.tags.get(P.TAG_ENTRY) != entry.name  # a removed entry's pilot, reached through this one
+                obs = L.Observation(inst.state, inst.launched, known=frontend in frontends and not removed,
                                     startd=startd, collector=startds is not None)
                 policy = cfg.policy_for(entry, frontend)
                 st, mem = L.transition(L.Memory.from_dict(prev and prev["memory"]), obs, now, policy.boot_timeout)
@@ -95,7 +96,8 @@ class InventoryOperator(GlideinBaseOperator):
                     "policy": tag_policy(inst.tags), "launch": inst.launch_id,
                     "request": inst.tags.get(P.TAG_REQUEST), "factory_run": inst.tags.get(P.TAG_FACTORY_RUN),
                     "launched": inst.launched, "state": st, "provider_state": inst.state, "conn": conn_id,
-                    "detail": inst.detail, "startd": {k: startd[k] for k in STARTD_KEEP if k in startd} if startd else None,
+                    "detail": (f"entry {inst.tags.get(P.TAG_ENTRY)!r} is no longer configured; " if removed else "")
+                              + inst.detail, "startd": {k: startd[k] for k in STARTD_KEEP if k in startd} if startd else None,
                     "memory": mem.to_dict(), "updated": now, "_prev": prev and prev["state"],
                 })
         # Remembered pilots missing from a good listing are gone: terminated, verified.
@@ -111,8 +113,17 @@ class InventoryOperator(GlideinBaseOperator):
         return {"counts": counts, "errors": errors, "collector": startds is not None, "gone": len(gone)}
 
     def _listings(self, entries: list[Entry]) -> tuple[dict[str, dict], dict[str, str]]:
-        """{entry: {id: (instance, connection)}} and {entry: error}, in as few listings as the APIs allow."""
+        """{entry: {id: (instance, connection)}} and {entry: error}, in as few listings as the APIs allow.
+
+        Where one pass lists a whole scope (an EC2 region, an OpenNebula user's
+        pool), it also shows pilots of entries removed from the configuration:
+        they are listed under the scope's first entry (whose hook and
+        connection reach them) and handled as orphans (DESIGN.md: drained
+        unless idle or past their lifetime). Elsewhere they are out of sight;
+        they end themselves at their idle timeout or lifetime.
+        """
         cfg = self.config
+        configured = {e.name for e in cfg.entries}
         groups: dict[tuple, list[tuple[Entry, Any]]] = {}
         for entry in entries:
             for conn_id in provision_conns(cfg, entry):
@@ -123,11 +134,13 @@ class InventoryOperator(GlideinBaseOperator):
         for (conn_id, _scope), members in groups.items():
             names = {e.name for e, _ in members}
             try:
-                together = members[0][1].list_endpoint() if len(members) > 1 else None
+                together = members[0][1].list_endpoint()
                 if together is not None:
                     for inst in together:
-                        if inst.tags.get(P.TAG_ENTRY) in names:
-                            listed[inst.tags[P.TAG_ENTRY]].setdefault(inst.id, (inst, conn_id))
+                        tagged = inst.tags.get(P.TAG_ENTRY)
+                        if tagged in names or tagged not in configured:
+                            owner = tagged if tagged in names else members[0][0].name
+                            listed[owner].setdefault(inst.id, (inst, conn_id))
                     continue
                 for entry, hook in members:
                     for inst in hook.list_pilots():

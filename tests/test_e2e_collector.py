@@ -280,3 +280,55 @@ def test_a_startd_that_cannot_be_retired_does_not_stop_the_others(ec2, pool, tmp
     rows = table()
     assert rows[stays]["state"] == P.RETIRING and rows[stays]["memory"]["retire_requested"] is not None
     assert rows[leaves]["memory"]["retire_requested"] is None
+
+
+def test_pilots_of_a_removed_entry_are_drained_unless_idle(ec2, pool, tmp_path, monkeypatch):
+    """DESIGN.md: never an automatic "remove everything" (glideinWMS #282); a pilot of an entry taken out
+    of the configuration is an orphan: drained (startd shutdown, jobs finish) unless idle or never registered."""
+    clock = Clock(monkeypatch)
+    cfg = example_config()
+    cfg["factory"].update(retry_delay=0, verify_timeout=2, verify_poll=1, collector=pool.address)
+    b = cfg["entries"][1]
+    b.update(name="aws-us-east-1b", region="us-east-1", attrs={"GLIDEIN_Site": "AWS_US_EAST_1B"})
+    for e in cfg["entries"]:
+        e["policy"] = POLICY
+    fe = cfg["frontends"][0]
+    fe.update(entries=[ENTRY, "aws-us-east-1b"], request_ttl=100000)
+    fe["demand"]["queue_file"] = write_queue(
+        tmp_path, idle_jobs(2, "AWS_US_EAST_1", cpus=4) + idle_jobs(3, "AWS_US_EAST_1B", cpus=8, start=2))
+    write_config(tmp_path, cfg, monkeypatch)
+    ok(run_dag("glidein_frontend_cms"))
+    ok(run_dag("glidein_factory"))
+    by_entry = {}
+    for i in ec2.instances():
+        by_entry.setdefault(i["TagMap"][P.TAG_ENTRY], []).append(i["InstanceId"])
+    kept, (idler, worker, unborn) = sorted(by_entry[ENTRY]), sorted(by_entry["aws-us-east-1b"])
+    assert len(kept) == 2
+    now = clock.now()
+    for iid in kept:
+        register(pool, iid, "Claimed", now - 60)
+    register(pool, idler, "Unclaimed", now - 60)
+    register(pool, worker, "Claimed", now - 60)
+
+    # the entry is taken out of the configuration
+    cfg["entries"] = cfg["entries"][:1]
+    fe["entries"] = [ENTRY]
+    write_config(tmp_path, cfg, monkeypatch)
+    run = ok(run_dag("glidein_factory"))
+    acts = actions_of(run)
+    assert acts == {idler: ("terminate", "orphan (unknown frontend or entry), idle"),
+                    worker: ("retire", "orphan (unknown frontend or entry), busy: draining")}
+    assert pool.commands == [("OffPeaceful", f"slot1@glidein-{worker}")]
+    rows = table()
+    assert states_of([idler, worker, unborn]) == {idler: P.TERMINATING, worker: P.RETIRING, unborn: P.ORPHAN}
+    assert all(rows[i]["entry"] == ENTRY for i in (idler, worker, unborn))  # reached through the entry left
+    assert all("entry 'aws-us-east-1b' is no longer configured" in rows[i]["detail"] for i in (worker, unborn))
+    assert live_ids(ec2) == set(kept) | {worker, unborn}  # the never-registered one gets its boot_timeout
+
+    # past its boot timeout the one that never registered goes too; the draining one is left to finish
+    clock.offset = POLICY["boot_timeout"] + 60
+    register(pool, worker, "Claimed", clock.now() - 60)
+    run = ok(run_dag("glidein_factory"))
+    assert actions_of(run) == {unborn: ("terminate", "orphan (unknown frontend or entry) never registered")}
+    assert live_ids(ec2) & {idler, worker, unborn} == {worker} and set(kept) <= live_ids(ec2)
+    assert pool.commands == [("OffPeaceful", f"slot1@glidein-{worker}")]  # asked to drain once
