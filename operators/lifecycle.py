@@ -96,8 +96,9 @@ class InventoryOperator(GlideinBaseOperator):
                     "policy": tag_policy(inst.tags), "launch": inst.launch_id,
                     "request": inst.tags.get(P.TAG_REQUEST), "factory_run": inst.tags.get(P.TAG_FACTORY_RUN),
                     "launched": inst.launched, "state": st, "provider_state": inst.state, "conn": conn_id,
-                    "detail": (f"entry {inst.tags.get(P.TAG_ENTRY)!r} is no longer configured; " if removed else "")
-                              + inst.detail, "startd": {k: startd[k] for k in STARTD_KEEP if k in startd} if startd else None,
+                    "detail": "; ".join(filter(None, [
+                        f"entry {inst.tags.get(P.TAG_ENTRY)!r} is no longer configured" if removed else "",
+                        inst.detail])), "startd": {k: startd[k] for k in STARTD_KEEP if k in startd} if startd else None,
                     "memory": mem.to_dict(), "updated": now, "_prev": prev and prev["state"],
                 })
         # Remembered pilots missing from a good listing are gone: terminated, verified.
