@@ -31,13 +31,22 @@ def _summary(cfg: Config) -> str:
     return "\n".join(lines)
 
 
-def cmd_check_config(args: argparse.Namespace) -> int:
+def _load(path: str | None) -> Config | None:
+    """The configuration (default: ``[glidein] config_file``), or None with every problem printed."""
+    from airflow_glidein.config import config_path
+
     try:
-        cfg = load_config(args.config)
+        return load_config(path or config_path())
     except ConfigError as exc:
         print(f"{exc.path}: configuration rejected ({len(exc.problems)} problem(s)):", file=sys.stderr)
         for p in exc.problems:
             print(f"  - {p}", file=sys.stderr)
+        return None
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    cfg = _load(args.config)
+    if cfg is None:
         return 1
     print(_summary(cfg))
     print("configuration OK")
@@ -47,10 +56,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     from airflow_glidein import credentials, demand, planning, report
 
-    try:
-        cfg = load_config(args.config)
-    except ConfigError as exc:
-        print(str(exc), file=sys.stderr)
+    cfg = _load(args.config)
+    if cfg is None:
         return 1
     names = [args.frontend] if args.frontend else [f.name for f in cfg.frontends]
     out = {}
@@ -90,11 +97,8 @@ def cmd_serve_bootstrap(args: argparse.Namespace) -> int:
 
     from airflow_glidein.config import config_path
 
-    try:
-        path = args.config or config_path()
-        load_config(path)
-    except ConfigError as exc:
-        print(str(exc), file=sys.stderr)
+    path = args.config or config_path()
+    if _load(path) is None:
         return 1
     app = create_app(ui=False, config_file=path)
     print(f"glidein bootstrap service on http://{args.host}:{args.port}{args.prefix} (config {path})", flush=True)
@@ -120,6 +124,26 @@ def cmd_pubkey(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_preflight(args: argparse.Namespace) -> int:
+    """Check credentials, providers, images, flavors, the collector and the bootstrap service."""
+    from airflow_glidein import preflight
+    from airflow_glidein.report import table
+
+    cfg = _load(args.config)
+    if cfg is None:
+        return 1
+    unknown = sorted(set(args.entry or []) - {e.name for e in cfg.entries})
+    if unknown:
+        print(f"{args.config}: no entries {unknown}", file=sys.stderr)
+        return 2
+    checks = preflight.run(cfg, args.entry)
+    print(table(["scope", "check", "result", "detail"],
+                [[c.scope, c.what, "ok" if c.ok else "FAILED", c.detail] for c in checks]))
+    failed = sum(not c.ok for c in checks)
+    print(f"{len(checks)} checks, {failed} failed")
+    return 1 if failed else 0
+
+
 def cmd_sync_pools(args: argparse.Namespace) -> int:
     """One Airflow pool per API endpoint, sized by its entries' api_budget.concurrency.
 
@@ -127,13 +151,11 @@ def cmd_sync_pools(args: argparse.Namespace) -> int:
     pool. Writes Airflow's metadata DB, like ``airflow pools set``: run it
     where the Airflow CLI runs.
     """
-    from airflow_glidein.config import config_path, pool_name
+    from airflow_glidein.config import pool_name
     from airflow_glidein.report import table
 
-    try:
-        cfg = load_config(args.config or config_path())
-    except ConfigError as exc:
-        print(str(exc), file=sys.stderr)
+    cfg = _load(args.config)
+    if cfg is None:
         return 1
     from airflow.models.pool import Pool
 
@@ -166,6 +188,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=8081)
     p.add_argument("--prefix", default="/glidein", help="URL prefix, as in the factory's bootstrap_url (default /glidein)")
     p.set_defaults(func=cmd_serve_bootstrap)
+    p = sub.add_parser("preflight", help="check credentials, providers, images, flavors, collector and bootstrap "
+                                         "service before the first cycle (calls the providers)")
+    p.add_argument("config", nargs="?", help="configuration file (default: [glidein] config_file)")
+    p.add_argument("--entry", action="append", help="only this entry (repeatable)")
+    p.set_defaults(func=cmd_preflight)
     p = sub.add_parser("sync-pools", help="create or resize one Airflow pool per provider API endpoint")
     p.add_argument("config", nargs="?", help="configuration file (default: [glidein] config_file)")
     p.set_defaults(func=cmd_sync_pools)

@@ -216,6 +216,29 @@ class PilotHook(BaseHook):
             return {}
         return (self._force_terminate if force else self._terminate)(list(ids)) or {}
 
+    def preflight(self) -> list[tuple[str, bool, str]]:
+        """(what, ok, detail) checks before the first launch: the provider answers, and where the
+        middleware can say, the entry's image and flavor exist (``python -m airflow_glidein preflight``)."""
+        ok, detail = self.test_connection()
+        return [("provider answers", ok, detail)]
+
+    @staticmethod
+    def probe(what: str, check: Callable[[], tuple[bool, str]]) -> tuple[str, bool, str]:
+        """One preflight check; its failure is a result, not an exception."""
+        try:
+            ok, detail = check()
+        except Exception as exc:
+            return what, False, f"{type(exc).__name__}: {str(exc)[:300]}"
+        return what, ok, detail
+
+    def cores_fit(self, cores: int, memory_mb: int | None) -> tuple[bool, str]:
+        """The flavor against what the entry says a pilot has: planning counts the entry's numbers."""
+        e = self.entry
+        size = f"{cores} cores, {memory_mb} MB" if memory_mb is not None else f"{cores} cores"
+        if cores < e.cores or (memory_mb is not None and e.memory_mb and memory_mb < e.memory_mb):
+            return False, f"{size}: less than the entry's {e.cores} cores, {e.memory_mb} MB that planning counts"
+        return True, size
+
     def still_there(self, ids: list[str]) -> dict[str, P.ProviderInstance]:
         """Which of ``ids`` the provider still lists (any state but terminated): one listing."""
         wanted = set(ids)

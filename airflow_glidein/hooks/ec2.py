@@ -153,6 +153,22 @@ class EC2PilotHook(PilotHook):
             self.api_call(lambda: self.client.terminate_instances(InstanceIds=part), "terminate_instances",
                           charge=False)
 
+    def preflight(self) -> list[tuple[str, bool, str]]:
+        checks = super().preflight()
+        if not checks[0][1]:
+            return checks
+
+        def image() -> tuple[bool, str]:
+            state = self.client.describe_images(ImageIds=[self.entry.image])["Images"][0].get("State")
+            return state == "available", f"state {state}"
+
+        def flavor() -> tuple[bool, str]:
+            t = self.client.describe_instance_types(InstanceTypes=[self.entry.flavor])["InstanceTypes"][0]
+            return self.cores_fit(t["VCpuInfo"]["DefaultVCpus"], t["MemoryInfo"]["SizeInMiB"])
+
+        return checks + [self.probe(f"image {self.entry.image}", image),
+                         self.probe(f"instance type {self.entry.flavor}", flavor)]
+
     def test_connection(self) -> tuple[bool, str]:
         try:
             self.client.describe_instances(MaxResults=5)

@@ -176,6 +176,17 @@ class OpenNebulaPilotHook(PilotHook):
     def _force_terminate(self, ids: list[str]) -> Refusals:
         return self._act("terminate-hard", ids)
 
+    def preflight(self) -> list[tuple[str, bool, str]]:
+        checks = super().preflight()
+        if not checks[0][1]:
+            return checks
+
+        def template() -> tuple[bool, str]:
+            tid, _ = self.template
+            return True, f"template {tid} (each VM gets the entry's VCPU and MEMORY)"
+
+        return checks + [self.probe(f"template {self.entry.flavor}", template)]
+
     def test_connection(self) -> tuple[bool, str]:
         try:
             return True, f"OpenNebula {self._call('system.version')}"

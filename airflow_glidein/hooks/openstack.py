@@ -270,6 +270,18 @@ class OpenStackPilotHook(PilotHook):
                 return 0.0
         return None
 
+    def preflight(self) -> list[tuple[str, bool, str]]:
+        checks = super().preflight()
+        if not checks[0][1]:
+            return checks
+
+        def flavor() -> tuple[bool, str]:
+            f = self.conn.compute.get_flavor(self.flavor_id)
+            return self.cores_fit(f.vcpus, f.ram)
+
+        # the image is Glance's, which this hook does not talk to: Nova refuses a create with a bad one
+        return checks + [self.probe(f"flavor {self.entry.flavor}", flavor)]
+
     def test_connection(self) -> tuple[bool, str]:
         try:
             n = len(list(self.conn.compute.servers(details=False, limit=1, paginated=False)))

@@ -1,0 +1,89 @@
+"""Preflight: ask once for everything a cycle will need, before pilots fail for it.
+
+HTCondor annex launches with no quota, image or collector check, so a wrong
+AMI shows up as boot failures long after. ``python -m airflow_glidein
+preflight`` checks each credential (readable, valid), each entry with each
+of its provisioning connections (the provider answers, the image and the
+flavor or template exist), the collector, and the bootstrap service (it
+answers and signs with the factory's key, i.e. shares its state store).
+Every check runs whatever the others found; each result names what is wrong.
+"""
+
+from __future__ import annotations
+
+import time
+import urllib.request
+from dataclasses import dataclass
+
+from airflow_glidein import material, secrets
+from airflow_glidein.config import Config
+from airflow_glidein.credentials import usable_on
+
+
+@dataclass(frozen=True)
+class Check:
+    scope: str  # "credential X", "entry Y", "factory"
+    what: str
+    ok: bool
+    detail: str
+
+
+def run(config: Config, entries: list[str] | None = None, now: float | None = None) -> list[Check]:
+    """Every check, in order: credentials (of the chosen entries' trust domains), entries, factory."""
+    now = time.time() if now is None else now
+    chosen = [config.entry(n) for n in entries] if entries else list(config.entries)
+    domains = {e.trust_domain for e in chosen}
+    validity = secrets.check(config, [c.id for c in config.credentials if c.trust_domain in domains], now)
+    out = [Check(f"credential {cid}", "connection readable, credential valid", v.ok,
+                 material.describe(v) if v.ok else v.reason) for cid, v in sorted(validity.items())]
+    for entry in chosen:
+        out += _entry(config, entry, validity)
+    if config.factory.collector:
+        out.append(_collector(config.factory.collector))
+    out.append(_bootstrap(config.factory.bootstrap_url))
+    return out
+
+
+def _entry(config: Config, entry, validity) -> list[Check]:
+    from airflow_glidein.hooks import pilot_hook
+
+    scope = f"entry {entry.name}"
+    creds = [c for c in config.credentials if c.purpose == "provision" and usable_on(c, entry)]
+    if not creds:
+        return [Check(scope, "provision credential", False,
+                      f"no provision credential of trust domain {entry.trust_domain!r} with auth {entry.auth_method!r}")]
+    out = []
+    for cred in creds:
+        if not validity[cred.id].ok:
+            out.append(Check(scope, f"provider via {cred.id}", False, f"credential unusable: {validity[cred.id].reason}"))
+            continue
+        try:
+            results = pilot_hook(entry, config.factory.name, cred.conn_id).preflight()
+        except Exception as exc:  # one entry's provider must not stop the checks of the others
+            results = [("provider answers", False, f"{type(exc).__name__}: {str(exc)[:300]}")]
+        out += [Check(scope, f"{what} via {cred.id}", ok, detail) for what, ok, detail in results]
+    return out
+
+
+def _collector(address: str) -> Check:
+    from airflow_glidein.hooks.htcondor import HTCondorHook
+
+    ok, detail = HTCondorHook(collector=address).test_connection()
+    return Check("factory", f"collector {address}", ok, detail)
+
+
+def _bootstrap(url: str) -> Check:
+    from airflow_glidein.bootstrap import keys
+    from airflow_glidein.state import store
+
+    what = f"bootstrap service {url}"
+    try:
+        with urllib.request.urlopen(f"{url.rstrip('/')}/bootstrap/pubkey.pem", timeout=10) as resp:
+            served = resp.read().decode()
+    except Exception as exc:
+        return Check("factory", what, False, f"not reachable from here: {type(exc).__name__}: {exc}")
+    if served.strip() != keys.public_pem(store()).strip():
+        return Check("factory", what, False, "it signs with another key than this factory's: it does not share "
+                                              "the factory's state store (GLIDEIN_STATE_URL), so no token it is "
+                                              "asked to exchange would be found")
+    return Check("factory", what, True, "answers, same signing key and state store")
