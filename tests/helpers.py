@@ -259,3 +259,17 @@ def resume_run(dag_id: str, run_id: str):
                 _run_task(ti=ti, task=dag.task_dict[ti.task_id], run_triggerer=True)
         session.expire_all()
         return session.query(DagRun).filter(DagRun.dag_id == dag_id, DagRun.run_id == run_id).one()
+
+
+def entry_down(monkeypatch, entry: str, error: Exception | None = None) -> None:
+    """Every EC2 launch at ``entry`` fails (an unreachable endpoint); the other entries launch as usual."""
+    from airflow_glidein.hooks.ec2 import EC2PilotHook
+
+    real_create = EC2PilotHook._create
+
+    def create(self, spec, count, tags):
+        if self.entry.name == entry:
+            raise error or ConnectionError(f"{self.entry.region} endpoint unreachable")
+        return real_create(self, spec, count, tags)
+
+    monkeypatch.setattr(EC2PilotHook, "_create", create)

@@ -8,7 +8,7 @@ import pytest
 from airflow.sdk.exceptions import ParamValidationError
 
 from airflow_glidein import pilots as P
-from tests.helpers import DAGS, example_config, run_dag, task_states, write_config, xcom
+from tests.helpers import DAGS, entry_down, example_config, run_dag, task_states, write_config, xcom
 
 pytestmark = pytest.mark.usefixtures("airflow_db")
 
@@ -114,16 +114,7 @@ def test_params_refused_against_the_configuration(cfg, ec2, params, message, cap
 
 
 def test_a_backed_off_entry_is_left_out_of_a_burst(cfg, ec2, monkeypatch, capfd):
-    from airflow_glidein.hooks.ec2 import EC2PilotHook
-
-    real_create = EC2PilotHook._create
-
-    def west_is_down(self, spec, count, tags):
-        if self.entry.name == "aws-us-west-2":
-            raise ConnectionError("us-west-2 endpoint unreachable")
-        return real_create(self, spec, count, tags)
-
-    monkeypatch.setattr(EC2PilotHook, "_create", west_is_down)
+    entry_down(monkeypatch, "aws-us-west-2")
     run_dag("glidein_frontend_cms")
     fa = run_dag("glidein_factory")
     assert "aws-us-west-2" in xcom(fa, "report")["backoff"]

@@ -10,7 +10,16 @@ import pytest
 from airflow_glidein import pilots as P
 from airflow_glidein.hooks.ec2 import EC2PilotHook
 from airflow_glidein.userdata import parse as parse_userdata
-from tests.helpers import example_config, idle_jobs, run_dag, task_states, write_config, write_queue, xcom
+from tests.helpers import (
+    entry_down,
+    example_config,
+    idle_jobs,
+    run_dag,
+    task_states,
+    write_config,
+    write_queue,
+    xcom,
+)
 
 pytestmark = pytest.mark.usefixtures("airflow_db")
 
@@ -167,14 +176,7 @@ def test_one_entry_failing_does_not_stop_the_others(ec2, tmp_path, monkeypatch):
     cfg["factory"]["retries"] = 1
     write_config(tmp_path, cfg, monkeypatch)
     run_dag("glidein_frontend_cms")
-    real_create = EC2PilotHook._create
-
-    def west_is_down(self, spec, count, tags):
-        if self.entry.name == "aws-us-west-2":
-            raise ConnectionError("us-west-2 endpoint unreachable")
-        return real_create(self, spec, count, tags)
-
-    monkeypatch.setattr(EC2PilotHook, "_create", west_is_down)
+    entry_down(monkeypatch, "aws-us-west-2")
     fa = run_dag("glidein_factory")
     states = task_states(fa)
     # one task group per API endpoint (EC2 region): west's submit failed, east's went through
