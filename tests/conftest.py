@@ -49,18 +49,6 @@ def moto_server():
 
 
 @pytest.fixture(autouse=True)
-def fresh_requests(request):
-    """Each test starts with no glidein_requests/glidein_status events: old requests must not leak in."""
-    if "airflow_db" not in request.fixturenames:
-        return
-    from airflow.models.asset import AssetEvent
-    from airflow.utils.session import create_session
-
-    with create_session() as session:
-        session.query(AssetEvent).delete()
-
-
-@pytest.fixture(autouse=True)
 def fresh_clients(monkeypatch):
     """Each test starts with no provider client kept by the process (hooks share them per process):
     the test clouds are reset between tests, a real cloud is not."""
@@ -101,8 +89,8 @@ def bootstrap_server(airflow_db):
 
 @pytest.fixture(autouse=True)
 def fresh_asset_events(request):
-    """Each test starts with no glidein_requests / glidein_status events: the frontend plans from the
-    factory's last status, and a status left by another test's (reset) moto would be read as pilots."""
+    """Each test starts with no glidein_requests / glidein_status events: old requests must not leak in,
+    and the frontend plans from the factory's last status, which another test's (reset) moto left."""
     if "airflow_db" in request.fixturenames:
         from sqlalchemy import delete
 
