@@ -142,6 +142,9 @@ class Entry(Model):
     cores: Pos = 1
     memory_mb: Pos = 2048
     gpus: NonNeg = 0
+    # cost of one core-hour (any one currency): with prices, a job matching several entries goes to the
+    # cheaper and emptier first (HEPCloud's figure of merit); without, it counts equally (glideinWMS)
+    price: NonNeg | None = None
     attrs: dict[str, str | int | float | bool] = {}
     requirements: ClassAdExpr | None = None  # over the job (TARGET), with the entry's ad as MY
     trust_domain: Name

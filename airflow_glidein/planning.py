@@ -4,7 +4,10 @@ Follows glideinWMS's frontend (glideinFrontendElement.compute_glidein_min_idle
 and compute_glidein_max_run), in pilots rather than glideins:
 
 - a job group that matches k usable entries counts 1/k toward each, so a job
-  is not provisioned k times;
+  is not provisioned k times; where entries have a ``price``, the fractions
+  follow HEPCloud's Decision Engine instead: in proportion to 1 / figure of
+  merit, FOM = price per core-hour x (pilots + 1) / max_pilots (a full entry
+  gets none, a free one is filled first);
 - each group's share becomes pilots by its *own* request against the entry's
   pilot size (jobs per pilot = the fewest of cores, memory and GPUs that fit),
   summed over groups; glideinWMS scales an entry's average cores instead,
@@ -59,8 +62,39 @@ def jobs_per_pilot(job: tuple[int, int, int], pilot: tuple[int, int, int]) -> tu
     return per[resource], resource
 
 
+def figures_of_merit(config: Config, usable: set[str], live: Mapping[str, int]) -> dict[str, float] | None:
+    """HEPCloud's FOM per usable entry: price x (live pilots + 1) / max_pilots, inf when full.
+
+    None when no entry has a price (shares are then equal, as in glideinWMS).
+    An entry without a price beside priced ones counts as the dearest of them.
+    """
+    prices = {e: config.entry(e).price for e in usable}
+    known = [p for p in prices.values() if p is not None]
+    if not known:
+        return None
+    fom = {}
+    for e, price in prices.items():
+        cap, n = config.entry(e).limits.max_pilots, live.get(e, 0)
+        fom[e] = math.inf if n >= cap else (max(known) if price is None else price) * (n + 1) / cap
+    return fom
+
+
+def _fractions(targets: list[str], fom: Mapping[str, float] | None) -> dict[str, float]:
+    """How a job group matching ``targets`` is split among them (fractions summing to 1)."""
+    if fom is not None:
+        free = [e for e in targets if fom[e] == 0]
+        if free:
+            return {e: (1 / len(free) if e in free else 0.0) for e in targets}
+        weights = {e: 1 / fom[e] for e in targets if fom[e] < math.inf}
+        if weights:
+            total = sum(weights.values())
+            return {e: weights.get(e, 0.0) / total for e in targets}
+    return {e: 1 / len(targets) for e in targets}  # no prices, or every target full: the limits say so
+
+
 def entry_shares(
-    groups: list[JobGroup], usable: set[str], sizes: Mapping[str, tuple[int, int, int]]
+    groups: list[JobGroup], usable: set[str], sizes: Mapping[str, tuple[int, int, int]],
+    fom: Mapping[str, float] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Fractional jobs, resources and pilots each usable entry is asked to serve."""
     shares: dict[str, dict[str, Any]] = {
@@ -72,22 +106,21 @@ def entry_shares(
         targets = [e for e in g.entries if e in usable]
         if not targets:
             continue
-        k = len(targets)
         size = (g.cpus, g.memory, g.gpus)
-        for e in targets:
+        for e, f in _fractions(targets, fom).items():
             per, resource = jobs_per_pilot(size, sizes[e])
-            if per <= 0:
+            if per <= 0 or f <= 0:
                 continue  # matching already refuses jobs bigger than the pilot; never divide by zero
             s = shares[e]
-            s["idle_jobs"] += g.idle / k
-            s["idle_old_jobs"] += g.idle_old / k
-            s["running_jobs"] += g.running / k
-            s["cores"] += g.idle * max(size[0], 1) / k
-            s["memory_mb"] += g.idle * size[1] / k
-            s["gpus"] += g.idle * size[2] / k
-            s["pilots"] += g.idle / k / per
-            s["pilots_old"] += g.idle_old / k / per
-            s["by"][resource] += g.idle / k / per
+            s["idle_jobs"] += g.idle * f
+            s["idle_old_jobs"] += g.idle_old * f
+            s["running_jobs"] += g.running * f
+            s["cores"] += g.idle * max(size[0], 1) * f
+            s["memory_mb"] += g.idle * size[1] * f
+            s["gpus"] += g.idle * size[2] * f
+            s["pilots"] += g.idle * f / per
+            s["pilots_old"] += g.idle_old * f / per
+            s["by"][resource] += g.idle * f / per
             s["groups"] += 1
     return shares
 
@@ -122,7 +155,8 @@ def plan_frontend(
     total_live = total_have + sum(c["busy"] for c in counts_of.values())
     usable = {e for e in fe.entries if "skip" not in credentials.get(e, {"skip": "not selected"})}
     sizes = {e: (config.entry(e).cores, config.entry(e).memory_mb, config.entry(e).gpus) for e in usable}
-    shares = entry_shares(groups, usable, sizes)
+    fom = figures_of_merit(config, usable, {e: c["total"] for e, c in counts_of.items()})
+    shares = entry_shares(groups, usable, sizes, fom)
     plans: dict[str, dict[str, Any]] = {}
     for name in fe.entries:
         if name not in usable:
@@ -172,6 +206,7 @@ def plan_frontend(
                 "gpus": round(share["gpus"], 3),
                 "pilot_size": dict(zip(RESOURCES, sizes[name])),
                 "pilots_exact": round(share["pilots"], 3),
+                **({"fom": round(fom[name], 6) if fom[name] < math.inf else "full"} if fom else {}),
                 "wanted": wanted,
                 "pilots": counts,
                 "add": add,

@@ -15,22 +15,25 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 def plan_table(request: Mapping[str, Any]) -> str:
+    entries = request.get("entries", {})
+    priced = any("fom" in p["why"] for p in entries.values())  # entries with prices: show the figure of merit
     rows = []
-    for name, p in sorted(request.get("entries", {}).items()):
+    for name, p in sorted(entries.items()):
         w = p["why"]
         pc = w["pilots"]
         bound = w["bound_by"] + (f" [{'; '.join(w['curbs'])}]" if w.get("curbs") else "")
         rows.append([
-            name, w["idle_jobs"], w["cores"], w["wanted"],
+            name, w["idle_jobs"], w["cores"], *([w.get("fom", "-")] if priced else []), w["wanted"],
             f"{pc['booting']}/{pc['idle']}/{pc['busy']}", w.get("add", "-"), p["idle"], p["max_running"], bound,
         ])
     for name, reason in sorted(request.get("skipped", {}).items()):
-        rows.append([name, "-", "-", "-", "-", "-", 0, 0, f"skipped: {reason}"])
+        rows.append([name, "-", "-", *(["-"] if priced else []), "-", "-", "-", 0, 0, f"skipped: {reason}"])
     head = f"Plan of frontend {request.get('frontend')}"
     if request.get("missing_schedds"):
         head += " (schedds not answering: " + ", ".join(m["schedd"] for m in request["missing_schedds"]) + ")"
     return head + "\n" + table(
-        ["entry", "idle jobs", "cores", "wanted", "boot/idle/busy", "add", "level", "max run", "bound by"], rows
+        ["entry", "idle jobs", "cores", *(["fom"] if priced else []), "wanted", "boot/idle/busy", "add", "level",
+         "max run", "bound by"], rows
     )
 
 

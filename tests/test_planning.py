@@ -249,3 +249,51 @@ def test_factory_max_per_cycle_binds_and_batches():
     assert work[0]["why"]["bound_by"] == "entry.max_per_cycle"
     assert sorted((b["frontend"], b["count"]) for b in work[0]["launches"]) == [("atlas", 2), ("cms", 2), ("cms", 3)]
     assert len({b["launch_id"] for b in work[0]["launches"]}) == 3
+
+
+def test_prices_split_shared_demand_by_figure_of_merit():
+    """HEPCloud's Decision Engine: FOM = price per core-hour x (pilots + 1) / max_pilots; a job group
+    matching several entries is split in proportion to 1 / FOM (glideinWMS splits it equally)."""
+    cheap, dear = entry("cheap", max_pilots=100), entry("dear", max_pilots=100)
+    cheap["price"], dear["price"] = 1.0, 3.0
+    cfg = config([cheap, dear], NO_CURBS)
+    jobs = [group(100, ["cheap", "dear"])]
+    # empty: FOM 1 x 1/100 = 0.01 and 3 x 1/100 = 0.03 -> weights 100 : 33.3 -> 75 and 25 jobs
+    # -> 75/4 = 18.75 -> 19 pilots and 25/4 = 6.25 -> 7
+    p = plan(cfg, jobs)
+    assert (p["cheap"]["why"]["idle_jobs"], p["dear"]["why"]["idle_jobs"]) == (75, 25)
+    assert (p["cheap"]["idle"], p["dear"]["idle"]) == (19, 7)
+    assert (p["cheap"]["why"]["fom"], p["dear"]["why"]["fom"]) == (0.01, 0.03)
+    # the cheap entry already holds 59 pilots: FOM 1 x 60/100 = 0.6 vs 0.03 -> weights 1.667 : 33.3
+    # -> cheap 100 x 1.667/35 = 4.76 jobs, dear 95.24 jobs -> 24 pilots at dear
+    busy = {"cheap": {"busy": 59, "total": 59}}
+    p = plan(cfg, jobs, busy)
+    assert p["cheap"]["why"]["idle_jobs"] == pytest.approx(4.762, abs=1e-3)
+    assert p["dear"]["idle"] == 24
+    # full (100 of max 100): no share at all; everything goes to the other
+    p = plan(cfg, jobs, {"cheap": {"busy": 100, "total": 100}})
+    assert p["cheap"]["why"]["idle_jobs"] == 0 and p["cheap"]["why"]["fom"] == "full"
+    assert p["dear"]["why"]["idle_jobs"] == 100
+    # a free entry (price 0, e.g. an owned OpenStack) is filled first
+    cheap["price"] = 0
+    p = plan(config([cheap, dear], NO_CURBS), jobs)
+    assert (p["cheap"]["why"]["idle_jobs"], p["dear"]["why"]["idle_jobs"]) == (100, 0)
+    # jobs matching one entry only go there whatever it costs
+    p = plan(cfg, [group(8, ["dear"])])
+    assert p["dear"]["why"]["idle_jobs"] == 8
+
+
+def test_without_prices_shares_are_equal_and_an_unpriced_entry_counts_as_the_dearest():
+    a, b, c = entry("a"), entry("b"), entry("c")
+    p = plan(config([a, b, c], NO_CURBS), [group(90, ["a", "b", "c"])])
+    assert [p[e]["why"]["idle_jobs"] for e in "abc"] == [30, 30, 30] and "fom" not in p["a"]["why"]
+    a["price"], b["price"] = 1.0, 2.0  # c has none: counted at 2.0
+    cfg = config([a, b, c], NO_CURBS)
+    p = plan(cfg, [group(100, ["a", "b", "c"])])
+    assert [p[e]["why"]["idle_jobs"] for e in "abc"] == [50, 25, 25]
+    from airflow_glidein import report
+
+    lines = report.plan_table(planning.plan_frontend(
+        cfg, "fe", [group(100, ["a", "b", "c"])], {e: {"provision": "k", "pilot": "t"} for e in "abc"})).splitlines()
+    assert lines[1].split()[:4] == ["entry", "idle", "jobs", "cores"] and "fom" in lines[1].split()
+    assert lines[3].split()[:4] == ["a", "50.0", "50.0", "0.01"]
