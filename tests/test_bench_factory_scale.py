@@ -1,4 +1,4 @@
-"""The scale benchmark's moto launcher must answer tag lookups exactly as moto does, only faster."""
+"""The scale benchmark and its moto launcher: the launcher answers tag lookups as moto does, the bench runs."""
 
 import boto3
 from moto import mock_aws
@@ -24,3 +24,20 @@ def test_indexed_tag_lookup_answers_as_moto_does():
         assert indexed_get_tags(res) == TaggedEC2Resource.get_tags(res)
         assert indexed_get_tags(res)  # every one is tagged: the comparison is not of two empty lists
     assert len(backend.tags) == 7  # the lookup did not grow moto's tag store
+
+
+def test_scale_bench_small_calls_do_not_grow_with_pilots():
+    """The scale benchmark end to end at 200 and 400 pilots (the full run is `make bench`), so it cannot rot:
+    the same number of API calls at both scales, every old pilot reaped and gone."""
+    import re
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+
+    out = subprocess.run([sys.executable, "-m", "bench.bench_factory_scale", "--pilots", "400", "--also", "200"],
+                         cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    rows = {int(m[1]): m.groups()[1:] for m in re.finditer(r"^\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s", out.stdout, re.M)}
+    assert rows == {200: ("200", "20", "44"), 400: ("400", "40", "44")}  # listed, reaped, calls
+    assert "goal: calls independent of pilots (met: [44, 44])" in out.stdout
