@@ -38,6 +38,8 @@ def test_scale_bench_small_calls_do_not_grow_with_pilots():
     out = subprocess.run([sys.executable, "-m", "bench.bench_factory_scale", "--pilots", "400", "--also", "200"],
                          cwd=REPO, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-    rows = {int(m[1]): m.groups()[1:] for m in re.finditer(r"^\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s", out.stdout, re.M)}
-    assert rows == {200: ("200", "20", "44"), 400: ("400", "40", "44")}  # listed, reaped, calls
+    rows = {int(r[0]): (r[1], r[2], r[3], r[-1]) for r in (line.split() for line in out.stdout.splitlines())
+            if len(r) == 10 and r[0].isdigit()}
+    assert rows == {200: ("200", "20", "44", "0"), 400: ("400", "40", "44", "0")}  # listed, reaped, calls, left
     assert "goal: calls independent of pilots (met: [44, 44])" in out.stdout
+    assert "every old pilot reaped and gone (met)" in out.stdout
