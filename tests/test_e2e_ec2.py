@@ -185,3 +185,18 @@ def test_one_entry_failing_does_not_stop_the_others(ec2, tmp_path, monkeypatch):
     # the failing entry is backed off, and the report says so
     assert "aws-us-west-2" in xcom(fa, "report")["backoff"]
     assert len(ec2.instances("us-east-1")) == 10 and ec2.instances("us-west-2") == []
+
+
+def test_spot_entries_launch_one_time_spot_pilots(ec2, tmp_path, monkeypatch):
+    cfg = fast(example_config())
+    cfg["entries"][0]["options"] = {"spot": True, "spot_max_price": 0.07}
+    write_config(tmp_path, cfg, monkeypatch)
+    run_dag("glidein_frontend_cms")
+    fa = run_dag("glidein_factory")
+    assert str(fa.state) == "success", task_states(fa)
+    east, west = ec2.instances("us-east-1"), ec2.instances("us-west-2")
+    assert len(east) == 10 and {i.get("InstanceLifecycle") for i in east} == {"spot"}
+    assert west and all("InstanceLifecycle" not in i for i in west)  # on-demand where the entry says nothing
+    # a spot pilot is a pilot like another: a second run counts it and launches nothing more
+    again = run_dag("glidein_factory")
+    assert xcom(again, "plan_cycle") == [] and len(ec2.instances("us-east-1")) == 10

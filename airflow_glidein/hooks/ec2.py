@@ -136,6 +136,13 @@ class EC2PilotHook(PilotHook):
                 params[name] = opts[key]
         if opts.get("instance_profile"):
             params["IamInstanceProfile"] = {"Name": opts["instance_profile"]}
+        if opts.get("spot"):
+            # one-time spot: an interruption terminates the pilot (its jobs go back to the queue, the
+            # inventory sees it gone); a capacity or price refusal is a launch error that backs the entry off
+            spot: dict[str, Any] = {"SpotInstanceType": "one-time", "InstanceInterruptionBehavior": "terminate"}
+            if opts.get("spot_max_price"):
+                spot["MaxPrice"] = str(opts["spot_max_price"])
+            params["InstanceMarketOptions"] = {"MarketType": "spot", "SpotOptions": spot}
         try:
             resp = self.api_call(lambda: self.client.run_instances(**params), "run_instances", charge=False)
         except Exception as exc:
