@@ -59,8 +59,13 @@ def plan_launches(
     key: str,
     blocked: Mapping[str, str] | None = None,
     now: float | None = None,
+    quotas: Iterable[Mapping[str, Any]] = (),
 ) -> list[dict[str, Any]]:
     """Per entry with something to launch: its batches and the reasoning.
+
+    ``quotas`` is the provider's headroom per quota scope ({"entries",
+    "headroom": {"instances", "cores", "memory_mb"}}): the entries of a scope
+    share it, in configuration order, so no launch is refused for quota.
 
     With ``now``, a pilot with less lifetime left than the policy's
     min_idle_lifetime is no capacity (it cannot run the jobs it is counted
@@ -85,6 +90,10 @@ def plan_launches(
     live_all = sum(p.state in P.LIVE for p in pilots)
     cap_all = sum(p.state in P.CAPACITY for p in pilots)
     global_room = max(0, min(g.max_pilots - live_all, g.max_idle - cap_all))
+    headroom: dict[str, dict[str, int]] = {}  # entry -> its scope's headroom, one dict shared by the scope
+    for q in quotas:
+        shared = dict(q["headroom"])
+        headroom.update((name, shared) for name in q["entries"])
 
     work = []
     for entry in config.entries:
@@ -118,6 +127,9 @@ def plan_launches(
         ]
         if entry.name in blocked:
             rooms.append((0, f"entry backoff: {blocked[entry.name]}"))
+        quota = headroom.get(entry.name)
+        if quota is not None:
+            rooms.append((pilots_within(quota, entry), f"provider quota ({', '.join(f'{k} {v}' for k, v in quota.items())} left)"))
         room, room_by = min(rooms, key=lambda r: r[0])
         room = max(room, 0)
         want = sum(deficits.values())
@@ -125,6 +137,11 @@ def plan_launches(
         why["room"] = room
         why["bound_by"] = "demand" if want <= room else room_by
         global_room -= sum(alloc.values())
+        if quota is not None:
+            n = sum(alloc.values())
+            for k, per in (("instances", 1), ("cores", entry.cores), ("memory_mb", entry.memory_mb)):
+                if k in quota:
+                    quota[k] -= n * per
         launches = []
         for f, n in alloc.items():
             ask = asks[f]
@@ -146,6 +163,12 @@ def plan_launches(
                 })
         work.append({"entry": entry.name, "launches": launches, "why": why})
     return work
+
+
+def pilots_within(quota: Mapping[str, int], entry: Any) -> int:
+    """Pilots of this entry the provider's headroom still takes."""
+    per = {"instances": 1, "cores": entry.cores, "memory_mb": entry.memory_mb}
+    return min((max(v, 0) // per[k] for k, v in quota.items() if k in per), default=math.inf)
 
 
 def _not_capacity(p: P.Pilot) -> P.Pilot:

@@ -19,7 +19,7 @@ from airflow_glidein.assets import GLIDEIN_REQUESTS, REQUEST_EVENTS_WINDOW
 from airflow_glidein.bootstrap.launches import userdata_for
 from airflow_glidein.hooks import LaunchSpec, pilot_hook
 from airflow_glidein.operators.base import GlideinBaseOperator
-from airflow_glidein.operators.lifecycle import as_pilot, merged_errors
+from airflow_glidein.operators.lifecycle import as_pilot, merged_errors, merged_quotas
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -74,7 +74,7 @@ class PlanCycleOperator(GlideinBaseOperator):
             if h["until"] > now and e not in blocked:
                 blocked[e] = f"{h['reason']}, until {int(h['until'] - now)} s from now"
         work = provisioning.plan_launches(cfg, self.requests, pilots, provisioning.run_key(context["run_id"]), blocked,
-                                          now=now)
+                                          now=now, quotas=merged_quotas(self.inventory))
         for item in work:
             n = sum(b["count"] for b in item["launches"])
             self.log.info("Entry %s: launch %d (bound by %s) %s", item["entry"], n, item["why"]["bound_by"], item["why"])

@@ -80,6 +80,7 @@ class InventoryOperator(GlideinBaseOperator):
         startds = self._startds()
         remembered = pilotdb.load_pilots(store, [e.name for e in mine])
         listed, errors = self._listings(mine)
+        quotas = self._quotas(mine)
         rows: list[dict[str, Any]] = []
         for entry in mine:
             for iid, (inst, conn_id) in listed.get(entry.name, {}).items():
@@ -111,7 +112,32 @@ class InventoryOperator(GlideinBaseOperator):
         self.log.info("Pilots per entry and state:\n%s", report.pilots_table(counts))
         if gone:
             self.log.info("%d pilots left their provider since the last cycle: %s", len(gone), sorted(gone)[:20])
-        return {"counts": counts, "errors": errors, "collector": startds is not None, "gone": len(gone)}
+        return {"counts": counts, "errors": errors, "collector": startds is not None, "gone": len(gone),
+                "quotas": quotas}
+
+    def _quotas(self, entries: list[Entry]) -> list[dict[str, Any]]:
+        """The provider's headroom per quota scope (a project at an endpoint): one call each, where the
+        middleware can say. Only entries with a single provisioning connection are bound by it (the
+        factory cannot know which of several a frontend will pick). A failure leaves it unknown."""
+        cfg = self.config
+        scopes: dict[tuple, tuple[Any, list[str]]] = {}
+        for entry in entries:
+            conns = provision_conns(cfg, entry)
+            if len(conns) == 1:
+                hook = pilot_hook(entry, cfg.factory.name, conns[0])
+                scopes.setdefault((conns[0], hook.quota_scope()), (hook, []))[1].append(entry.name)
+        out = []
+        for (conn_id, _), (hook, names) in scopes.items():
+            try:
+                headroom = hook.quota()
+            except Exception as exc:
+                self.log.warning("Entries %s: reading the provider quota with %s failed, launches are not "
+                                 "bound by it this cycle: %s", names, conn_id, exc)
+                continue
+            if headroom:
+                self.log.info("Entries %s: provider headroom %s", names, headroom)
+                out.append({"entries": names, "headroom": headroom})
+        return out
 
     def _listings(self, entries: list[Entry]) -> tuple[dict[str, dict], dict[str, str]]:
         """{entry: {id: (instance, connection)}} and {entry: error}, in as few listings as the APIs allow.
@@ -338,9 +364,16 @@ def _flatten(outputs: Any) -> list:
 
 def merged_errors(inventories: Any) -> dict[str, str]:
     """Listing errors of one inventory result, or of several (one per endpoint)."""
-    if isinstance(inventories, dict):
-        inventories = [inventories]
     out: dict[str, str] = {}
-    for inv in inventories or []:
-        out.update((inv or {}).get("errors", {}))
+    for inv in _each(inventories):
+        out.update(inv.get("errors", {}))
     return out
+
+
+def merged_quotas(inventories: Any) -> list[dict[str, Any]]:
+    """Provider headroom of every quota scope the inventories read ({"entries", "headroom"})."""
+    return [q for inv in _each(inventories) for q in inv.get("quotas", [])]
+
+
+def _each(inventories: Any) -> list[dict[str, Any]]:
+    return [inv or {} for inv in ([inventories] if isinstance(inventories, dict) else inventories or [])]

@@ -113,3 +113,39 @@ def test_one_frontend_bursts_onto_three_clouds(ec2, nova, one, tmp_path, monkeyp
     counts = xcom(again, "inventory")["counts"]
     assert {e: counts[e]["cms"]["booting"] for e in ENTRIES} == planned
     assert (len(ec2.instances()), len(nova.live()), len(one.live())) == (3, 6, 10)
+
+
+def test_openstack_launches_stay_within_the_project_quota(ec2, nova, one, tmp_path, monkeypatch):
+    """Cloud Scheduler's lesson: read the quota and plan within it. Nova would refuse a batch beyond it
+    (403), the submit would fail and back the entry off; instead the factory launches what fits."""
+    jobs = idle_jobs(6, "CERN", cpus=4)  # 6 pilots of 4 cores wanted
+    write_config(tmp_path, multicloud_config(write_queue(tmp_path, jobs)), monkeypatch)
+    nova.quota_cores = 14  # the project has room for 3 pilots of 4 cores
+    run_dag("glidein_frontend_cms")
+    fa = run_dag("glidein_factory")
+    assert str(fa.state) == "success", task_states(fa)
+    assert len(nova.live()) == 3
+    decision = xcom(fa, "plan_cycle", key="decisions")["cern-openstack"]
+    assert decision["launch"] == 3 and decision["bound_by"] == "provider quota (instances 100000, cores 14 left)"
+    assert xcom(fa, "report")["backoff"] == {}  # nothing was refused, nothing backed off
+    assert not any(c.status == 403 for c in nova.calls)
+    # the next cycle sees the quota spent (2 cores left): it launches nothing and says why
+    again = run_dag("glidein_factory")
+    decision = xcom(again, "plan_cycle", key="decisions")["cern-openstack"]
+    assert decision["launch"] == 0 and decision["bound_by"] == "provider quota (instances 99997, cores 2 left)"
+    assert sum(c.path.endswith("/limits") for c in nova.calls) == 2  # one quota read per cycle
+
+
+def test_a_quota_that_cannot_be_read_does_not_hold_launches_back(ec2, nova, one, tmp_path, monkeypatch, capfd):
+    from airflow_glidein.hooks.openstack import OpenStackPilotHook
+
+    def unreadable(self):
+        raise ConnectionError("limits endpoint down")
+
+    monkeypatch.setattr(OpenStackPilotHook, "quota", unreadable)
+    write_config(tmp_path, multicloud_config(write_queue(tmp_path, idle_jobs(6, "CERN", cpus=4))), monkeypatch)
+    run_dag("glidein_frontend_cms")
+    fa = run_dag("glidein_factory")
+    assert str(fa.state) == "success", task_states(fa)
+    assert len(nova.live()) == 6
+    assert "reading the provider quota with glidein_os_test failed, launches are not bound by it" in capfd.readouterr().out

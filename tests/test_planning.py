@@ -297,3 +297,22 @@ def test_without_prices_shares_are_equal_and_an_unpriced_entry_counts_as_the_dea
         cfg, "fe", [group(100, ["a", "b", "c"])], {e: {"provision": "k", "pilot": "t"} for e in "abc"})).splitlines()
     assert lines[1].split()[:4] == ["entry", "idle", "jobs", "cores"] and "fom" in lines[1].split()
     assert lines[3].split()[:4] == ["a", "50.0", "50.0", "0.01"]
+
+
+def test_factory_launches_within_the_provider_quota_shared_by_its_entries():
+    cfg = config([entry("A", cores=4, memory=8192), entry("B", cores=8, memory=16384)], NO_CURBS)
+    req = {"fe": request({"A": 10, "B": 10})}
+    # one project holds both entries: 12 instances and 40 cores left
+    # A (config order first): 40 // 4 = 10 cores-wise, 12 instances -> 10 fit: all 10 launched
+    # B: 2 instances and 0 cores left -> none, bound by the provider quota
+    quotas = [{"entries": ["A", "B"], "headroom": {"instances": 12, "cores": 40}}]
+    work = {w["entry"]: w for w in provisioning.plan_launches(cfg, req, [], "k", quotas=quotas)}
+    assert sum(b["count"] for b in work["A"]["launches"]) == 10
+    assert work["B"]["launches"] == [] and work["B"]["why"]["bound_by"].startswith("provider quota (instances 2, cores 0")
+    # 48 cores: A takes 10 (40 cores), B gets 8 // 8 = 1
+    quotas = [{"entries": ["A", "B"], "headroom": {"instances": 12, "cores": 48}}]
+    work = {w["entry"]: w for w in provisioning.plan_launches(cfg, req, [], "k", quotas=quotas)}
+    assert sum(b["count"] for b in work["B"]["launches"]) == 1
+    # no quota known: only the entry limits and demand
+    work = {w["entry"]: w for w in provisioning.plan_launches(cfg, req, [], "k")}
+    assert [sum(b["count"] for b in work[e]["launches"]) for e in "AB"] == [10, 10]

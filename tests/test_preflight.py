@@ -61,6 +61,9 @@ def test_preflight_asks_each_cloud_and_names_each_problem(config, nova, one, cap
     assert r[("entry cern-openstack", "provider answers via cern-cms")][0] == "ok"
     assert r[("entry cern-openstack", "flavor m1.pilot via cern-cms")] == ("ok", "4 cores, 8192 MB")
     assert r[("entry fermicloud", "template 4 via fnal-cms")][0] == "ok"
+    assert r[("entry cern-openstack", "quota headroom via cern-cms")] == (
+        "ok", "instances 100000 left: room for 100000 pilots")
+    assert r[("entry aws-us-east-1", "quota headroom via aws-cms")] == ("ok", "the provider does not say")
     assert r[("factory", f"collector {Pool().address}")][0] == "ok"
     assert r[("credential pool-aws", "connection readable, credential valid")][0] == "ok"
     assert r[("factory", next(k[1] for k in r if k[1].startswith("bootstrap service")))] == (

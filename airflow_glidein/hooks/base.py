@@ -216,11 +216,35 @@ class PilotHook(BaseHook):
             return {}
         return (self._force_terminate if force else self._terminate)(list(ids)) or {}
 
+    def quota_scope(self) -> tuple:
+        """Entries whose hooks (with one connection) give the same scope share one quota."""
+        return self.listing_scope()
+
+    def quota(self) -> dict[str, int] | None:
+        """What the provider still lets this connection start at this endpoint: {"instances", "cores",
+        "memory_mb"}, each present only where the provider sets a limit; None where it cannot say
+        (Cloud Scheduler's lesson: plan within the headroom instead of failing launches against it)."""
+        return None
+
     def preflight(self) -> list[tuple[str, bool, str]]:
         """(what, ok, detail) checks before the first launch: the provider answers, and where the
         middleware can say, the entry's image and flavor exist (``python -m airflow_glidein preflight``)."""
         ok, detail = self.test_connection()
-        return [("provider answers", ok, detail)]
+        checks = [("provider answers", ok, detail)]
+        if ok:
+            def headroom() -> tuple[bool, str]:
+                from airflow_glidein.provisioning import pilots_within
+
+                q = self.quota()
+                if q is None:
+                    return True, "the provider does not say"
+                if not q:
+                    return True, "no limit set"
+                fits = pilots_within(q, self.entry)
+                return fits > 0, f"{', '.join(f'{k} {v}' for k, v in q.items())} left: room for {fits} pilots"
+
+            checks.append(self.probe("quota headroom", headroom))
+        return checks
 
     @staticmethod
     def probe(what: str, check: Callable[[], tuple[bool, str]]) -> tuple[str, bool, str]:

@@ -270,6 +270,19 @@ class OpenStackPilotHook(PilotHook):
                 return 0.0
         return None
 
+    def quota_scope(self) -> tuple:
+        return ("openstack", self.entry.region, self.entry.api_endpoint)  # the project's quota at a region
+
+    def quota(self) -> dict[str, int] | None:
+        a = self.conn.compute.get_limits().absolute  # one GET /limits: the project's limits and usage
+        out = {}
+        for name, limit, used in (("instances", a.instances, a.instances_used),
+                                  ("cores", a.total_cores, a.total_cores_used),
+                                  ("memory_mb", a.total_ram, a.total_ram_used)):
+            if limit is not None and int(limit) >= 0:  # -1: unlimited
+                out[name] = max(int(limit) - int(used or 0), 0)
+        return out
+
     def preflight(self) -> list[tuple[str, bool, str]]:
         checks = super().preflight()
         if not checks[0][1]:

@@ -62,6 +62,7 @@ class NovaServer(TestServer):
         self.max_microversion = MAX_MICROVERSION
         self.max_limit = 1000
         self.quota_instances = 100000
+        self.quota_cores = -1  # -1: unlimited, as Nova says
         self.build_seconds = 0.0  # BUILD until this much clock time has passed
         self.lose_create_responses = 0
         self.soft_delete = False
@@ -78,6 +79,7 @@ class NovaServer(TestServer):
             self.max_microversion = MAX_MICROVERSION
             self.max_limit = 1000
             self.quota_instances = 100000
+            self.quota_cores = -1
             self.build_seconds = 0.0
             self.lose_create_responses = 0
             self.soft_delete = False
@@ -141,6 +143,14 @@ class NovaServer(TestServer):
             view["fault"] = s["fault"]
         return view
 
+    def limits(self) -> dict:
+        """The project's absolute limits and usage (GET /limits), from its servers and their flavors."""
+        cores = sum(s["flavor"]["vcpus"] for s in self.servers.values())
+        ram = sum(s["flavor"]["ram"] for s in self.servers.values())
+        return {"maxTotalInstances": self.quota_instances, "totalInstancesUsed": len(self.servers),
+                "maxTotalCores": self.quota_cores, "totalCoresUsed": cores,
+                "maxTotalRAMSize": -1, "totalRAMUsed": ram, "maxServerMeta": 128, "maxTotalKeypairs": 100}
+
     def create(self, body: dict, mv: tuple[int, int]) -> tuple[int, dict]:
         req = body.get("server") or {}
         if "tags" in req and mv < (2, 52):
@@ -178,6 +188,12 @@ class NovaServer(TestServer):
         if room < lo:
             return 403, _err("forbidden", 403, f"Quota exceeded for instances: Requested {lo}, but already used "
                              f"{len(self.servers)} of {self.quota_instances} instances")
+        if self.quota_cores >= 0:
+            used = sum(s["flavor"]["vcpus"] for s in self.servers.values())
+            room = min(room, (self.quota_cores - used) // flavor["vcpus"])
+            if room < lo:
+                return 403, _err("forbidden", 403, f"Quota exceeded for cores: Requested {lo * flavor['vcpus']}, "
+                                 f"but already used {used} of {self.quota_cores} cores")
         n = min(hi, room)
         reservation = "r-" + uuid.uuid4().hex[:8]
         made = []
@@ -395,6 +411,8 @@ class _Handler(QuickHandler):
                 if f is None:
                     return self._send(404, _err("itemNotFound", 404, f"Flavor {m.group(1)} could not be found."))
                 return self._send(200, {"flavor": {**f, "links": []}})
+            if rest == "/limits" and method == "GET":
+                return self._send(200, {"limits": {"rate": [], "absolute": srv.limits()}})
             if rest in ("/flavors", "/flavors/detail") and method == "GET":
                 return self._send(200, {"flavors": [{**f, "links": []} for f in srv.flavors.values()]})
             return self._send(404, _err("itemNotFound", 404, f"{method} {path} not emulated"))
