@@ -138,12 +138,11 @@ def test_signal_stops_the_pilot_and_logs_still_come_home(cfg, ec2, bootstrap_ser
     envelope.write_bytes(userdata_of(ec2, iid))
     vm = VM(tmp_path / "vm", bootstrap_server)
     proc = vm.start(str(envelope), iid, STANDIN_MASTER_SLEEP="60")
-    log = vm.work / "glidein.log"
+    out = vm.work / "condor_master.stdout"  # the stand-in says it runs once it has read its configuration
     deadline = time.time() + 30
-    while not (log.exists() and "condor_master started" in log.read_text()):
+    while not (out.exists() and "condor_master stand-in running" in out.read_text()):
         assert time.time() < deadline and proc.poll() is None, proc.communicate()
         time.sleep(0.1)
-    time.sleep(0.5)  # the stand-in is past its start-up
     os.killpg(proc.pid, signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err

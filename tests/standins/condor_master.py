@@ -23,6 +23,16 @@ PARAMS = ["LOG", "LOCAL_DIR", "COLLECTOR_HOST", "CCB_ADDRESS", "START", "STARTD_
 
 
 def main() -> int:
+    # Like the real daemon it handles SIGTERM from the start (a stop during start-up is graceful) and a
+    # second one while it shuts down: systemd signals the whole unit and the startup script passes the
+    # signal on as well. (Python restores the default action while it exits; SIG_IGN stays.)
+    stopped = []
+
+    def on_term(*_):
+        stopped.append("SIGTERM")
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+    signal.signal(signal.SIGTERM, on_term)
     if sys.argv[1:] != ["-f"]:
         print(f"condor_master stand-in: expected '-f', got {sys.argv[1:]}", file=sys.stderr)
         return 2
@@ -45,8 +55,6 @@ def main() -> int:
     print(f"condor_master stand-in running pilot {params['GLIDEIN_PILOT_ID']}", flush=True)
     print("condor_master stand-in: stderr works too", file=sys.stderr, flush=True)
 
-    stopped = []
-    signal.signal(signal.SIGTERM, lambda *a: stopped.append("SIGTERM"))
     deadline = time.time() + float(os.environ.get("STANDIN_MASTER_SLEEP", "0"))
     while time.time() < deadline and not stopped:
         time.sleep(0.05)
