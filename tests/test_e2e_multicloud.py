@@ -149,3 +149,17 @@ def test_a_quota_that_cannot_be_read_does_not_hold_launches_back(ec2, nova, one,
     assert str(fa.state) == "success", task_states(fa)
     assert len(nova.live()) == 6
     assert "reading the provider quota with glidein_os_test failed, launches are not bound by it" in capfd.readouterr().out
+
+
+def test_opennebula_launches_stay_within_the_users_vm_quota(ec2, nova, one, tmp_path, monkeypatch):
+    """oned refuses an instantiate beyond the user's VMS quota; the factory reads the quota (one.user.info)
+    and launches what fits. -1 means the default user quota."""
+    write_config(tmp_path, multicloud_config(write_queue(tmp_path, idle_jobs(20, "FERMICLOUD", cpus=2))), monkeypatch)
+    one.quota_vms, one.default_quota_vms = "-1", "7"  # the default quota: 7 VMs
+    run_dag("glidein_frontend_cms")  # 10 pilots wanted
+    fa = run_dag("glidein_factory")
+    assert str(fa.state) == "success", task_states(fa)
+    assert len(one.live()) == 7
+    decision = xcom(fa, "plan_cycle", key="decisions")["fermicloud"]
+    assert decision["launch"] == 7 and decision["bound_by"] == "provider quota (instances 7 left)"
+    assert xcom(fa, "report")["backoff"] == {} and not any(c.status != 200 for c in one.calls)

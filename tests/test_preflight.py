@@ -64,6 +64,7 @@ def test_preflight_asks_each_cloud_and_names_each_problem(config, nova, one, cap
     assert r[("entry cern-openstack", "quota headroom via cern-cms")] == (
         "ok", "instances 100000 left: room for 100000 pilots")
     assert r[("entry aws-us-east-1", "quota headroom via aws-cms")] == ("ok", "the provider does not say")
+    assert r[("entry fermicloud", "quota headroom via fnal-cms")] == ("ok", "no limit set")
     assert r[("factory", f"collector {Pool().address}")][0] == "ok"
     assert r[("credential pool-aws", "connection readable, credential valid")][0] == "ok"
     assert r[("factory", next(k[1] for k in r if k[1].startswith("bootstrap service")))] == (

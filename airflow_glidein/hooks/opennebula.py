@@ -176,6 +176,26 @@ class OpenNebulaPilotHook(PilotHook):
     def _force_terminate(self, ids: list[str]) -> Refusals:
         return self._act("terminate-hard", ids)
 
+    def quota(self) -> dict[str, int] | None:
+        """The user's VM quota left: VMs and memory. (Its CPU quota counts the CPU share, not the
+        VCPUs a pilot gets, so cores are not bounded here.) -1 means the default quota, -2 none."""
+        def first(x: Any) -> Any:  # pyone gives the user's VM record as a list, the default's as one object
+            return (x or [None])[0] if isinstance(x, list) else x
+
+        user = self._call("user.info", -1)
+        vm = first(user.VM_QUOTA.VM if user.VM_QUOTA is not None else None)
+        base = first(getattr(user.DEFAULT_USER_QUOTAS.VM_QUOTA, "VM", None) if user.DEFAULT_USER_QUOTAS else None)
+        if vm is None:
+            return {}  # no quota record for this user: nothing limits it
+        out = {}
+        for name, attr in (("instances", "VMS"), ("memory_mb", "MEMORY")):
+            limit = float(getattr(vm, attr, None) or -2)
+            if limit == -1:
+                limit = float(getattr(base, attr, None) or -2) if base is not None else -2
+            if limit >= 0:
+                out[name] = max(int(limit - float(getattr(vm, f"{attr}_USED", None) or 0)), 0)
+        return out
+
     def preflight(self) -> list[tuple[str, bool, str]]:
         checks = super().preflight()
         if not checks[0][1]:

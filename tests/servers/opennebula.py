@@ -157,6 +157,8 @@ class OneServer(TestServer):
             self.boot_state = "RUNNING"
             self.lose_instantiate_responses = 0
             self._ignore: set[int] = set()
+            self.quota_vms = self.quota_memory = "-2"  # the user's VM quota: -2 unlimited, -1 the default's
+            self.default_quota_vms = "-2"
 
     # -- test controls --------------------------------------------------------
     def ignore_terminate(self, ids) -> None:
@@ -196,6 +198,24 @@ class OneServer(TestServer):
             + _tmpl_xml("TEMPLATE", template) + _tmpl_xml("USER_TEMPLATE", user) + "<HISTORY_RECORDS/></VM>"
         )
 
+    def user_xml(self) -> str:
+        """one.user.info: the user with its VM quota and usage (VMs not DONE, their MEMORY)."""
+        live = [v for v in self.vms.values() if v["STATE"] != STATES["DONE"]]
+        memory = sum(int(float(v["TEMPLATE"].get("MEMORY", 0))) for v in live)
+        unlimited = {k: "-2" for k in ("CPU", "RUNNING_CPU", "RUNNING_MEMORY", "RUNNING_VMS", "SYSTEM_DISK_SIZE")}
+        vm = {**unlimited, "MEMORY": self.quota_memory, "VMS": self.quota_vms}
+        used = {"CPU": "0", "RUNNING_CPU": "0", "RUNNING_MEMORY": "0", "RUNNING_VMS": "0", "SYSTEM_DISK_SIZE": "0",
+                "MEMORY": str(memory), "VMS": str(len(live))}
+        body = "".join(f"<{k}>{vm[k]}</{k}><{k}_USED>{used[k]}</{k}_USED>" for k in sorted(vm))
+        default = "".join(f"<{k}>{self.default_quota_vms if k == 'VMS' else '-2'}</{k}><{k}_USED>0</{k}_USED>"
+                          for k in sorted(vm))
+        return (f"<USER><ID>{self.uid}</ID><GID>{self.gid}</GID><GROUPS><ID>{self.gid}</ID></GROUPS>"
+                f"<GNAME>{self.gname}</GNAME><NAME>{self.uname}</NAME><PASSWORD>-</PASSWORD>"
+                f"<AUTH_DRIVER>core</AUTH_DRIVER><ENABLED>1</ENABLED><LOGIN_TOKEN/><TEMPLATE/>"
+                f"<DATASTORE_QUOTA/><NETWORK_QUOTA/><VM_QUOTA><VM>{body}</VM></VM_QUOTA><IMAGE_QUOTA/>"
+                f"<DEFAULT_USER_QUOTAS><DATASTORE_QUOTA/><NETWORK_QUOTA/><VM_QUOTA><VM>{default}</VM></VM_QUOTA>"
+                f"<IMAGE_QUOTA/></DEFAULT_USER_QUOTAS></USER>")
+
     def template_xml(self, tid: int, body: dict) -> str:
         return (f"<VMTEMPLATE><ID>{tid}</ID><UID>0</UID><GID>0</GID><UNAME>oneadmin</UNAME><GNAME>oneadmin</GNAME>"
                 f"<NAME>{escape(body['NAME'])}</NAME><PERMISSIONS><OWNER_U>1</OWNER_U><OWNER_M>1</OWNER_M>"
@@ -213,6 +233,11 @@ class OneServer(TestServer):
             return [False, f"[one.template.instantiate] Error parsing extra template: {exc}", INTERNAL]
         merged = dict(tmpl["TEMPLATE"])
         merged.update(extra_attrs)  # an attribute in the extra template replaces the template's, vectors whole
+        live = sum(v["STATE"] != STATES["DONE"] for v in self.vms.values())
+        limit = int(self.default_quota_vms if self.quota_vms == "-1" else self.quota_vms)
+        if 0 <= limit <= live:
+            return [False, f"[one.template.instantiate] User [{self.uid}] : user [{self.uid}] limit of "
+                           f"{limit} reached for VMS quota in VM.", INTERNAL]
         for disk in merged["DISK"] if isinstance(merged.get("DISK"), list) else [merged.get("DISK") or {}]:
             if disk.get("IMAGE_ID") and disk["IMAGE_ID"] not in self.images:
                 return [False, f"[one.template.instantiate] Error: IMAGE_ID {disk['IMAGE_ID']} does not exist",
@@ -294,6 +319,10 @@ class OneServer(TestServer):
                 return [True, self.vm_xml(vm), 0]
             if method == "one.vm.action":
                 return self.action(str(args[0]), int(args[1]))
+            if method == "one.user.info":
+                if int(args[0]) not in (-1, self.uid):
+                    return [False, f"[one.user.info] Not authorized to perform USE USER [{args[0]}].", AUTH]
+                return [True, self.user_xml(), 0]
         return [False, f"[{method}] method not emulated", INTERNAL]
 
 
