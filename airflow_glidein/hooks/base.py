@@ -227,24 +227,28 @@ class PilotHook(BaseHook):
         return None
 
     def preflight(self) -> list[tuple[str, bool, str]]:
-        """(what, ok, detail) checks before the first launch: the provider answers, and where the
-        middleware can say, the entry's image and flavor exist (``python -m airflow_glidein preflight``)."""
+        """(what, ok, detail) checks before the first launch: the provider answers, its quota headroom,
+        and the middleware's ``entry_checks`` (``python -m airflow_glidein preflight``)."""
         ok, detail = self.test_connection()
-        checks = [("provider answers", ok, detail)]
-        if ok:
-            def headroom() -> tuple[bool, str]:
-                from airflow_glidein.provisioning import pilots_within
+        if not ok:
+            return [("provider answers", ok, detail)]
+        checks = [("quota headroom", self._headroom), *self.entry_checks()]
+        return [("provider answers", ok, detail), *(self.probe(what, check) for what, check in checks)]
 
-                q = self.quota()
-                if q is None:
-                    return True, "the provider does not say"
-                if not q:
-                    return True, "no limit set"
-                fits = pilots_within(q, self.entry)
-                return fits > 0, f"{', '.join(f'{k} {v}' for k, v in q.items())} left: room for {fits} pilots"
+    def entry_checks(self) -> list[tuple[str, Callable[[], tuple[bool, str]]]]:
+        """(what, check) pairs saying whether the entry's image, flavor or template exist at the provider."""
+        return []
 
-            checks.append(self.probe("quota headroom", headroom))
-        return checks
+    def _headroom(self) -> tuple[bool, str]:
+        from airflow_glidein.provisioning import pilots_within
+
+        q = self.quota()
+        if q is None:
+            return True, "the provider does not say"
+        if not q:
+            return True, "no limit set"
+        fits = pilots_within(q, self.entry)
+        return fits > 0, f"{', '.join(f'{k} {v}' for k, v in q.items())} left: room for {fits} pilots"
 
     @staticmethod
     def probe(what: str, check: Callable[[], tuple[bool, str]]) -> tuple[str, bool, str]:

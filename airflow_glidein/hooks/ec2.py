@@ -160,11 +160,7 @@ class EC2PilotHook(PilotHook):
             self.api_call(lambda: self.client.terminate_instances(InstanceIds=part), "terminate_instances",
                           charge=False)
 
-    def preflight(self) -> list[tuple[str, bool, str]]:
-        checks = super().preflight()
-        if not checks[0][1]:
-            return checks
-
+    def entry_checks(self) -> list[tuple[str, Any]]:
         def image() -> tuple[bool, str]:
             state = self.client.describe_images(ImageIds=[self.entry.image])["Images"][0].get("State")
             return state == "available", f"state {state}"
@@ -173,8 +169,7 @@ class EC2PilotHook(PilotHook):
             t = self.client.describe_instance_types(InstanceTypes=[self.entry.flavor])["InstanceTypes"][0]
             return self.cores_fit(t["VCpuInfo"]["DefaultVCpus"], t["MemoryInfo"]["SizeInMiB"])
 
-        return checks + [self.probe(f"image {self.entry.image}", image),
-                         self.probe(f"instance type {self.entry.flavor}", flavor)]
+        return [(f"image {self.entry.image}", image), (f"instance type {self.entry.flavor}", flavor)]
 
     def test_connection(self) -> tuple[bool, str]:
         try:

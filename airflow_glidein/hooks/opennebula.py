@@ -196,16 +196,12 @@ class OpenNebulaPilotHook(PilotHook):
                 out[name] = max(int(limit - float(getattr(vm, f"{attr}_USED", None) or 0)), 0)
         return out
 
-    def preflight(self) -> list[tuple[str, bool, str]]:
-        checks = super().preflight()
-        if not checks[0][1]:
-            return checks
-
+    def entry_checks(self) -> list[tuple[str, Any]]:
         def template() -> tuple[bool, str]:
             tid, _ = self.template
             return True, f"template {tid} (each VM gets the entry's VCPU and MEMORY)"
 
-        return checks + [self.probe(f"template {self.entry.flavor}", template)]
+        return [(f"template {self.entry.flavor}", template)]
 
     def test_connection(self) -> tuple[bool, str]:
         try:

@@ -283,17 +283,13 @@ class OpenStackPilotHook(PilotHook):
                 out[name] = max(int(limit) - int(used or 0), 0)
         return out
 
-    def preflight(self) -> list[tuple[str, bool, str]]:
-        checks = super().preflight()
-        if not checks[0][1]:
-            return checks
-
+    def entry_checks(self) -> list[tuple[str, Any]]:
         def flavor() -> tuple[bool, str]:
             f = self.conn.compute.get_flavor(self.flavor_id)
             return self.cores_fit(f.vcpus, f.ram)
 
         # the image is Glance's, which this hook does not talk to: Nova refuses a create with a bad one
-        return checks + [self.probe(f"flavor {self.entry.flavor}", flavor)]
+        return [(f"flavor {self.entry.flavor}", flavor)]
 
     def test_connection(self) -> tuple[bool, str]:
         try:
