@@ -139,7 +139,7 @@ def plan_launches(
         global_room -= sum(alloc.values())
         if quota is not None:
             n = sum(alloc.values())
-            for k, per in (("instances", 1), ("cores", entry.cores), ("memory_mb", entry.memory_mb)):
+            for k, per in quota_units(entry).items():
                 if k in quota:
                     quota[k] -= n * per
         launches = []
@@ -165,9 +165,14 @@ def plan_launches(
     return work
 
 
+def quota_units(entry: Any) -> dict[str, int]:
+    """What one pilot of this entry takes from each kind of provider quota."""
+    return {"instances": 1, "cores": entry.cores, "memory_mb": entry.memory_mb}
+
+
 def pilots_within(quota: Mapping[str, int], entry: Any) -> int:
     """Pilots of this entry the provider's headroom still takes."""
-    per = {"instances": 1, "cores": entry.cores, "memory_mb": entry.memory_mb}
+    per = quota_units(entry)
     return min((max(v, 0) // per[k] for k, v in quota.items() if k in per), default=math.inf)
 
 
