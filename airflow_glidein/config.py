@@ -89,6 +89,7 @@ class PilotPolicy(Model):
     max_lifetime: Pos = 86400  # s from launch until the pilot is retired
     retire_window: NonNeg = 3600  # s a retiring busy pilot may finish its jobs
     min_idle_lifetime: NonNeg = 1800  # s of life a pilot needs left to count as capacity (glideinWMS #554)
+    terminate_deadline: Pos = 300  # s a provider gets to make a terminating VM disappear before we ask again
 
 
 class PolicyOverride(Model):
@@ -97,6 +98,7 @@ class PolicyOverride(Model):
     max_lifetime: Pos | None = None
     retire_window: NonNeg | None = None
     min_idle_lifetime: NonNeg | None = None  # a VO of long jobs raises it
+    terminate_deadline: Pos | None = None
 
 
 class ApiBudget(Model):
@@ -152,6 +154,10 @@ class Entry(Model):
     limits: EntryLimits = EntryLimits()
     policy: PilotPolicy = PilotPolicy()
     api_budget: ApiBudget = ApiBudget()
+    # s a created instance may be missing from the provider's listing (listings lag: EC2's
+    # DescribeInstances is eventually consistent, private clouds more so); until then its recorded id
+    # counts as capacity, and a create call whose answer was lost is not repeated
+    listing_grace: NonNeg = 300
     options: dict[str, Any] = {}  # middleware-specific settings (subnet, network, key name, ...)
     encrypt_userdata: UserDataEncryption | None = None  # seal the envelope for the image's key
 
@@ -163,6 +169,15 @@ class Entry(Model):
         if bad or not v:
             raise ValueError(f"unknown auth method {'+'.join(bad) or '(empty)'}; known: {', '.join(sorted(known))}")
         return v
+
+    @model_validator(mode="after")
+    def _known_region(self) -> Entry:
+        if self.middleware == "ec2" and self.region and not self.endpoint:
+            known = aws_regions()
+            if known and self.region not in known:
+                raise ValueError("region is not an AWS region botocore knows for EC2 (for an EC2-compatible "
+                                 "cloud, name its endpoint; for a region newer than botocore, upgrade it)")
+        return self
 
     @model_validator(mode="after")
     def _cloud_needs_image(self) -> Entry:
@@ -348,6 +363,23 @@ class Config(Model):
             return entry.policy
         overrides = {k: v for k, v in fe.policy.model_dump().items() if v is not None}
         return entry.policy.model_copy(update=overrides)
+
+
+@lru_cache(maxsize=1)
+def aws_regions() -> frozenset[str]:
+    """Every region of botocore's partition data (its endpoints.json, read without importing botocore)."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.find_spec("botocore")
+    if spec is None or spec.origin is None:
+        return frozenset()
+    try:
+        with open(os.path.join(os.path.dirname(spec.origin), "data", "endpoints.json")) as f:
+            partitions = json.load(f)["partitions"]
+    except (OSError, ValueError, KeyError):
+        return frozenset()
+    return frozenset(r for p in partitions for r in p.get("regions", {}))
 
 
 _BRANCH = re.compile(r"^(str|int|float|bool|none|list|dict)$|\[")  # pydantic's union/validator tags
