@@ -155,7 +155,7 @@ def plan_launches(
             (global_room, "factory.limits"),
         ]
         if entry.name in blocked:
-            rooms.append((0, f"entry backoff: {blocked[entry.name]}"))
+            rooms.append((0, blocked[entry.name]))
         quota = headroom.get(entry.name)
         if quota is not None:
             rooms.append((pilots_within(quota, entry), f"provider quota ({', '.join(f'{k} {v}' for k, v in quota.items())} left)"))

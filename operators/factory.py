@@ -77,7 +77,8 @@ class PlanCycleOperator(GlideinBaseOperator):
             pilotdb.unlisted_launches(store, [e.name for e in cfg.entries], now - grace), cfg, now)
         blocked = {e: f"listing failed this cycle ({err})" for e, err in merged_errors(self.inventory).items()}
         for e, h in pilotdb.load_health(store).items():
-            if h["until"] > now and e not in blocked:
+            # a backoff this very run set (a cleared run planning again) does not hold its own re-run back
+            if h["until"] > now and e not in blocked and h.get("run_id") != context["run_id"]:
                 blocked[e] = f"entry backoff: {h['reason']}, until {int(h['until'] - now)} s from now"
         work = provisioning.plan_launches(cfg, self.requests, pilots, provisioning.run_key(context["run_id"]), blocked,
                                           now=now, quotas=merged_quotas(self.inventory))

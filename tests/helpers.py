@@ -261,6 +261,19 @@ def resume_run(dag_id: str, run_id: str):
         return session.query(DagRun).filter(DagRun.dag_id == dag_id, DagRun.run_id == run_id).one()
 
 
+def clear_run(dag_id: str, run_id: str):
+    """Clear every task of a finished run (the UI's "Clear" on the run) and let it run again to its end."""
+    from airflow.models.dagrun import DagRun
+    from airflow.models.taskinstance import clear_task_instances
+    from airflow.utils.session import create_session
+    from airflow.utils.state import DagRunState
+
+    with create_session() as session:
+        dr = session.query(DagRun).filter(DagRun.dag_id == dag_id, DagRun.run_id == run_id).one()
+        clear_task_instances(dr.get_task_instances(session=session), session, dag_run_state=DagRunState.RUNNING)
+    return resume_run(dag_id, run_id)
+
+
 def entry_down(monkeypatch, entry: str, error: Exception | None = None) -> None:
     """Every EC2 launch at ``entry`` fails (an unreachable endpoint); the other entries launch as usual."""
     from airflow_glidein.hooks.ec2 import EC2PilotHook
