@@ -120,11 +120,14 @@ class EC2CompatProxy(TestServer):
             new = Switches(**{**asdict(self.switches), **changes})
             new.check()
             self.switches = new
-            self._rng = random.Random(new.seed)
-            if new.throttle:
-                self.throttle.random(new.throttle, seed=new.seed)
-            else:
-                self.throttle.set(new.throttle_limit, new.throttle_window)
+            touched = set(changes) or {"seed"}  # set() with nothing: start every draw and window afresh
+            if touched & {"terminate_noop", "seed"}:
+                self._rng = random.Random(new.seed)
+            if touched & {"throttle", "throttle_limit", "throttle_window", "seed"}:
+                if new.throttle:
+                    self.throttle.random(new.throttle, seed=new.seed)
+                else:
+                    self.throttle.set(new.throttle_limit, new.throttle_window)
             return new
 
     def reset(self) -> None:
