@@ -87,7 +87,8 @@ def test_a_cycle_under_30_percent_throttling_launches_the_plan_once_within_budge
     # every cloud did throttle us, each needed more calls than one window allows, and none saw more than
     # the budget in any window
     seen = {"ec2-us-east-1": aws, "nova-cern": nova, "one-fnal": one}
-    print(f"refused/calls: ec2 {aws.throttle.refused}/{len(aws.calls)}, nova {nova.throttle.refused}/{len(nova.calls)}, "
+    print(f"refused/calls: ec2 {aws.throttle.refused}/{len(aws.calls)}, "
+          f"nova {nova.throttle.refused}/{len(nova.calls)}, "
           f"oned {one.throttle.refused}/{len(one.calls)}; simulated wait {sim_clock.slept:.0f} s")
     assert aws.throttle.refused and nova.throttle.refused and one.throttle.refused
     for endpoint, cloud in seen.items():
