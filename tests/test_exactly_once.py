@@ -11,8 +11,8 @@ drained.
 from __future__ import annotations
 
 import json
-import logging
 import socket
+from collections import Counter
 
 import pytest
 
@@ -138,7 +138,7 @@ def test_a_lost_create_answer_is_not_repeated_while_the_listing_may_lag(ec2, tmp
     assert "never came" in failures[0]["message"]  # the cause, not the retry's wait
 
 
-def test_failures_turn_the_run_red_with_one_error_line_each(ec2, tmp_path, monkeypatch, caplog):
+def test_failures_turn_the_run_red_with_one_error_line_each(ec2, tmp_path, monkeypatch, capfd):
     """A bad image at one entry, an unreachable endpoint at the other: both named, the run red, the
     status still published."""
     cfg = example_config()
@@ -162,7 +162,7 @@ def test_failures_turn_the_run_red_with_one_error_line_each(ec2, tmp_path, monke
 
     monkeypatch.setattr(settings, "ENABLE_AMI_VALIDATION", True)  # moto checks the image, as EC2 does
     run_dag("glidein_frontend_cms")
-    caplog.set_level(logging.ERROR)
+    capfd.readouterr()
     run = run_dag("glidein_factory")
     states = task_states(run)
     assert str(run.state) == "failed" and states["report"] == "success" and states["check_cycle"] == "failed"
@@ -172,9 +172,11 @@ def test_failures_turn_the_run_red_with_one_error_line_each(ec2, tmp_path, monke
     assert "ami-00000000000000bad" in failed[(EAST, "launch")]
     assert "EndpointConnectionError" in failed[("aws-us-west-2", "listing")]
     assert "glidein_aws_down" in failed[("aws-us-west-2", "listing")]
-    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR and "failed:" in r.getMessage()]
-    assert any(m.startswith(f"Entry {EAST}: launch failed: ") for m in errors)
-    assert any(m.startswith("Entry aws-us-west-2: listing failed: ") for m in errors)
+    errors = [line for line in capfd.readouterr().out.splitlines() if "[error" in line and "CycleCheck" in line]
+    assert len(errors) == 2  # one line per failed entry and call, each naming both
+    assert any(f"Entry {EAST}: launch failed: launch " in e and "InvalidAMIID.NotFound" in e for e in errors)
+    assert any("Entry aws-us-west-2: listing failed: listing with connection glidein_aws_down: "
+               "EndpointConnectionError" in e for e in errors)
     # the listing failure blocks launches at that entry this cycle only: it is not a timed backoff
     why = xcom(run, "plan_cycle", key="decisions")["aws-us-west-2"]
     assert why["bound_by"].startswith("listing failed this cycle") and "backoff" not in why["bound_by"]
@@ -280,3 +282,121 @@ def test_pilots_of_a_removed_entry_are_still_listed_through_their_connection_and
     run_dag("glidein_factory")
     assert rows("cern-openstack") == {}  # all gone: the entry is forgotten
     assert pilotdb.load_snapshots(state.store(), ["cern-openstack"]) == {}
+
+
+def lagging(middleware, request, clock, lag):
+    """The middleware's test cloud with a listing lag of ``lag`` s on the test's clock; (entry, server)."""
+    if middleware == "ec2":
+        server = request.getfixturevalue("ec2_compat")
+        server.clock = clock.time
+        server.set(lag=lag)
+        return "aws-us-east-1", server
+    server = request.getfixturevalue("nova" if middleware == "openstack" else "one")
+    server.clock, server.lag = clock, lag
+    return ("cern-openstack" if middleware == "openstack" else "fermicloud"), server
+
+
+def only_entry(cfg, name):
+    """The multicloud config cut down to one entry, its credentials and a frontend of it."""
+    entry = next(e for e in cfg["entries"] if e["name"] == name)
+    creds = [c for c in cfg["credentials"] if c["trust_domain"] == entry["trust_domain"]]
+    cfg["entries"], cfg["credentials"] = [entry], creds
+    cfg["frontends"][0].update(entries=[name], credentials=[c["id"] for c in creds])
+    return cfg
+
+
+def made_per_launch(middleware, server):
+    """Instances the cloud holds per launch id (what it really made, listed or not)."""
+    if middleware == "ec2":
+        return Counter(i["TagMap"][P.TAG_LAUNCH] for i in server.instances(live_only=False))
+    if middleware == "openstack":
+        return Counter(s["metadata"].get(P.TAG_LAUNCH) for s in server.servers.values())
+    return Counter(vm["USER_TEMPLATE"].get("GLIDEIN_LAUNCH") for vm in server.vms.values())
+
+
+@pytest.mark.parametrize("middleware", ["ec2", "openstack", "opennebula"])
+def test_back_to_back_factory_runs_under_listing_lag_make_no_duplicate(middleware, request, tmp_path, monkeypatch):
+    """30 s of listing lag: every run within it sees none of the pilots the first run made. They are
+    recorded at create (Nova's batch call names its first server only: the launch's expected count
+    covers the rest), count as capacity, and are launched once."""
+    from tests.test_e2e_multicloud import multicloud_config
+
+    request.getfixturevalue("ec2")
+    clock = Clock(monkeypatch)
+    entry, server = lagging(middleware, request, clock, lag=30)
+    site = {"aws-us-east-1": "AWS_US_EAST_1", "cern-openstack": "CERN", "fermicloud": "FERMICLOUD"}[entry]
+    cfg = only_entry(multicloud_config(write_queue(tmp_path, idle_jobs(6, site, cpus=4))), entry)
+    cfg["factory"].update(retries=0)
+    cfg["frontends"][0]["request_ttl"] = 100000
+    cfg["entries"][0]["limits"]["batch_size"] = 2
+    write_config(tmp_path, cfg, monkeypatch)
+    run_dag("glidein_frontend_cms")
+    planned = {}
+    for offset in (0, 5, 10, 20):  # back to back, all inside the lag
+        clock.offset = offset
+        run = run_dag("glidein_factory")
+        assert str(run.state) == "success", task_states(run)
+        planned.update({b["launch_id"]: b["count"] for w in xcom(run, "plan_cycle") for b in w["launches"]})
+        assert xcom(run, "report")["pilots"][entry]["cms"]["requested"] == 6
+    made = made_per_launch(middleware, server)
+    assert sum(made.values()) == 6 and all(made[lid] == n for lid, n in planned.items()), (made, planned)
+    clock.offset = 31  # the listing caught up: the same six, booting
+    run = run_dag("glidein_factory")
+    assert xcom(run, "plan_cycle") == [] and sum(made_per_launch(middleware, server).values()) == 6
+    assert xcom(run, "report")["pilots"][entry]["cms"] == {"booting": 6, "total": 6}
+
+
+def test_two_opennebula_endpoints_with_colliding_vm_ids_are_tracked_and_reaped_apart(one_pair, tmp_path,
+                                                                                        monkeypatch):
+    """Both oned endpoints number VMs from 0: VM 0 at one-a is not VM 0 at one-b. Each pilot is tracked
+    and reaped at its own endpoint, and nothing is launched again (today: 12 VMs for 6 jobs)."""
+    from tests.test_e2e_multicloud import multicloud_config
+
+    jobs = idle_jobs(3, "ONE_A", cpus=4) + idle_jobs(3, "ONE_B", cpus=4, start=2)
+    cfg = multicloud_config(write_queue(tmp_path, jobs))
+    cfg["factory"].update(retries=0, verify_timeout=2, verify_poll=1)
+    cfg["entries"] = [{**e, "limits": {"max_pilots": 10, "max_idle": 10, "max_per_cycle": 10, "batch_size": 3},
+                       "policy": {"max_lifetime": 3600}} for e in one_pair.entries]
+    cfg["credentials"] = one_pair.credentials
+    cfg["frontends"][0].update(entries=one_pair.entry_names, credentials=one_pair.credential_ids,
+                               request_ttl=100000)
+    write_config(tmp_path, cfg, monkeypatch)
+    run_dag("glidein_frontend_cms")
+    for _ in range(2):  # the second run finds every pilot: nothing more
+        run = run_dag("glidein_factory")
+        assert str(run.state) == "success", task_states(run)
+    a, b = one_pair.servers
+    assert sorted(a.vms) == sorted(b.vms) == [0, 1, 2]  # the same ids at both endpoints
+    table = pilotdb.load_pilots(state.store())
+    assert set(table) == {f"{e}/{i}" for e in one_pair.entry_names for i in (0, 1, 2)}
+    assert {(r["entry"], r["conn"]) for r in table.values()} == set(zip(one_pair.entry_names, one_pair.conn_ids))
+    # one-a's pilots reach their end of life: reaped at one-a only, through one-a's connection
+    for vm in a.vms.values():
+        vm["STIME"] -= 7200
+    run = run_dag("glidein_factory")
+    actions = xcom(run, "plan_cycle", key="actions")
+    assert {(x["entry"], x["id"]) for x in actions} == {("one-a", str(i)) for i in (0, 1, 2)}
+    assert all(vm["ID"] >= 3 for vm in a.live())  # 0-2 gone (replacements, if any, are new VMs)
+    assert sorted(vm["ID"] for vm in b.live()) == [0, 1, 2]  # one-b's VM 0 was not touched
+
+
+def test_two_schedds_with_colliding_job_ids_are_tracked_apart(schedd_pair, tmp_path, monkeypatch):
+    """Both schedds number clusters from 1: job 1.0 at grid-a is not job 1.0 at grid-b."""
+    from tests.test_e2e_multicloud import multicloud_config
+
+    jobs = idle_jobs(2, "GRID_A", cpus=8) + idle_jobs(2, "GRID_B", cpus=8, start=2)
+    cfg = multicloud_config(write_queue(tmp_path, jobs))
+    cfg["factory"].update(retries=0)
+    cfg["entries"] = [{**e, "limits": {"max_pilots": 10, "max_idle": 10, "max_per_cycle": 10, "batch_size": 2}}
+                      for e in schedd_pair.entries]
+    cfg["credentials"] = schedd_pair.credentials
+    cfg["frontends"][0].update(entries=schedd_pair.entry_names, credentials=schedd_pair.credential_ids,
+                               request_ttl=100000)
+    write_config(tmp_path, cfg, monkeypatch)
+    run_dag("glidein_frontend_cms")
+    for _ in range(2):
+        run = run_dag("glidein_factory")
+        assert str(run.state) == "success", task_states(run)
+    table = pilotdb.load_pilots(state.store())
+    assert set(table) == {f"{e}/1.{p}" for e in schedd_pair.entry_names for p in (0, 1)}
+    assert [len(s.jobs) for s in schedd_pair.servers] == [2, 2]  # launched once at each
