@@ -89,7 +89,8 @@ def test_bad_config_is_a_dag_import_error_naming_the_field(airflow_db, tmp_path,
 
 
 @pytest.mark.parametrize("module", ["airflow_glidein.config", "airflow_glidein.planning", "airflow_glidein.provisioning",
-                                    "airflow_glidein.demand", "airflow_glidein.pilots", "airflow_glidein.credentials"])
+                                    "airflow_glidein.demand", "airflow_glidein.pilots", "airflow_glidein.credentials",
+                                    "airflow_glidein.middlewares"])
 def test_engine_modules_do_not_import_airflow(module):
     code = f"import sys, {module}; print(any(m == 'airflow' or m.startswith('airflow.') for m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

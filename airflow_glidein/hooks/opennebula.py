@@ -240,6 +240,3 @@ def _state_name(enum: Any, value: int) -> str:
         return enum(value).name
     except ValueError:
         return str(value)
-
-
-HOOK = OpenNebulaPilotHook
