@@ -14,37 +14,13 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
-from airflow_glidein import classads
+from airflow_glidein import classads, middlewares
 
-MIDDLEWARES = ("ec2", "openstack", "opennebula", "htcondor_g")
-CLOUD_MIDDLEWARES = ("ec2", "openstack", "opennebula")
-
-CREDENTIAL_TYPES = (
-    "x509_proxy",
-    "ec2_key_pair",
-    "openstack_app_credential",
-    "openstack_password",
-    "opennebula_password",
-    "idtoken",
-    "scitoken",
-    "ssh_key",
-)
-# glideinWMS auth method names each credential type satisfies.
-AUTH_METHODS = {
-    "x509_proxy": {"grid_proxy"},
-    "ec2_key_pair": {"key_pair"},
-    "openstack_app_credential": {"app_credential"},
-    "openstack_password": {"username_password"},
-    "opennebula_password": {"username_password"},
-    "idtoken": {"idtoken"},
-    "scitoken": {"scitoken"},
-    "ssh_key": {"ssh_key"},
-}
-# What a pilot can authenticate to the pool with.
-PILOT_TYPES = ("idtoken", "scitoken", "x509_proxy")
-# Parameters, not secrets (glideinWMS: key_pair+vm_id+vm_type).
+# Middlewares and credential types (with the glideinWMS auth methods each satisfies) are described in
+# airflow_glidein.middlewares. Parameters, not secrets (glideinWMS: key_pair+vm_id+vm_type):
 AUTH_PARAMETERS = {"vm_id", "vm_type"}
 
 NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
@@ -135,7 +111,7 @@ class UserDataEncryption(Model):
 
 class Entry(Model):
     name: Name
-    middleware: Literal["ec2", "openstack", "opennebula", "htcondor_g"]
+    middleware: str  # one of airflow_glidein.middlewares (built in, or installed)
     region: str | None = None
     endpoint: str | None = None  # names the API endpoint (budget, pool); the URL itself is in the connection
     image: str | None = None
@@ -158,13 +134,31 @@ class Entry(Model):
     # DescribeInstances is eventually consistent, private clouds more so); until then its recorded id
     # counts as capacity, and a create call whose answer was lost is not repeated
     listing_grace: NonNeg = 300
-    options: dict[str, Any] = {}  # middleware-specific settings (subnet, network, key name, ...)
+    options: dict[str, Any] = {}  # middleware-specific settings (subnet, network, key name, ...), its schema
     encrypt_userdata: UserDataEncryption | None = None  # seal the envelope for the image's key
+
+    @field_validator("middleware")
+    @classmethod
+    def _known_middleware(cls, v: str) -> str:
+        middlewares.get(v)  # raises with the known ones
+        return v
+
+    @field_validator("options")
+    @classmethod
+    def _middleware_options(cls, v: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        if "middleware" not in info.data:
+            return v  # the middleware is already reported
+        # pydantic reports the schema's errors under this field (entries[x].options.subnt_id: unknown field);
+        # the hooks read the options with the schema's defaults filled in
+        schema = middlewares.get(info.data["middleware"]).options
+        return schema.model_validate(v).model_dump(exclude_none=True)
 
     @field_validator("auth_method")
     @classmethod
     def _known_auth(cls, v: str) -> str:
-        known = set().union(*AUTH_METHODS.values()) | AUTH_PARAMETERS
+        known = middlewares.auth_methods(installed=False) | AUTH_PARAMETERS
+        if not set(v.split("+")) <= known:  # perhaps a method of a credential type an installed middleware brings
+            known |= middlewares.auth_methods()
         bad = [t for t in v.split("+") if t not in known]
         if bad or not v:
             raise ValueError(f"unknown auth method {'+'.join(bad) or '(empty)'}; known: {', '.join(sorted(known))}")
@@ -181,7 +175,7 @@ class Entry(Model):
 
     @model_validator(mode="after")
     def _cloud_needs_image(self) -> Entry:
-        if self.middleware in CLOUD_MIDDLEWARES:
+        if middlewares.get(self.middleware).vm:
             if not self.image:
                 raise ValueError(f"a {self.middleware} entry needs an image")
             if not self.flavor:
@@ -263,7 +257,7 @@ class Frontend(Model):
 
 class Credential(Model):
     id: Name
-    type: Literal[CREDENTIAL_TYPES]  # type: ignore[valid-type]
+    type: str  # a credential type of airflow_glidein.middlewares
     conn_id: str = Field(min_length=1)
     trust_domain: Name
     purpose: Literal["provision", "pilot"]
@@ -271,15 +265,22 @@ class Credential(Model):
     # (the factory lists and terminates, and the pilot authenticates, until the pilot retires)
     min_lifetime: NonNeg | None = None
 
+    @field_validator("type")
+    @classmethod
+    def _known_type(cls, v: str) -> str:
+        middlewares.credential_type(v)  # raises with the known ones
+        return v
+
     @model_validator(mode="after")
     def _pilot_kind(self) -> Credential:
-        if self.purpose == "pilot" and self.type not in PILOT_TYPES:
-            raise ValueError(f"a {self.type} cannot join a pool; a pilot credential is one of {', '.join(PILOT_TYPES)}")
+        if self.purpose == "pilot" and not middlewares.credential_type(self.type).pilot:
+            raise ValueError(f"a {self.type} cannot join a pool; a pilot credential is one of "
+                             f"{', '.join(middlewares.pilot_credential_types())}")
         return self
 
     @property
     def auth_methods(self) -> set[str]:
-        return AUTH_METHODS[self.type]
+        return set(middlewares.credential_type(self.type).auth_methods)
 
 
 class GlobalLimits(Model):
@@ -323,6 +324,14 @@ class Config(Model):
                 seen.add(name)
         entries = {e.name: e for e in self.entries}
         creds = {c.id for c in self.credentials}
+        for entry in self.entries:
+            takes = middlewares.get(entry.middleware).provision_types
+            for c in self.credentials:
+                # usable there by trust domain and auth method, so the factory would provision with it
+                if (c.purpose == "provision" and c.trust_domain == entry.trust_domain
+                        and entry.auth_tokens & c.auth_methods and c.type not in takes):
+                    problems.append(f"credential {c.id!r} ({c.type}) cannot provision on entry {entry.name!r}: "
+                                    f"the {entry.middleware} middleware takes {', '.join(takes)}")
         for fe in self.frontends:
             for name in fe.entries:
                 if name not in entries:

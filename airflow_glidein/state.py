@@ -1,4 +1,4 @@
-"""The factory's small durable state store (DESIGN.md "Durable state").
+"""The factory's small durable state store (docs/architecture.md, "The state store").
 
 What providers and the collector cannot tell again lives here: used
 bootstrap tokens, termination attempts, entry backoff, API budget buckets.

@@ -4,8 +4,8 @@ It names the launch, says where to fetch the startup script (and its
 SHA-256), carries a short-lived bootstrap token and the pilot policy, and is
 signed by the factory with Ed25519. It never carries a long-lived secret (the
 provider, and anyone on the VM, can read UserData). Each middleware caps its
-size; a too-large envelope is refused here with a clear error instead of by
-the provider.
+size (``airflow_glidein.middlewares``); a too-large envelope is refused here
+with a clear error instead of by the provider.
 
 Format (three lines, so a POSIX sh wrapper reads it with sed and base64)::
 
@@ -50,14 +50,13 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
 
+from airflow_glidein import middlewares
+
 VERSION = 1
 HEADER = "#glidein-envelope"
 SEALED = "sealed"  # the header's third word for an encrypted envelope
 SEAL_ALG = "x25519-pbkdf2-sha256-chacha20"
 CLEAR_FIELDS = ("bootstrap_url",)  # what a sealed envelope keeps readable (the wrapper's failure log needs it)
-# Raw bytes before any transport encoding. EC2: 16 KB before base64; Nova: 64 KB;
-# OpenNebula puts it base64-encoded into a CONTEXT variable (we keep the same cap).
-MAX_BYTES = {"ec2": 16384, "openstack": 65535, "opennebula": 65535, "htcondor_g": 65535}
 INT_FIELDS = {"v", "issued", "token_expires", "boot_timeout", "idle_timeout", "max_lifetime", "retire_window"}
 _KEY = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 _BAD_VALUE = re.compile(r"[\x00-\x1f\x7f]")
@@ -259,7 +258,7 @@ def build(middleware: str, payload: Mapping[str, Any], key: Ed25519PrivateKey,
         header += f" {SEALED}"
     sig = key.sign(body)
     text = f"{header}\n{base64.b64encode(body).decode()}\n{base64.b64encode(sig).decode()}\n"
-    limit = MAX_BYTES[middleware]
+    limit = middlewares.get(middleware).userdata_max_bytes  # raw bytes, before the transport's encoding
     size = len(text.encode())
     if size > limit:
         sealed = (" (encrypted: the body is base64-encoded twice, about 16/9 of it plus 450 bytes)"

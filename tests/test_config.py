@@ -46,7 +46,7 @@ def _mutate(fn):
 BAD = {
     "unknown middleware": (
         lambda d: d["entries"][0].update(middleware="azure"),
-        "entries[aws-us-east-1].middleware: Input should be 'ec2', 'openstack', 'opennebula' or 'htcondor_g'",
+        "entries[aws-us-east-1].middleware: unknown middleware; known: ec2, openstack, opennebula, htcondor_g",
     ),
     "cloud entry without image": (
         lambda d: d["entries"][1].pop("image"),
@@ -87,7 +87,7 @@ BAD = {
     ),
     "unknown credential type": (
         lambda d: d["credentials"][0].update(type="kerberos"),
-        "credentials[aws-demo].type: Input should be",
+        "credentials[aws-demo].type: unknown credential type; known: ec2_key_pair, idtoken",
     ),
     "unknown credential purpose": (
         lambda d: d["credentials"][0].update(purpose="payload"),

@@ -263,6 +263,3 @@ def _state_name(enum: Any, value: int) -> str:
         return enum(value).name
     except ValueError:
         return str(value)
-
-
-HOOK = OpenNebulaPilotHook
