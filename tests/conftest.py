@@ -31,7 +31,7 @@ import pytest  # noqa: E402
 
 from tests.helpers import POOL_TOKEN, MotoEC2, migrate_db  # noqa: E402
 
-pytest_plugins = ["tests.servers.fixtures"]  # Nova/Keystone and OpenNebula servers, simulated clock
+pytest_plugins = ["tests.servers.fixtures", "tests.pg"]  # Nova/Keystone and OpenNebula servers, simulated clock; PostgreSQL
 
 
 @pytest.fixture(scope="session")
