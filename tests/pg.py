@@ -1,17 +1,140 @@
-"""PostgreSQL for the tests: the machine's server on 127.0.0.1:5432 if it answers.
+"""PostgreSQL for the tests: the machine's server on 127.0.0.1:5432 if it answers, else a throwaway one.
+
+``ThrowawayPostgres`` runs a private cluster from the installed binaries
+(/usr/lib/postgresql/*/bin) on 127.0.0.1 and a free port; a soak test can
+stop it (fast or immediate, i.e. a crash) and restart it on the same port.
 
 Fixtures (registered by conftest): ``pg_url`` (session) is a fresh database
-``glidein_store_<hex>`` on that server, dropped at the end; ``pg_state_url``
-(per test) is an empty schema in it, as a state store URL.
+``glidein_store_<hex>``, dropped at the end; ``pg_state_url`` (per test) is
+an empty schema in it, as a state store URL. Where no server can be had they
+skip, saying why, except in CI (``CI`` set), where they fail.
 """
 
 from __future__ import annotations
 
+import glob
 import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+
+SETTINGS = """
+listen_addresses = '127.0.0.1'
+unix_socket_directories = ''
+fsync = off  # a killed server keeps every commit (the OS has it); only a machine crash would not
+full_page_writes = off
+max_connections = 200
+"""
+
+
+def binaries() -> Path | None:
+    """The newest installed PostgreSQL's bin directory."""
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"), key=lambda p: int(Path(p).parts[-3]))
+    return Path(found[-1]).parent if found else None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ThrowawayPostgres:
+    """A private PostgreSQL cluster in ``base_dir`` (trust auth, user postgres, no unix socket).
+
+    PostgreSQL refuses to run as root: as root, the cluster runs as the
+    ``postgres`` system user, which must be able to reach ``base_dir`` (a
+    directory under /tmp from tempfile.mkdtemp is; pytest's tmp_path is not).
+    """
+
+    def __init__(self, base_dir: str | os.PathLike, port: int | None = None) -> None:
+        self.base = Path(base_dir)
+        self.data = self.base / "data"
+        self.log = self.base / "postgres.log"
+        self.port = port
+        self._fixed_port = port is not None
+        self.bin = binaries()
+        self.running = False
+
+    def _cmd(self, tool: str, *args: str) -> list[str]:
+        if self.bin is None:
+            raise RuntimeError("no PostgreSQL binaries under /usr/lib/postgresql/*/bin")
+        cmd = [str(self.bin / tool), *args]
+        return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
+
+    def _run(self, tool: str, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+        out = subprocess.run(self._cmd(tool, *args), capture_output=True, text=True, timeout=timeout)
+        if out.returncode:
+            raise RuntimeError(f"{tool} {' '.join(args)} failed ({out.returncode}): {out.stderr.strip()[-1500:]}")
+        return out
+
+    def _initdb(self) -> None:
+        self.base.mkdir(parents=True, exist_ok=True)
+        if os.geteuid() == 0:
+            pw = pwd.getpwnam("postgres")
+            os.chown(self.base, pw.pw_uid, pw.pw_gid)
+            if subprocess.run(["runuser", "-u", "postgres", "--", "test", "-w", str(self.base)]).returncode:
+                raise RuntimeError(f"{self.base}: not writable by the postgres user (a parent is closed to it)")
+        self._run("initdb", "-D", str(self.data), "-U", "postgres", "-A", "trust", "-E", "UTF8", "--locale=C",
+                  "--no-sync")
+        with open(self.data / "postgresql.conf", "a") as conf:
+            conf.write(SETTINGS)
+
+    def start(self) -> ThrowawayPostgres:
+        """initdb if needed, then start on 127.0.0.1 and wait until it accepts connections."""
+        if not (self.data / "PG_VERSION").exists():
+            self._initdb()
+        for attempt in range(5):
+            self.port = self.port if self._fixed_port or (self.port and attempt == 0) else free_port()
+            try:
+                self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-w", "-t", "120",
+                          "-o", f"-p {self.port}", "start")
+                break
+            except RuntimeError:
+                if self._fixed_port or "could not bind" not in self._log_tail():
+                    raise RuntimeError(f"PostgreSQL did not start: {self._log_tail()}") from None
+        self.running = True
+        deadline = time.monotonic() + 120
+        while not answers(self.url()):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"PostgreSQL on port {self.port} does not answer: {self._log_tail()}")
+            time.sleep(0.1)
+        return self
+
+    def stop(self, mode: str = "fast") -> None:
+        """``fast``: clean shutdown; ``immediate``: no checkpoint, as a crash (recovery on the next start)."""
+        if mode not in ("fast", "immediate", "smart"):
+            raise ValueError(f"stop mode {mode!r}")
+        self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "-t", "120", "stop")
+        self.running = False
+
+    def restart(self, mode: str = "fast") -> None:
+        """Stop (if running) and start again on the same port."""
+        if self.running:
+            self.stop(mode)
+        self._fixed_port = True
+        self.start()
+
+    def url(self, dbname: str = "postgres") -> str:
+        return f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}/{dbname}"
+
+    def create_database(self, name: str) -> str:
+        admin(self.url(), f'CREATE DATABASE "{name}"')
+        return self.url(name)
+
+    def _log_tail(self) -> str:
+        try:
+            return self.log.read_text()[-1500:]
+        except OSError:
+            return "(no log)"
 
 MACHINE = "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
 
@@ -55,14 +178,32 @@ def _unavailable(why: str):
 
 
 @pytest.fixture(scope="session")
-def pg_url() -> Iterator[str]:
+def pg_server() -> Iterator[str]:
+    """A server's admin URL: the machine's on 127.0.0.1:5432, else a ThrowawayPostgres for the session."""
+    if answers(MACHINE):
+        yield MACHINE
+        return
+    if binaries() is None:
+        _unavailable("nothing answers on 127.0.0.1:5432 and no binaries under /usr/lib/postgresql/*/bin")
+    base = tempfile.mkdtemp(prefix="glidein-pg-")
+    server = ThrowawayPostgres(base)
+    try:
+        server.start()
+    except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
+        shutil.rmtree(base, ignore_errors=True)
+        _unavailable(f"nothing answers on 127.0.0.1:5432 and a throwaway server did not start: {exc}")
+    yield server.url()
+    server.stop("immediate")
+    shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def pg_url(pg_server) -> Iterator[str]:
     """A fresh database for this session (``glidein_store_<hex>``), dropped at the end."""
-    if not answers(MACHINE):
-        _unavailable("nothing answers on 127.0.0.1:5432")
     name = f"glidein_store_{uuid.uuid4().hex[:12]}"
-    admin(MACHINE, f'CREATE DATABASE "{name}"')
-    yield with_database(MACHINE, name)
-    admin(MACHINE, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    admin(pg_server, f'CREATE DATABASE "{name}"')
+    yield with_database(pg_server, name)
+    admin(pg_server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture
