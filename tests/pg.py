@@ -18,6 +18,7 @@ import pwd
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -169,6 +170,43 @@ def with_database(url: str, name: str) -> str:
     from sqlalchemy.engine import make_url
 
     return make_url(url).set(database=name).render_as_string(hide_password=False)
+
+
+START_LINE = """
+import os, sys, time
+from pathlib import Path
+*ARGS, _go, _ready, _out = sys.argv[1:]
+
+def start_line():
+    Path(_ready).touch()
+    while not Path(_go).exists():
+        time.sleep(0.002)
+
+def finish(result: str):
+    Path(_out).write_text(result)
+    os._exit(0)  # skip interpreter teardown (Airflow's exit hooks): the result is written
+"""
+
+
+def run_at_once(tmp_path: Path, script: str, args: list[list[str]]) -> list[str]:
+    """Run one process per argument list; each does its setup, calls ``start_line()`` and waits there until
+    all have arrived, then races, and reports with ``finish(result)``. Returns the results in order."""
+    from tests.helpers import REPO
+
+    go = tmp_path / "go"
+    paths = [(tmp_path / f"ready{i}", tmp_path / f"out{i}") for i in range(len(args))]
+    procs = [subprocess.Popen([sys.executable, "-c", START_LINE + script, *a, str(go), str(ready), str(out)],
+                              cwd=REPO, stderr=subprocess.PIPE, text=True)
+             for a, (ready, out) in zip(args, paths)]
+    deadline = time.monotonic() + 300
+    while not all(ready.exists() for ready, _ in paths):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), \
+            [p.communicate()[1][-2000:] for p in procs if p.poll() is not None]
+        time.sleep(0.05)
+    go.touch()
+    errs = [p.communicate(timeout=600)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0] * len(procs), [e[-2000:] for e in errs]
+    return [out.read_text() for _, out in paths]
 
 
 def _unavailable(why: str):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ from sqlalchemy import create_engine, insert, inspect, select, text
 
 from airflow_glidein import state
 from tests.helpers import REPO
+from tests.pg import run_at_once
 
 # The schema METADATA.create_all made before migrations (SQLite), frozen here. glidein_demand_watch is
 # missing on purpose: create_all made a table only once its module was used.
@@ -168,32 +168,16 @@ def test_an_old_postgres_store_is_adopted(pg_state_url):
 
 
 RACER = """
-import sys, time
-from pathlib import Path
-go = Path(sys.argv[2])
-from airflow_glidein import state   # imports done before the start line
-Path(sys.argv[3]).touch()
-while not go.exists():
-    time.sleep(0.005)
-print(state.StateStore(sys.argv[1]).revision)
+from airflow_glidein import state  # imported before the start line
+start_line()
+finish(state.StateStore(ARGS[0]).revision)
 """
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"])
 def test_processes_starting_at_once_all_end_at_head(backend, tmp_path, request):
     url = f"sqlite:///{tmp_path}/race.db" if backend == "sqlite" else request.getfixturevalue("pg_state_url")
-    go, n = tmp_path / "go", 4
-    procs = [subprocess.Popen([sys.executable, "-c", RACER, url, str(go), str(tmp_path / f"ready{i}")],
-                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i in range(n)]
-    deadline = time.monotonic() + 300
-    while not all((tmp_path / f"ready{i}").exists() for i in range(n)):
-        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "a racer did not start"
-        time.sleep(0.05)
-    go.touch()
-    results = [p.communicate(timeout=300) for p in procs]
-    assert [p.returncode for p in procs] == [0] * n, [err[-2000:] for _, err in results]
-    assert [out.strip() for out, _ in results] == ["0002"] * n
+    assert run_at_once(tmp_path, RACER, [[url]] * 4) == ["0002"] * 4
     eng = create_engine(url)
     with eng.connect() as conn:
         assert conn.execute(text(f"SELECT version_num FROM {state.VERSION_TABLE}")).scalars().all() == ["0002"]
