@@ -139,9 +139,8 @@ def _unreadable_in(conn_id: str) -> None:
         raise StateStoreError("; ".join(failed))
 
 
-def _private_file(url: str) -> None:
+def _private_file(path: str | None) -> None:
     """Create a SQLite store's file mode 0600 (it holds the signing key); tighten an older one."""
-    path = make_url(url).database
     if not path or path == ":memory:" or path.startswith("file:"):
         return
     os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
@@ -154,14 +153,14 @@ def _private_file(url: str) -> None:
 
 
 def engine(url: str) -> Engine:
-    """An engine for ``url``; SQLite gets a long busy timeout and our own BEGINs."""
-    kwargs = {}
-    if make_url(url).drivername == "postgresql":
-        url = make_url(url).set(drivername="postgresql+psycopg2")  # the driver we depend on (not psycopg 3)
-    if str(url).startswith("sqlite"):
-        _private_file(url)
+    """An engine for ``url``; SQLite gets a private file, a long busy timeout and our own BEGINs."""
+    u, kwargs = make_url(url), {}
+    if u.drivername == "postgresql":
+        u = u.set(drivername="postgresql+psycopg2")  # the driver we depend on (not psycopg 3)
+    if u.get_backend_name() == "sqlite":
+        _private_file(u.database)
         kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
-    eng = create_engine(url, **kwargs)
+    eng = create_engine(u, **kwargs)
     if eng.dialect.name == "sqlite":
         event.listen(eng, "connect", _sqlite_pragmas)
     return eng
