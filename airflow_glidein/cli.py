@@ -100,6 +100,13 @@ def cmd_serve_bootstrap(args: argparse.Namespace) -> int:
     path = args.config or config_path()
     if _load(path) is None:
         return 1
+    from airflow_glidein import state
+
+    try:  # a replica that cannot share the factory's store must not start; migrate before the first pilot
+        state.store()
+    except state.StateStoreError as exc:
+        print(exc, file=sys.stderr)
+        return 1
     app = create_app(ui=False, config_file=path)
     print(f"glidein bootstrap service on http://{args.host}:{args.port}{args.prefix} (config {path})", flush=True)
     if args.prefix:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -176,10 +177,14 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
 
 @lru_cache(maxsize=1)
 def head() -> str:
-    """The newest revision of the migrations."""
-    from alembic.script import ScriptDirectory
-
-    return ScriptDirectory(str(MIGRATIONS)).get_current_head()
+    """The newest revision: the one no other revises (read from the files; Alembic loads only to migrate)."""
+    revisions, revised = set(), set()
+    for path in (MIGRATIONS / "versions").glob("[0-9]*.py"):
+        src = path.read_text()
+        revisions.update(re.findall(r'^revision = "(\w+)"', src, re.M))
+        revised.update(re.findall(r'^down_revision = "(\w+)"', src, re.M))
+    (newest,) = revisions - revised
+    return newest
 
 
 def alembic_config(conn: Connection | None = None):
@@ -192,9 +197,10 @@ def alembic_config(conn: Connection | None = None):
 
 
 def revision(conn: Connection) -> str | None:
-    from alembic.runtime.migration import MigrationContext
-
-    return MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE}).get_current_revision()
+    """The database's schema revision (None: never migrated)."""
+    if not inspect(conn).has_table(VERSION_TABLE):
+        return None
+    return conn.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar()
 
 
 class StateStore:

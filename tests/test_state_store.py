@@ -184,6 +184,12 @@ def test_processes_starting_at_once_all_end_at_head(backend, tmp_path, request):
     eng.dispose()
 
 
+def test_head_is_alembics_head():
+    from alembic.script import ScriptDirectory
+
+    assert state.head() == ScriptDirectory(str(state.MIGRATIONS)).get_current_head()
+
+
 def test_migrate_state_command_prints_the_revision(tmp_path):
     url = _old_store(tmp_path / "old.db")
     out = subprocess.run([sys.executable, "-m", "airflow_glidein", "migrate-state", "--url", url],
