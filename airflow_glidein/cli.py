@@ -100,6 +100,13 @@ def cmd_serve_bootstrap(args: argparse.Namespace) -> int:
     path = args.config or config_path()
     if _load(path) is None:
         return 1
+    from airflow_glidein import state
+
+    try:  # a replica that cannot share the factory's store must not start; migrate before the first pilot
+        state.store()
+    except state.StateStoreError as exc:
+        print(exc, file=sys.stderr)
+        return 1
     app = create_app(ui=False, config_file=path)
     print(f"glidein bootstrap service on http://{args.host}:{args.port}{args.prefix} (config {path})", flush=True)
     if args.prefix:
@@ -121,6 +128,16 @@ def cmd_pubkey(args: argparse.Namespace) -> int:
     pem = keys.public_pem(store())
     sys.stdout.write(pem)
     print(f"# sha256 fingerprint (GLIDEIN_PUBKEY_SHA256): {userdata.fingerprint(pem)}", file=sys.stderr)
+    return 0
+
+
+def cmd_migrate_state(args: argparse.Namespace) -> int:
+    """Bring the state store to the newest schema revision (tasks do it too, on first use)."""
+    from airflow_glidein import state
+
+    st = state.store(args.url)
+    print(f"glidein state store {st.engine.url.render_as_string(hide_password=True)}: revision {st.revision} "
+          f"(head {state.head()})")
     return 0
 
 
@@ -196,6 +213,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("sync-pools", help="create or resize one Airflow pool per provider API endpoint")
     p.add_argument("config", nargs="?", help="configuration file (default: [glidein] config_file)")
     p.set_defaults(func=cmd_sync_pools)
+    p = sub.add_parser("migrate-state", help="upgrade the glidein state store to the newest schema revision")
+    p.add_argument("--url", help="SQLAlchemy URL (default: the [glidein] state_conn_id connection)")
+    p.set_defaults(func=cmd_migrate_state)
     p = sub.add_parser("pubkey", help="print the envelope signing key's public PEM (bake it into the VM image)")
     p.set_defaults(func=cmd_pubkey)
     args = parser.parse_args(argv)

@@ -29,7 +29,14 @@ class Check:
 
 
 def run(config: Config, entries: list[str] | None = None, now: float | None = None) -> list[Check]:
-    """Every check, in order: credentials (of the chosen entries' trust domains), entries, factory."""
+    """Every check, in order: credentials (of the chosen entries' trust domains), entries, factory.
+
+    A state store that cannot serve the factory (unreadable, unreachable, or a SQLite file under a
+    distributed executor) is the one check: no cycle could run, so nothing else is asked.
+    """
+    store = _state_store()
+    if not store.ok:
+        return [store]
     now = time.time() if now is None else now
     chosen = [config.entry(n) for n in entries] if entries else list(config.entries)
     domains = {e.trust_domain for e in chosen}
@@ -41,7 +48,18 @@ def run(config: Config, entries: list[str] | None = None, now: float | None = No
     if config.factory.collector:
         out.append(_collector(config.factory.collector))
     out.append(_bootstrap(config.factory.bootstrap_url))
-    return out
+    return [store, *out]
+
+
+def _state_store() -> Check:
+    from airflow_glidein import state
+
+    try:
+        st = state.store()
+    except state.StateStoreError as exc:
+        return Check("factory", "state store", False, str(exc))
+    return Check("factory", "state store", True, f"{st.engine.url.render_as_string(hide_password=True)}, "
+                                                 f"schema revision {st.revision}")
 
 
 def _entry(config: Config, entry, validity) -> list[Check]:
