@@ -169,3 +169,18 @@ def test_the_service_serves_the_current_and_the_previous_key_by_id(bootstrap_ser
     fresh(monkeypatch)
     down = httpx.get(f"{base}/pubkey.pem")
     assert down.status_code == 503 and down.text == "error=the factory's signing key is unavailable now; try again\n"
+
+
+def test_preflight_names_the_key_ids_and_a_key_that_cannot_sign(bootstrap_server, monkeypatch):
+    from airflow_glidein import preflight
+
+    new, old = U.generate_key(), U.generate_key()
+    set_conn(monkeypatch, "glidein_signing_key", U.private_pem(new), previous_key=U.public_pem(old))
+    check = preflight._bootstrap(f"{bootstrap_server.url}/glidein")
+    assert check.ok and check.detail == (f"answers, same signing key and state store (key id {U.key_id(new)}; "
+                                         f"previous key id {U.key_id(old)} still accepted)")
+    set_conn(monkeypatch, "glidein_signing_key", PASTED)
+    fresh(monkeypatch)
+    check = preflight._bootstrap(f"{bootstrap_server.url}/glidein")
+    assert not check.ok and check.detail.startswith("the factory cannot sign: connection glidein_signing_key: ")
+    assert PASTED not in check.detail
