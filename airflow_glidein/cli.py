@@ -210,7 +210,8 @@ def cmd_sync_pools(args: argparse.Namespace) -> int:
             Pool.create_or_update_pool(name=pool_name(endpoint), slots=slots, include_deferred=False,
                                        description=f"airflow-glidein: calls to {endpoint} (entries {names})")
         except DBAPIError as exc:  # the driver's own message: no SQL, no parameters
-            reason = str(exc.orig).strip().splitlines()[0][:200] if str(exc.orig).strip() else type(exc.orig).__name__
+            lines = str(exc.orig).strip().splitlines()
+            reason = lines[0][:200] if lines else type(exc.orig).__name__
             print(f"sync-pools: cannot write Airflow's pools ({reason}): is Airflow's metadata database reachable "
                   "and migrated? Run `airflow db migrate` first", file=sys.stderr)
             return 1

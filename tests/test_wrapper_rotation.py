@@ -147,3 +147,25 @@ def test_an_envelope_without_a_key_id_is_checked_with_the_baked_key(cfg, ec2, bo
     vm = VM(tmp_path / "vm", bootstrap_server)
     logs = booted_ok(vm, vm.boot(envelope, iid), iid, bootstrap_server)
     assert "the envelope names no key id (a factory from before key rotation): checking it with" in logs["glidein.log"]
+
+
+def test_a_key_in_the_key_directory_is_picked_and_each_carried_id_is_named(cfg, ec2, bootstrap_server, tmp_path,
+                                                                           monkeypatch, old, new):
+    """Images may carry their keys as a directory (factory.pub.d/*.pub) besides factory.pub."""
+    sign_with(monkeypatch, old)
+    iid, envelope = envelope_of(ec2, tmp_path, cfg, "envelope")
+    vm = VM(tmp_path / "vm", bootstrap_server)
+    third = U.generate_key()
+    (vm.root / "factory.pub").write_text(U.public_pem(new))
+    (vm.root / "factory.pub.d").mkdir()
+    (vm.root / "factory.pub.d" / "a-third.pub").write_text(U.public_pem(third))
+    (vm.root / "factory.pub.d" / "old.pub").write_text(U.public_pem(old))
+    logs = booted_ok(vm, vm.boot(envelope, iid), iid, bootstrap_server)
+    assert f"factory key id {U.key_id(old)} {vm.root}/factory.pub.d/old.pub\n" in logs["glidein.log"]
+    # without it: every key the image carries is named
+    (vm.root / "factory.pub.d" / "old.pub").unlink()
+    vm = VM(tmp_path / "vm2", bootstrap_server, {"GLIDEIN_PUBKEY_FILE": str(vm.root / "factory.pub")})
+    proc = vm.boot(envelope, iid)
+    assert proc.returncode == 1
+    assert (f"signed with factory key id {U.key_id(old)}, but this image carries key id {U.key_id(new)} "
+            f"({tmp_path}/vm/factory.pub), {U.key_id(third)} ({tmp_path}/vm/factory.pub.d/a-third.pub)") in proc.stderr

@@ -79,10 +79,6 @@ def _option(name: str) -> str | None:
     return value or None
 
 
-def conn_id() -> str:
-    return _option("signing_key_conn_id") or DEFAULT_CONN_ID
-
-
 def _connection(cid: str, role: str, required: bool):
     """The connection, None when it is not defined and not ``required``; KeyUnavailable otherwise."""
     from airflow.sdk import BaseHook
