@@ -94,14 +94,22 @@ def _bootstrap(url: str) -> Check:
     from airflow_glidein.bootstrap import keys
     from airflow_glidein.state import store
 
+    from airflow_glidein import userdata
+
     what = f"bootstrap service {url}"
+    try:
+        ring = keys.key_ring(store())
+    except keys.KeyUnavailable as exc:
+        return Check("factory", what, False, f"the factory cannot sign: {exc}")
     try:
         with urllib.request.urlopen(f"{url.rstrip('/')}/bootstrap/pubkey.pem", timeout=10) as resp:
             served = resp.read().decode()
     except Exception as exc:
         return Check("factory", what, False, f"not reachable from here: {type(exc).__name__}: {exc}")
-    if served.strip() != keys.public_pem(store()).strip():
+    if served.strip() != userdata.public_pem(ring.signing).strip():
         return Check("factory", what, False, "it signs with another key than this factory's: it does not share "
                                               "the factory's state store (GLIDEIN_STATE_URL), so no token it is "
                                               "asked to exchange would be found")
-    return Check("factory", what, True, "answers, same signing key and state store")
+    ids = list(ring.accepted())
+    previous = f"; previous key id {ids[1]} still accepted" if len(ids) > 1 else ""
+    return Check("factory", what, True, f"answers, same signing key and state store (key id {ids[0]}{previous})")
