@@ -20,7 +20,7 @@ import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from sqlalchemy import Column, Float, Integer, String, Table, Text, delete, select, tuple_
+from sqlalchemy import Column, Float, Integer, PrimaryKeyConstraint, String, Table, Text, delete, select, tuple_
 from sqlalchemy.dialects import postgresql, sqlite
 
 from airflow_glidein import pilots as P
@@ -29,8 +29,8 @@ from airflow_glidein.state import METADATA, StateStore
 PILOTS = Table(
     "glidein_pilots",
     METADATA,
-    Column("entry", String(64), primary_key=True),
-    Column("id", String(128), primary_key=True),  # the provider's id: unique only within its entry
+    Column("id", String(128), nullable=False),  # the provider's id: unique only within its entry (the key)
+    Column("entry", String(64), nullable=False, index=True),
     Column("frontend", String(64)),
     Column("burst", String(128)),  # the burst a pilot serves (tag), or NULL
     Column("launch", String(256)),
@@ -45,6 +45,7 @@ PILOTS = Table(
     Column("policy", Text),  # JSON of the pilot's own policy from its tags (bursts), or NULL
     Column("memory", Text, nullable=False, default="{}"),
     Column("updated", Float, nullable=False),
+    PrimaryKeyConstraint("entry", "id", name="glidein_pilots_pkey"),
 )
 
 ENTRY_HEALTH = Table(
@@ -330,4 +331,4 @@ def load_health(store: StateStore) -> dict[str, dict[str, Any]]:
 
 
 def save_health(store: StateStore, rows: Iterable[Mapping[str, Any]]) -> None:
-    _upsert(store, ENTRY_HEALTH, [dict(r) for r in rows], "entry")
+    _upsert(store, ENTRY_HEALTH, [dict(r) for r in rows], ["entry"])

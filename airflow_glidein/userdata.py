@@ -13,6 +13,11 @@ Format (three lines, so a POSIX sh wrapper reads it with sed and base64)::
     <base64 of the body: sorted "key=value" lines>
     <base64 of the Ed25519 signature over the body bytes>
 
+The signed body names the signing key (``key_id``: the first 16 hex digits
+of SHA-256 over its raw 32-byte public key), so an image that carries the
+current and the previous factory key during a rotation checks the envelope
+with the one it names.
+
 Sealed (an entry with ``encrypt_userdata``): the header reads
 ``#glidein-envelope v1 sealed`` and the signed body holds, besides
 ``bootstrap_url`` and a log-only token in the clear, the real body encrypted
@@ -58,7 +63,9 @@ SEALED = "sealed"  # the header's third word for an encrypted envelope
 SEAL_ALG = "x25519-pbkdf2-sha256-chacha20"
 CLEAR_FIELDS = ("bootstrap_url",)  # what a sealed envelope keeps readable (the wrapper's failure log needs it)
 INT_FIELDS = {"v", "issued", "token_expires", "boot_timeout", "idle_timeout", "max_lifetime", "retire_window"}
+KEY_ID_HEX = 16  # hex digits of a signing key's id
 _KEY = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+_KEY_ID_LINE = re.compile(rb"^key_id=([0-9a-f]{%d})$" % KEY_ID_HEX, re.M)
 _BAD_VALUE = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -99,6 +106,27 @@ def private_pem(key: Ed25519PrivateKey) -> str:
 def public_pem(key: Ed25519PrivateKey | Ed25519PublicKey) -> str:
     pub = key.public_key() if isinstance(key, Ed25519PrivateKey) else key
     return pub.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+
+
+def public_key_from_text(text: str) -> Ed25519PublicKey:
+    """A verifying key from its public PEM, or the public half of a private key (PEM or seed); never echoed."""
+    text = text.strip()
+    if not text.startswith("-----BEGIN PUBLIC KEY-----"):
+        return private_key_from_text(text).public_key()
+    try:
+        return load_public_pem(text)
+    except ValueError:
+        raise EnvelopeError("the public key is not an Ed25519 PEM public key") from None
+
+
+def key_id(key: Ed25519PrivateKey | Ed25519PublicKey) -> str:
+    """The envelope's name for a signing key: the first 16 hex digits of SHA-256 over its raw public key.
+
+    The wrapper computes the same from a baked PEM (``ed25519_verify.py keyid``,
+    or ``openssl pkey -pubin -outform DER | tail -c 32 | sha256sum``).
+    """
+    pub = key.public_key() if isinstance(key, Ed25519PrivateKey) else key
+    return hashlib.sha256(pub.public_bytes_raw()).hexdigest()[:KEY_ID_HEX]
 
 
 def fingerprint(pem: str) -> str:
@@ -248,13 +276,15 @@ def build(middleware: str, payload: Mapping[str, Any], key: Ed25519PrivateKey,
     """The signed UserData text for ``middleware``; raises UserDataTooLarge past its limit.
 
     With ``seal_to`` the body is encrypted for that image key and ``clear``
-    (e.g. a log-only token) is signed alongside it in the clear.
+    (e.g. a log-only token) is signed alongside it in the clear. The signed
+    body names ``key``'s id, whatever ``payload`` says.
     """
-    body = encode_body({"v": VERSION, **payload})
+    signer = {"key_id": key_id(key)}
+    body = encode_body({"v": VERSION, **payload, **signer})
     header = f"{HEADER} v{VERSION}"
     if seal_to is not None:
         kept = {k: payload[k] for k in CLEAR_FIELDS if k in payload}
-        body = encode_body({"v": VERSION, **kept, **(clear or {}), **seal(body, seal_to)})
+        body = encode_body({"v": VERSION, **kept, **(clear or {}), **seal(body, seal_to), **signer})
         header += f" {SEALED}"
     sig = key.sign(body)
     text = f"{header}\n{base64.b64encode(body).decode()}\n{base64.b64encode(sig).decode()}\n"
@@ -286,6 +316,12 @@ def split(text: str) -> tuple[bytes, bytes]:
         raise EnvelopeError("envelope body or signature is not base64") from None
 
 
+def signer_id(body: bytes) -> str | None:
+    """The key id a (not yet verified) body names, if it names a well-formed one."""
+    found = _KEY_ID_LINE.search(body)
+    return found.group(1).decode() if found else None
+
+
 def parse(text: str, public_key: Ed25519PublicKey | None = None,
           image_key: X25519PrivateKey | None = None) -> dict[str, Any]:
     """The envelope's fields; with ``public_key``, only if the signature verifies.
@@ -295,6 +331,9 @@ def parse(text: str, public_key: Ed25519PublicKey | None = None,
     """
     body, sig = split(text)
     if public_key is not None:
+        named, ours = signer_id(body), key_id(public_key)
+        if named is not None and named != ours:
+            raise EnvelopeError(f"the envelope is signed with factory key id {named}, not with key id {ours}")
         try:
             public_key.verify(sig, body)
         except InvalidSignature:

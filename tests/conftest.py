@@ -33,7 +33,7 @@ from tests.helpers import MotoEC2, migrate_db  # noqa: E402
 from tests.servers.ec2_compat import EC2CompatProxy  # noqa: E402
 from tests.servers.common import pool_token_connection  # noqa: E402
 
-pytest_plugins = ["tests.servers.fixtures"]  # Nova/Keystone and OpenNebula servers, simulated clock
+pytest_plugins = ["tests.servers.fixtures", "tests.pg"]  # Nova/Keystone and OpenNebula servers, simulated clock; PostgreSQL
 
 
 @pytest.fixture(scope="session")
