@@ -21,7 +21,13 @@ from airflow_glidein.bootstrap.launches import userdata_for
 from airflow_glidein.hooks import LaunchSpec, pilot_hook
 from airflow_glidein.hooks.base import LaunchPending, describe_error
 from airflow_glidein.operators.base import GlideinBaseOperator
-from airflow_glidein.operators.lifecycle import as_pilot, merged_errors, merged_quotas, tag_policy
+from airflow_glidein.operators.lifecycle import (
+    as_pilot,
+    merged_errors,
+    merged_quotas,
+    removed_entries,
+    tag_policy,
+)
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -65,10 +71,11 @@ class PlanCycleOperator(GlideinBaseOperator):
 
     def execute(self, context: Context) -> list[dict[str, Any]]:
         cfg, now, store = self.config, self.now(), state.store()
-        rows = list(pilotdb.load_pilots(store, [e.name for e in cfg.entries]).values())
+        removed = removed_entries(cfg, store)  # their pilots are drained by their last settings
+        rows = list(pilotdb.load_pilots(store, [e.name for e in cfg.entries] + list(removed)).values())
         levels = {(e, key): int(ask["idle"]) for key, req in self.requests.items()
                   for e, ask in req.get("entries", {}).items()}
-        actions = L.reap(cfg, rows, levels, now)
+        actions = L.reap(cfg, rows, levels, now, removed)
         leaving = {a.key: (P.RETIRING if a.action == "retire" else P.TERMINATING) for a in actions}
         pilots = [as_pilot(r, leaving.get(P.pilot_key(r["entry"], r["id"]))) for r in rows]
         # created but not listed yet, nor recorded (a batch call answers with its first id only)
