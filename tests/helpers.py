@@ -79,19 +79,25 @@ class MotoEC2:
 
 
 class Clock:
-    """The glidein operators' clock, moved forward by the test (providers and Airflow keep real time)."""
+    """The glidein operators' clock, moved forward by the test (providers and Airflow keep real time).
 
-    def __init__(self, monkeypatch):
+    ``frozen``: it stands still but for ``offset`` (real time does not move it), so a test server
+    that shares it (listing lag) sees exactly the offsets the test sets, however slow the machine.
+    """
+
+    def __init__(self, monkeypatch, frozen: bool = False):
+        import time
+
         from airflow_glidein.operators.base import GlideinBaseOperator
 
         self.offset = 0.0
-        real = GlideinBaseOperator.now
-        monkeypatch.setattr(GlideinBaseOperator, "now", lambda op: real(op) + self.offset)
+        self.start = time.time() if frozen else None
+        monkeypatch.setattr(GlideinBaseOperator, "now", lambda op: self.now())
 
     def now(self) -> float:
         import time
 
-        return time.time() + self.offset
+        return (self.start if self.start is not None else time.time()) + self.offset
 
     time = now  # a test server's clock too: listing lag and the factory's grace move together
 

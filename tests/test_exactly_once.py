@@ -326,7 +326,7 @@ def test_back_to_back_factory_runs_under_listing_lag_make_no_duplicate(middlewar
     from tests.test_e2e_multicloud import multicloud_config
 
     request.getfixturevalue("ec2")
-    clock = Clock(monkeypatch)
+    clock = Clock(monkeypatch, frozen=True)
     entry, server = lagging(middleware, request, clock, lag=30)
     site = {"aws-us-east-1": "AWS_US_EAST_1", "cern-openstack": "CERN", "fermicloud": "FERMICLOUD"}[entry]
     cfg = only_entry(multicloud_config(write_queue(tmp_path, idle_jobs(6, site, cpus=4))), entry)

@@ -108,7 +108,6 @@ class Cloud:
             self.server.clock = clock.time
             self.server.set(lag=LAG, client_token="ignore")
             self.entries = tuple(REGIONS)
-            self.provision, self.pilot = "aws-demo", "cms-pool-token"
             self.servers = {}
             return
         self.pair = request.getfixturevalue("nova_pair" if middleware == "openstack" else "one_pair")
@@ -120,6 +119,12 @@ class Cloud:
         if middleware == "openstack":
             for nova in self.servers.values():
                 self._count_creates(nova, monkeypatch)
+
+    def credentials(self, entry):
+        """(provisioning, pilot) credential ids for an entry's requests."""
+        if self.middleware == "ec2":
+            return "aws-demo", "cms-pool-token"
+        return f"{entry}-cms", f"pool-{entry}"
 
     def _count_creates(self, nova, monkeypatch):
         real_create = nova.create
@@ -196,22 +201,23 @@ def attempt(make_op, context, tries=4):
     instances may not be listed yet): after its tries the task ends failed, as in Airflow, and the
     next runs (new launch ids) count those instances once the listing shows them.
     """
+    last = None
     for n in range(1, tries + 1):
         try:
             return make_op().execute(context), n
         except LaunchPending:
             if n == tries:
                 return None, n
-        except Exception:  # Airflow retries a task whatever it raised
-            continue
-    raise AssertionError("still failing after retries")
+        except Exception as exc:  # Airflow retries a task whatever it raised
+            last = exc
+    raise AssertionError(f"still failing after retries: {last!r}")
 
 
 def random_requests(rng, cloud):
     out = {}
     for fe in ("cms", "atlas"):
         out[fe] = {"frontend": fe, "cycle": f"c{rng.random()}", "start_expr": "true", "entries": {
-            e: {"idle": rng.randint(0, 6), "max_running": 20, "provision": cloud.provision, "pilot": cloud.pilot}
+            e: {"idle": rng.randint(0, 6), "max_running": 20, **dict(zip(("provision", "pilot"), cloud.credentials(e)))}
             for e in cloud.entries if rng.random() < 0.8}}
     return out
 

@@ -274,15 +274,14 @@ class PilotHook(BaseHook):
         """
         listed = {i.id for i in self._list(spec.launch_id)}
         known = listed | (record.known() if record is not None else set())
-        if record is not None:
-            self._settle(spec, record, known)
-        missing = spec.count - len(known)
+        have = self._settle(spec, record, known) if record is not None else len(known)
+        missing = spec.count - have
         if missing <= 0:
-            log.info("Launch %s already has %d of %d instances (%d listed); creating none",
-                     spec.launch_id, len(known), spec.count, len(listed))
+            log.info("Launch %s already has %d of %d instances (%d listed, %d known); creating none",
+                     spec.launch_id, have, spec.count, len(listed), len(known))
             return {"existing": sorted(known), "created": []}
         if record is not None:
-            record.calling(len(known) + missing)
+            record.calling(have + missing)
         self._log = record
         try:
             made = self._create(spec, missing, self.tags(spec))
@@ -298,15 +297,24 @@ class PilotHook(BaseHook):
             record.called("made")
         return {"existing": sorted(known), "created": created}
 
-    def _settle(self, spec: LaunchSpec, record: LaunchLog, known: set[str]) -> None:
-        """Refuse to create while an earlier call of this launch may still show up in the listing."""
+    def _settle(self, spec: LaunchSpec, record: LaunchLog, known: set[str]) -> int:
+        """How many instances the launch has: the ids known, or, within the entry's listing_grace, what
+        its last create call made (a batch call may name only its first instance, the listing lags).
+
+        While an earlier call's outcome is unknown and fewer than it asked for are known, nothing is
+        created (``LaunchPending``), except where the provider makes a repeated call idempotent.
+        """
         last = record.last_call()
-        if last is None or last["outcome"] not in ("calling", "unknown") or len(known) >= last["expected"]:
-            return
+        if last is None or last["outcome"] == "refused" or len(known) >= last["expected"]:
+            return len(known)
         waited = record.now - last["started"]
         grace = self.entry.listing_grace
-        if waited >= grace or self.idempotent_create():
-            return
+        if waited >= grace:
+            return len(known)  # the listing has caught up: what it shows is what there is
+        if last["outcome"] == "made":
+            return last["expected"]
+        if self.idempotent_create():
+            return len(known)
         raise LaunchPending(
             f"launch {spec.launch_id} at {self.entry.name}: an earlier create call ({int(waited)} s ago) has no "
             f"known outcome and {len(known)} of its {last['expected']} instances are listed; listings lag, so "
