@@ -81,7 +81,8 @@ LAUNCH_CALLS = Table(
     Column("burst", String(128)),
     Column("expected", Integer, nullable=False),  # instances the launch has if its last call did what it asked
     Column("started", Float, nullable=False),  # the last create call
-    Column("outcome", String(16), nullable=False),  # calling | made | unknown (it failed) | refused (made nothing)
+    # calling | made | unknown (it failed) | refused (made nothing) | settled (every instance was held once)
+    Column("outcome", String(16), nullable=False),
 )
 
 # The configuration of every entry that has had pilots, as it last was: the pilots of an entry taken
@@ -245,12 +246,13 @@ class LaunchLog:
 
 def unlisted_launches(store: StateStore, entries: Iterable[str], since: float) -> list[dict[str, Any]]:
     """Launches with a create call since ``since`` (within the listing grace) that may have instances
-    the table does not hold yet: each with ``missing`` = expected - ids held (> 0 only)."""
+    the table does not hold yet: each with ``missing`` = expected - ids held (> 0 only). A launch whose
+    instances were all held once is settled: the ones that die later are gone, not unlisted."""
     entries = list(entries)
     with store.begin() as conn:
         calls = [dict(r) for r in conn.execute(select(LAUNCH_CALLS).where(
             LAUNCH_CALLS.c.entry.in_(entries), LAUNCH_CALLS.c.started >= since,
-            LAUNCH_CALLS.c.outcome != "refused")).mappings()]
+            LAUNCH_CALLS.c.outcome.not_in(["refused", "settled"]))).mappings()]
         if not calls:
             return []
         held: dict[tuple[str, str], int] = {}
@@ -258,11 +260,17 @@ def unlisted_launches(store: StateStore, entries: Iterable[str], since: float) -
             tuple_(PILOTS.c.entry, PILOTS.c.launch).in_([(c["entry"], c["launch_id"]) for c in calls]))
         for entry, launch in conn.execute(q):
             held[(entry, launch)] = held.get((entry, launch), 0) + 1
-    out = []
+    out, settled = [], []
     for c in calls:
         missing = c["expected"] - held.get((c["entry"], c["launch_id"]), 0)
         if missing > 0:
             out.append({**c, "missing": missing})
+        else:
+            settled.append((c["entry"], c["launch_id"]))
+    if settled:  # every instance was accounted for once: those that die later are gone, not unlisted
+        with store.begin() as conn:
+            conn.execute(LAUNCH_CALLS.update().where(
+                tuple_(LAUNCH_CALLS.c.entry, LAUNCH_CALLS.c.launch_id).in_(settled)).values(outcome="settled"))
     return out
 
 

@@ -114,7 +114,7 @@ def describe_waiting(found: dict[str, Any], limit: int = 20) -> str:
         where = "gone from its provider" if w["provider_state"] == "gone" else w["provider_state"]
         factory = f", {w['state']} at the factory's last inventory" if w.get("state") else ""
         detail = f": {w['detail']}" if w.get("detail") else ""
-        parts.append(f"{w['id']} at {w['entry']} ({where}{factory}, launched {w['since_launch']} s ago{detail})")
+        parts.append(f"{w['id']} ({where}{factory}, launched {w['since_launch']} s ago{detail})")
     more = len(found["waiting"]) - limit
     return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
 

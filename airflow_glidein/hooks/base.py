@@ -305,7 +305,7 @@ class PilotHook(BaseHook):
         created (``LaunchPending``), except where the provider makes a repeated call idempotent.
         """
         last = record.last_call()
-        if last is None or last["outcome"] == "refused" or len(known) >= last["expected"]:
+        if last is None or last["outcome"] in ("refused", "settled") or len(known) >= last["expected"]:
             return len(known)
         waited = record.now - last["started"]
         grace = self.entry.listing_grace
