@@ -328,12 +328,15 @@ def test_pilots_of_a_removed_entry_are_drained_unless_idle(ec2, pool, tmp_path, 
     assert all(rows[i]["entry"] == "aws-us-east-1b" and rows[i]["conn"] == "glidein_aws_demo"
                for i in (idler, worker, unborn))
     assert all("entry 'aws-us-east-1b' is no longer configured" in rows[i]["detail"] for i in (worker, unborn))
-    assert live_ids(ec2) == set(kept) | {worker, unborn}  # the never-registered one gets its boot_timeout
+    # the never-registered one gets its boot_timeout (the removed entry's pilots no longer take room at the
+    # entry left, so it may get a pilot more)
+    assert live_ids(ec2) & {idler, worker, unborn} == {worker, unborn} and set(kept) <= live_ids(ec2)
 
     # past its boot timeout the one that never registered goes too; the draining one is left to finish
     clock.offset = POLICY["boot_timeout"] + 60
     register(pool, worker, "Claimed", clock.now() - 60)
     run = ok(run_dag("glidein_factory"))
-    assert actions_of(run) == {unborn: ("terminate", "orphan (unknown frontend or entry) never registered")}
+    orphans = {i: a for i, a in actions_of(run).items() if i in (idler, worker, unborn)}
+    assert orphans == {unborn: ("terminate", "orphan (unknown frontend or entry) never registered")}
     assert live_ids(ec2) & {idler, worker, unborn} == {worker} and set(kept) <= live_ids(ec2)
     assert pool.commands == [("OffPeaceful", f"slot1@glidein-{worker}")]  # asked to drain once

@@ -153,6 +153,7 @@ class PilotHook(BaseHook):
         self.factory = factory
         self.conn_id = conn_id
         self._log: LaunchLog | None = None  # set while a launch's create calls run
+        self._have = self._sent = 0  # instances the launch had, and asked for so far in this launch
 
     # -- what each middleware implements ---------------------------------
     @abstractmethod
@@ -191,6 +192,13 @@ class PilotHook(BaseHook):
     def idempotent_create(self) -> bool:
         """True where repeating a create call with the same launch is safe (EC2 ClientToken on AWS)."""
         return False
+
+    def _sending(self, n: int) -> None:
+        """A middleware that makes one create call per instance (OpenNebula) calls this before each:
+        an unanswered call then stands for the instances sent so far, not for the whole batch."""
+        if self._log is not None:
+            self._sent += n
+            self._log.calling(self._have + self._sent)
 
     def _created(self, instances: Iterable[P.ProviderInstance]) -> None:
         """Each middleware's _create calls this as soon as a provider call returns ids: recorded at once."""
@@ -282,7 +290,7 @@ class PilotHook(BaseHook):
             return {"existing": sorted(known), "created": []}
         if record is not None:
             record.calling(have + missing)
-        self._log = record
+        self._log, self._have, self._sent = record, have, 0
         try:
             made = self._create(spec, missing, self.tags(spec))
         except Exception as exc:

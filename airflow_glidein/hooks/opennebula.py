@@ -175,6 +175,7 @@ class OpenNebulaPilotHook(PilotHook):
         extra = self.extra_template(spec, tags)
         made = []
         for n in range(count):  # no batch call in OpenNebula
+            self._sending(1)
             vid = self._call("template.instantiate", tid, self.vm_name(spec.launch_id, n), False, extra, False)
             made.append(P.ProviderInstance(id=str(vid), state=P.P_PENDING, launched=B.CLOCK.time(), tags=dict(tags)))
             self._created(made[-1:])  # at once: a later call of the batch may fail

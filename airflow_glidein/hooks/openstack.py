@@ -229,6 +229,7 @@ class OpenStackPilotHook(PilotHook):
         for n in calls:
             # A batch is one call; Nova answers with its first server only: the others are known from the
             # listing (which may lag: the launch's expected count covers them meanwhile).
+            self._sending(n)
             server = self.conn.compute.create_server(min_count=n, max_count=n, **attrs) if n > 1 else \
                 self.conn.compute.create_server(**attrs)
             first = P.ProviderInstance(id=server.id, state=P.P_PENDING, launched=B.CLOCK.time(), tags=dict(tags))
