@@ -80,6 +80,7 @@ class PilotPolicy(Model):
     max_lifetime: PosSeconds = 86400  # s from launch until the pilot is retired
     retire_window: Seconds = 3600  # s a retiring busy pilot may finish its jobs
     min_idle_lifetime: Seconds = 1800  # s of life a pilot needs left to count as capacity (glideinWMS #554)
+    terminate_deadline: PosSeconds = 300  # s a provider gets to make a terminating VM disappear before we ask again
 
 
 class PolicyOverride(Model):
@@ -88,6 +89,7 @@ class PolicyOverride(Model):
     max_lifetime: PosSeconds | None = None
     retire_window: Seconds | None = None
     min_idle_lifetime: Seconds | None = None  # a VO of long jobs raises it
+    terminate_deadline: PosSeconds | None = None
 
 
 class ApiBudget(Model):
@@ -143,6 +145,10 @@ class Entry(Model):
     limits: EntryLimits = EntryLimits()
     policy: PilotPolicy = PilotPolicy()
     api_budget: ApiBudget = ApiBudget()
+    # s a created instance may be missing from the provider's listing (listings lag: EC2's
+    # DescribeInstances is eventually consistent, private clouds more so); until then its recorded id
+    # counts as capacity, and a create call whose answer was lost is not repeated
+    listing_grace: Seconds = 300
     options: dict[str, Any] = {}  # middleware-specific settings (subnet, network, key name, ...), its schema
     encrypt_userdata: UserDataEncryption | None = None  # seal the envelope for the image's key
 
@@ -187,6 +193,15 @@ class Entry(Model):
                 raise ValueError(f"attribute {_shown(key, i)} is a number no ClassAd holds "
                                  "(a 64-bit integer, or a finite real)")
         return attrs
+
+    @model_validator(mode="after")
+    def _known_region(self) -> Entry:
+        if self.middleware == "ec2" and self.region and not self.endpoint:
+            known = aws_regions()
+            if known and self.region not in known:
+                raise ValueError("region is not an AWS region botocore knows for EC2 (for an EC2-compatible "
+                                 "cloud, name its endpoint; for a region newer than botocore, upgrade it)")
+        return self
 
     @model_validator(mode="after")
     def _cloud_needs_image(self) -> Entry:
@@ -387,6 +402,23 @@ class Config(Model):
             return entry.policy
         overrides = {k: v for k, v in fe.policy.model_dump().items() if v is not None}
         return entry.policy.model_copy(update=overrides)
+
+
+@lru_cache(maxsize=1)
+def aws_regions() -> frozenset[str]:
+    """Every region of botocore's partition data (its endpoints.json, read without importing botocore)."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.find_spec("botocore")
+    if spec is None or spec.origin is None:
+        return frozenset()
+    try:
+        with open(os.path.join(os.path.dirname(spec.origin), "data", "endpoints.json")) as f:
+            partitions = json.load(f)["partitions"]
+    except (OSError, ValueError, KeyError):
+        return frozenset()
+    return frozenset(r for p in partitions for r in p.get("regions", {}))
 
 
 _NAME = re.compile(NAME)

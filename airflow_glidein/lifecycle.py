@@ -7,9 +7,12 @@ the provider nor the collector can tell again: that a pilot once registered
 retire, and our termination attempts (so a VM that will not go is escalated
 and reported *stuck*, never silently dropped or counted as capacity).
 
-Termination ladder: terminate; after ``TERMINATE_DEADLINE`` terminate again;
-after another, the middleware's force variant (force-delete, terminate-hard);
-still there: *stuck*, forced again every cycle and reported.
+Termination ladder: terminate; after the entry's ``policy.terminate_deadline``
+terminate again; after another, the middleware's force variant (force-delete,
+terminate-hard); still there: *stuck*, forced again every cycle and reported.
+A VM the provider itself started to terminate (EC2 shutting-down, Nova
+deleting, OpenNebula EPILOG) climbs the same ladder from when it was first
+seen so: a termination that stalls at the provider is a leak like any other.
 """
 
 from __future__ import annotations
@@ -19,9 +22,10 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from airflow_glidein import pilots as P
-from airflow_glidein.config import Config
+from airflow_glidein.config import Config, Entry
 
-TERMINATE_DEADLINE = 300  # s a provider gets to make a terminated VM disappear
+TERMINATE_DEADLINE = 300  # s a provider gets to make a terminated VM disappear (policy.terminate_deadline)
+PROVIDER_TERMINATING = "the provider is terminating it (not asked by the factory)"
 FORCE_AFTER = 2  # attempts before the force variant is used
 LOST_GRACE = 600  # s a vanished startd may stay away before its VM is terminated
 SCALE_DOWN_GRACE = 300  # s a registered pilot must idle before scale-down may take it
@@ -59,7 +63,8 @@ class Observation:
     collector: bool = True  # False: no collector configured, registration cannot be seen
 
 
-def transition(mem: Memory, obs: Observation, now: float, boot_timeout: float) -> tuple[str, Memory]:
+def transition(mem: Memory, obs: Observation, now: float, boot_timeout: float,
+               deadline: float = TERMINATE_DEADLINE) -> tuple[str, Memory]:
     """The pilot's state now, and the updated memory."""
     if obs.startd is not None:
         mem = replace(mem, first_registered=mem.first_registered or now, last_registered=now)
@@ -68,12 +73,12 @@ def transition(mem: Memory, obs: Observation, now: float, boot_timeout: float) -
         return P.TERMINATED, mem
     if mem.terminate_requested is not None:
         if mem.stuck_since is not None or (
-            mem.terminate_attempts > FORCE_AFTER and now - mem.terminate_requested > TERMINATE_DEADLINE
+            mem.terminate_attempts > FORCE_AFTER and now - mem.terminate_requested > deadline
         ):
             return P.STUCK, replace(mem, stuck_since=mem.stuck_since or now)
         return P.TERMINATING, mem
-    if ps == P.P_TERMINATING:
-        return P.TERMINATING, mem
+    if ps == P.P_TERMINATING:  # not asked by us: watched from now on, like our own terminations
+        return P.TERMINATING, replace(mem, terminate_requested=now, terminate_reason=PROVIDER_TERMINATING)
     if ps in (P.P_STOPPING, P.P_STOPPED):
         return P.STOPPED, mem
     if ps == P.P_ERROR:
@@ -99,8 +104,21 @@ def transition(mem: Memory, obs: Observation, now: float, boot_timeout: float) -
 _SLOT_RANK = {"Drained": 3, "Preempting": 3, "Claimed": 2}  # a slot in a higher state decides the pilot's
 
 
+def ad_pilot_key(ad: Mapping[str, Any]) -> str | None:
+    """The pilot key a startd ad names: GLIDEIN_PILOT_ID is "entry/id"; a pilot started before ids
+    were qualified says the bare id, qualified here by its GLIDEIN_Entry_Name (until it ages out)."""
+    pid = ad.get("GLIDEIN_PILOT_ID")
+    if pid is None:
+        return None
+    pid = str(pid)
+    if "/" in pid:
+        return pid
+    entry = ad.get("GLIDEIN_Entry_Name")
+    return P.pilot_key(str(entry), pid) if entry is not None else None
+
+
 def pilot_ads(ads: Iterable[Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
-    """One startd ad per pilot (by GLIDEIN_PILOT_ID) from its slot ads.
+    """One startd ad per pilot (by its pilot key, ``ad_pilot_key``) from its slot ads.
 
     A pilot with a partitionable slot advertises it (Unclaimed while it has
     resources left, however busy the pilot) and one dynamic slot per claim.
@@ -110,12 +128,12 @@ def pilot_ads(ads: Iterable[Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
     """
     out: dict[str, Mapping[str, Any]] = {}
     for ad in ads:
-        pid = ad.get("GLIDEIN_PILOT_ID")
-        if pid is None:
+        key = ad_pilot_key(ad)
+        if key is None:
             continue
-        pid, prev = str(pid), out.get(str(pid))
+        prev = out.get(key)
         if prev is None or _slot_key(ad) > _slot_key(prev):
-            out[pid] = ad
+            out[key] = ad
     return out
 
 
@@ -137,10 +155,14 @@ def backed_off(status: Mapping[str, Any], now: float) -> dict[str, str]:
 
 @dataclass(frozen=True)
 class Action:
-    id: str
+    id: str  # the provider's id
     entry: str
     action: str  # "terminate" | "force_terminate" | "retire"
     reason: str
+
+    @property
+    def key(self) -> str:
+        return P.pilot_key(self.entry, self.id)
 
     def to_dict(self) -> dict[str, str]:
         return asdict(self)
@@ -164,18 +186,21 @@ def reap(
     pilots: Iterable[Mapping[str, Any]],
     levels: Mapping[tuple[str, str], int],
     now: float,
+    removed: Mapping[str, Entry] | None = None,
 ) -> list[Action]:
     """What to do with each pilot this cycle.
 
     ``pilots`` are rows with id, entry, frontend, burst, policy (a burst's own),
     state, launched, startd (or None) and memory; ``levels`` maps (entry,
     request key: frontend or "burst-<id>") to the idle level currently
-    requested (absent: 0, no request means no demand).
+    requested (absent: 0, no request means no demand); ``removed`` holds the
+    last settings of entries taken out of the configuration (their pilots are
+    orphans, drained by those settings).
     Busy pilots are never taken for scale-down, only retired past their
     lifetime; orphans are drained unless idle or past their lifetime
     (never an automatic "remove everything", glideinWMS #282).
     """
-    entries = {e.name: e for e in config.entries}
+    entries = {**(removed or {}), **{e.name: e for e in config.entries}}
     actions: list[Action] = []
     idle_by_group: dict[tuple[str, str], list[tuple[float, str]]] = {}
     for p in pilots:
@@ -193,7 +218,7 @@ def reap(
             actions.append(Action(pid, entry.name, kind, reason))
 
         if state in (P.TERMINATING, P.STUCK):
-            if mem.terminate_requested is None or now - mem.terminate_requested <= TERMINATE_DEADLINE:
+            if mem.terminate_requested is None or now - mem.terminate_requested <= policy.terminate_deadline:
                 continue  # give the provider its time
             kind = "force_terminate" if mem.terminate_attempts >= FORCE_AFTER else "terminate"
             act(kind, f"still present {int(now - mem.terminate_requested)} s after terminate attempt "
@@ -231,11 +256,11 @@ def reap(
                 idle_by_group.setdefault((entry.name, P.request_key(p.get("frontend"), p.get("burst"))), []).append(
                     (idle, pid))
     # Scale down: idle pilots beyond what the frontend asks for, longest idle first.
-    taken = {a.id for a in actions}
+    taken = {a.key for a in actions}
     for (entry_name, fe), idle in idle_by_group.items():
         excess = len(idle) - levels.get((entry_name, fe), 0)
         for seconds, pid in sorted(idle, reverse=True)[: max(excess, 0)]:
-            if pid not in taken:
+            if P.pilot_key(entry_name, pid) not in taken:
                 actions.append(Action(pid, entry_name, "terminate",
                                       f"scale-down: idle {int(seconds)} s, demand at {entry_name} fell"))
     return actions

@@ -47,6 +47,18 @@ TAG_MAX_LIFETIME = "glidein:max_lifetime"  # a burst's own pilot policy, read ba
 TAG_IDLE_TIMEOUT = "glidein:idle_timeout"
 
 
+def pilot_key(entry: str, pid: str) -> str:
+    """A pilot's identity: its provider id qualified by entry. Provider ids collide across endpoints
+    (OpenNebula numbers VMs from 0 at every endpoint, schedds number cluster.proc from 1)."""
+    return f"{entry}/{pid}"
+
+
+def split_key(key: str) -> tuple[str, str]:
+    """(entry, provider id) of a pilot key; entry names never hold a slash."""
+    entry, _, pid = key.partition("/")
+    return entry, pid
+
+
 def request_key(frontend: str | None, burst: str | None) -> str:
     """Whose request a pilot serves: its frontend's, or a burst's (which counts its own pilots)."""
     return f"burst-{burst}" if burst else (frontend or "-")
@@ -81,7 +93,12 @@ class Pilot:
 
     @property
     def key(self) -> str:
+        """Whose request it serves (see ``request_key``); its own identity is ``pilot_key``."""
         return request_key(self.frontend, self.burst)
+
+    @property
+    def pilot_key(self) -> str:
+        return pilot_key(self.entry, self.id)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

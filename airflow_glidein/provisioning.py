@@ -43,9 +43,38 @@ def latest_requests(events: Iterable[Mapping[str, Any]], config: Config, now: fl
     return best
 
 
-def launch_id(run_key: str, frontend: str, entry: str, batch: int) -> str:
-    """Names one provider call; the same in every retry of the same factory run."""
-    return f"{run_key}.{frontend}.{entry}.{batch}"
+def launch_id(run_key: str, frontend: str, entry: str, batch: int, plan: str = "") -> str:
+    """Names one provider call: the same in every retry of the same factory run with the same plan.
+
+    ``plan`` digests what the run decided for this frontend at this entry: a
+    cleared run that re-plans a smaller deficit (its first try made some
+    pilots) gets new ids for the rest, instead of finding its first batch
+    made and creating nothing; a retry of the same plan finds its own launches.
+    """
+    return f"{run_key}{'-' + plan if plan else ''}.{frontend}.{entry}.{batch}"
+
+
+def plan_digest(*parts: Any) -> str:
+    return hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:6]
+
+
+def unlisted_pilots(calls: Iterable[Mapping[str, Any]], config: Config, now: float) -> list[P.Pilot]:
+    """Instances recent create calls made that neither the listing nor the record holds yet.
+
+    ``calls`` are ``pilotdb.unlisted_launches`` rows ({entry, launch_id, frontend, burst, started,
+    missing}). Within its entry's ``listing_grace`` each counts as a requested pilot: capacity, and
+    quota against the limits, so the next cycle does not launch them again while the listing lags.
+    """
+    entries = {e.name: e for e in config.entries}
+    out = []
+    for c in calls:
+        entry = entries.get(c["entry"])
+        if entry is None or now - c["started"] >= entry.listing_grace:
+            continue
+        out += [P.Pilot(f"(unlisted {c['launch_id']} #{n})", entry.name, c.get("frontend"), c["launch_id"],
+                        P.REQUESTED, c["started"], "", "created, not listed yet", burst=c.get("burst"))
+                for n in range(int(c["missing"]))]
+    return out
 
 
 def run_key(run_id: str) -> str:
@@ -81,8 +110,8 @@ def plan_launches(
             if p.state in P.CAPACITY and p.entry in entries:
                 policy = config.policy_for(entries[p.entry], p.frontend)
                 if p.launched + policy.max_lifetime - now < policy.min_idle_lifetime:
-                    expiring.add(p.id)
-    pilots = [p if p.id not in expiring else _not_capacity(p) for p in pilots]
+                    expiring.add(p.pilot_key)
+    pilots = [p if p.pilot_key not in expiring else _not_capacity(p) for p in pilots]
     by_entry: dict[str, list[P.Pilot]] = {}
     for p in pilots:
         by_entry.setdefault(p.entry, []).append(p)
@@ -126,7 +155,7 @@ def plan_launches(
             (global_room, "factory.limits"),
         ]
         if entry.name in blocked:
-            rooms.append((0, f"entry backoff: {blocked[entry.name]}"))
+            rooms.append((0, blocked[entry.name]))
         quota = headroom.get(entry.name)
         if quota is not None:
             rooms.append((pilots_within(quota, entry), f"provider quota ({', '.join(f'{k} {v}' for k, v in quota.items())} left)"))
@@ -146,17 +175,19 @@ def plan_launches(
         for f, n in alloc.items():
             ask = asks[f]
             request = requests[f]
+            image = credentials.image_for(entry, ask)
+            plan = plan_digest(n, lim.batch_size, image, request.get("cycle", ""))
             for b in range(math.ceil(n / lim.batch_size)):
                 count = min(lim.batch_size, n - b * lim.batch_size)
                 launches.append({
-                    "launch_id": launch_id(key, f, entry.name, b),
+                    "launch_id": launch_id(key, f, entry.name, b, plan),
                     "frontend": request.get("frontend", f),
                     "burst": request.get("burst"),
                     "count": count,
                     "request": str(request.get("cycle", "")),
                     "provision": ask.get("provision"),
                     "pilot": ask.get("pilot"),
-                    "image": credentials.image_for(entry, ask),
+                    "image": image,
                     "start_expr": request.get("start_expr", "true"),
                     "policy": (request.get("policy") or {}).get(entry.name)
                     or config.policy_for(entry, request.get("frontend", f)).model_dump(),

@@ -42,6 +42,10 @@ GOALS = {
 
 # ---- input --------------------------------------------------------------------------------------
 
+AWS_REGIONS = ("us-east-1", "us-east-2", "us-west-1", "us-west-2", "eu-west-1", "eu-central-1", "ap-south-1",
+               "ap-northeast-1", "sa-east-1", "ca-central-1")
+
+
 def shapes(n_shapes: int, n_entries: int, seed: int = SEED) -> list[dict]:
     """Job shapes: DESIRED_Sites lists (a fifth as many as shapes) x resource requests x owners."""
     rnd = random.Random(seed)
@@ -108,7 +112,7 @@ def write_config(path: Path, n_entries: int, queue: Path) -> None:
     entries = []
     for i in range(n_entries):
         cores = (1, 4, 8, 16)[i % 4]
-        e = {"name": f"entry-{i:03d}", "middleware": "ec2", "region": f"region-{i % 10}", "image": "ami-1",
+        e = {"name": f"entry-{i:03d}", "middleware": "ec2", "region": AWS_REGIONS[i % len(AWS_REGIONS)], "image": "ami-1",
              "flavor": f"flavor-{cores}", "cores": cores, "memory_mb": cores * 4096, "gpus": 2 if i % 20 == 0 else 0,
              "attrs": {"GLIDEIN_Site": f"SITE_{i:03d}"}, "trust_domain": "bench",
              "limits": {"max_pilots": 1000, "max_idle": 200, "max_per_cycle": 50}}

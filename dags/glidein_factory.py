@@ -16,6 +16,7 @@ from airflow_glidein.assets import GLIDEIN_REQUESTS
 from airflow_glidein.config import config_path, get_config, pool_name
 from airflow_glidein.operators import (
     CollectRequestsOperator,
+    CycleCheckOperator,
     FactoryReportOperator,
     InventoryOperator,
     PlanCycleOperator,
@@ -43,7 +44,8 @@ an OpenStack or OpenNebula endpoint) has its own task group and Airflow pool. Ea
 6. `verify_terminations` - a deferrable sensor: waits until terminated pilots are gone at their
    providers; those still present are terminated again next cycle, then forced, then reported stuck;
 7. `report` - publishes pilot counts, backoff and stuck pilots on `glidein_status` (the frontends
-   read it) and prints the cycle's summary.
+   read it) and prints the cycle's summary; if a listing, launch or termination failed in this run,
+   `check_cycle` then logs one ERROR line per failed entry and call, and the run ends failed.
 
 Entries: {entries}.
 """
@@ -104,7 +106,10 @@ with DAG(
             _plan >> _reap
         _submits.append(_submit)
         _reaps.append(_reap)
-    FactoryReportOperator(
-        task_id="report", inventory=[g[2].output for g in _groups.values()], submitted=[s.output for s in _submits],
-        actions=_actions, decisions=XComArg(_plan, key="decisions"), config_file=CONFIG, trigger_rule="all_done",
-    ).set_upstream(_submits + _reaps)
+    _report = FactoryReportOperator(
+        task_id="report", inventory=[g[2].output for g in _groups.values()], actions=_actions,
+        decisions=XComArg(_plan, key="decisions"), config_file=CONFIG, trigger_rule="all_done",
+    )
+    _report.set_upstream(_submits + _reaps)
+    # the run's verdict, after the status is out (only a task that succeeds emits its asset event)
+    _report >> CycleCheckOperator(task_id="check_cycle", config_file=CONFIG, trigger_rule="all_done", retries=0)

@@ -1,7 +1,12 @@
 """Airflow operators of airflow-glidein (installed as airflow_glidein.operators)."""
 
 from airflow_glidein.operators.factory import CollectRequestsOperator, PlanCycleOperator, SubmitPilotsOperator
-from airflow_glidein.operators.lifecycle import FactoryReportOperator, InventoryOperator, ReapPilotsOperator
+from airflow_glidein.operators.lifecycle import (
+    CycleCheckOperator,
+    FactoryReportOperator,
+    InventoryOperator,
+    ReapPilotsOperator,
+)
 from airflow_glidein.operators.frontend import (
     PlanPilotsOperator,
     PublishRequestOperator,
@@ -11,6 +16,7 @@ from airflow_glidein.operators.frontend import (
 
 __all__ = [
     "CollectRequestsOperator",
+    "CycleCheckOperator",
     "FactoryReportOperator",
     "InventoryOperator",
     "PlanCycleOperator",

@@ -9,6 +9,7 @@ operators do the I/O around them. Inventory, reaping and the report are in
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -18,8 +19,15 @@ from airflow_glidein import pilots as P
 from airflow_glidein.assets import GLIDEIN_REQUESTS, REQUEST_EVENTS_WINDOW
 from airflow_glidein.bootstrap.launches import userdata_for
 from airflow_glidein.hooks import LaunchSpec, pilot_hook
+from airflow_glidein.hooks.base import LaunchPending, describe_error
 from airflow_glidein.operators.base import GlideinBaseOperator
-from airflow_glidein.operators.lifecycle import as_pilot, merged_errors, merged_quotas
+from airflow_glidein.operators.lifecycle import (
+    as_pilot,
+    merged_errors,
+    merged_quotas,
+    removed_entries,
+    tag_policy,
+)
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -63,16 +71,22 @@ class PlanCycleOperator(GlideinBaseOperator):
 
     def execute(self, context: Context) -> list[dict[str, Any]]:
         cfg, now, store = self.config, self.now(), state.store()
-        rows = list(pilotdb.load_pilots(store, [e.name for e in cfg.entries]).values())
+        removed = removed_entries(cfg, store)  # their pilots are drained by their last settings
+        rows = list(pilotdb.load_pilots(store, [e.name for e in cfg.entries] + list(removed)).values())
         levels = {(e, key): int(ask["idle"]) for key, req in self.requests.items()
                   for e, ask in req.get("entries", {}).items()}
-        actions = L.reap(cfg, rows, levels, now)
-        leaving = {a.id: (P.RETIRING if a.action == "retire" else P.TERMINATING) for a in actions}
-        pilots = [as_pilot(r, leaving.get(r["id"])) for r in rows]
-        blocked = {e: f"listing failed ({err})" for e, err in merged_errors(self.inventory).items()}
+        actions = L.reap(cfg, rows, levels, now, removed)
+        leaving = {a.key: (P.RETIRING if a.action == "retire" else P.TERMINATING) for a in actions}
+        pilots = [as_pilot(r, leaving.get(P.pilot_key(r["entry"], r["id"]))) for r in rows]
+        # created but not listed yet, nor recorded (a batch call answers with its first id only)
+        grace = max((e.listing_grace for e in cfg.entries), default=0)
+        pilots += provisioning.unlisted_pilots(
+            pilotdb.unlisted_launches(store, [e.name for e in cfg.entries], now - grace), cfg, now)
+        blocked = {e: f"listing failed this cycle ({err})" for e, err in merged_errors(self.inventory).items()}
         for e, h in pilotdb.load_health(store).items():
-            if h["until"] > now and e not in blocked:
-                blocked[e] = f"{h['reason']}, until {int(h['until'] - now)} s from now"
+            # a backoff this very run set (a cleared run planning again) does not hold its own re-run back
+            if h["until"] > now and e not in blocked and h.get("run_id") != context["run_id"]:
+                blocked[e] = f"entry backoff: {h['reason']}, until {int(h['until'] - now)} s from now"
         work = provisioning.plan_launches(cfg, self.requests, pilots, provisioning.run_key(context["run_id"]), blocked,
                                           now=now, quotas=merged_quotas(self.inventory))
         for item in work:
@@ -80,6 +94,9 @@ class PlanCycleOperator(GlideinBaseOperator):
             self.log.info("Entry %s: launch %d (bound by %s) %s", item["entry"], n, item["why"]["bound_by"], item["why"])
         for a in actions:
             self.log.info("%s %s at %s: %s", a.action, a.id, a.entry, a.reason)
+        if any(p.state == P.REQUESTED and p.provider_state == "" for p in pilots):
+            self.log.info("Counted as capacity while the listing catches up: %s", dict(Counter(
+                p.entry for p in pilots if p.state == P.REQUESTED and p.provider_state == "")))
         context["ti"].xcom_push(key="actions", value=[a.to_dict() for a in actions])
         context["ti"].xcom_push(key="decisions", value={
             w["entry"]: {**w["why"], "launch": sum(b["count"] for b in w["launches"])} for w in work})
@@ -101,54 +118,66 @@ class SubmitPilotsOperator(GlideinBaseOperator):
         self.work = work
 
     def execute(self, context: Context) -> dict[str, Any]:
-        cfg = self.config
+        cfg, store, run_id = self.config, state.store(), context["run_id"]
         entry = cfg.entry(self.work["entry"])
         launched = []
         for batch in self.work["launches"]:
             conn_id = cfg.credential(batch["provision"]).conn_id
             hook = pilot_hook(entry, cfg.factory.name, conn_id)
+            tags = {P.TAG_FACTORY_RUN: run_id, **burst_tags(batch)}
             spec = LaunchSpec(
                 launch_id=batch["launch_id"],
                 frontend=batch["frontend"],
                 count=batch["count"],
                 image=batch["image"],
                 request=batch["request"],
-                extra_tags={P.TAG_FACTORY_RUN: context["run_id"], **burst_tags(batch)},
+                extra_tags=tags,
                 # registers the launch and its bootstrap token, then signs the envelope
                 userdata=userdata_for(cfg, entry, batch, conn_id),
             )
+            record = pilotdb.LaunchLog(store, entry.name, spec.launch_id, self.now(), {
+                "frontend": spec.frontend, "burst": batch.get("burst"), "request": spec.request,
+                "factory_run": run_id, "conn": conn_id, "policy": tag_policy(tags)})
             try:
-                result = hook.launch(spec)
+                result = hook.launch(spec, record)
+            except LaunchPending as exc:  # not the entry's fault: no backoff, but the run shows it
+                pilotdb.record_failure(store, run_id, entry.name, "launch", str(exc), self.now(), keep=True)
+                raise
             except Exception as exc:
-                _launch_failed(entry.name, exc, self.now())
+                launch_failed(entry.name, run_id, f"launch {spec.launch_id}: {describe_error(exc)}", self.now())
                 metrics.incr(1, "failures", entry.name, "launch", entry=entry.name, kind="launch")
                 raise
             metrics.incr(len(result["created"]), "launches", entry.name, entry=entry.name, frontend=spec.frontend)
             self.log.info("Entry %s launch %s: %d created, %d already there",
                           entry.name, spec.launch_id, len(result["created"]), len(result["existing"]))
             launched.append({"launch_id": spec.launch_id, "frontend": spec.frontend, **result})
-        _launch_succeeded(entry.name, self.now())
+        launch_succeeded(entry.name, run_id, self.now())
         return {"entry": entry.name, "launched": launched}
 
 
 LAUNCH_FAILED = "launch failed"
 
 
-def _launch_failed(entry: str, exc: Exception, now: float) -> None:
-    """A launch error counts toward the entry's backoff (the retry may still succeed)."""
+def launch_failed(entry: str, run_id: str, message: str, now: float) -> None:
+    """A failed launch backs the entry off once per factory run: Airflow's retries of the same launch
+    are one failure, not one doubling each (the retry may still succeed). The run's report names it."""
     store = state.store()
-    failures = pilotdb.load_health(store).get(entry, {}).get("failures", 0) + 1
+    pilotdb.record_failure(store, run_id, entry, "launch", message, now)
+    health = pilotdb.load_health(store).get(entry, {})
+    failures = health.get("failures", 0) + (0 if health.get("run_id") == run_id else 1)
     pilotdb.save_health(store, [{"entry": entry, "failures": failures, "until": L.backoff_until(failures, now),
-                                 "reason": f"{LAUNCH_FAILED}: {type(exc).__name__}: {str(exc)[:200]}",
-                                 "updated": now}])
+                                 "reason": f"{LAUNCH_FAILED}: {message[:300]}", "updated": now, "run_id": run_id}])
 
 
-def _launch_succeeded(entry: str, now: float) -> None:
-    """All of an entry's launches went through: launch errors no longer hold it back."""
+def launch_succeeded(entry: str, run_id: str, now: float) -> None:
+    """All of an entry's launches went through (a retry may follow a failed try): launch errors no
+    longer hold it back, and this run's failure of it is forgotten."""
     store = state.store()
+    pilotdb.clear_failure(store, run_id, entry, "launch")
     health = pilotdb.load_health(store).get(entry)
     if health and health["failures"] and str(health["reason"]).startswith(LAUNCH_FAILED):
-        pilotdb.save_health(store, [{"entry": entry, "failures": 0, "until": now, "reason": "", "updated": now}])
+        pilotdb.save_health(store, [{"entry": entry, "failures": 0, "until": now, "reason": "", "updated": now,
+                                     "run_id": run_id}])
 
 
 def burst_tags(batch: dict[str, Any]) -> dict[str, str]:

@@ -13,15 +13,16 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from airflow.sdk.exceptions import AirflowException
+from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 from airflow_glidein import lifecycle as L
-from airflow_glidein import metrics, pilotdb, report, state
+from airflow_glidein import metrics, pilotdb, provisioning, report, state
 from airflow_glidein import pilots as P
 from airflow_glidein.assets import GLIDEIN_STATUS
 from airflow_glidein.config import Config, Entry
 from airflow_glidein.credentials import usable_on
 from airflow_glidein.hooks import pilot_hook
+from airflow_glidein.hooks.base import describe_error
 from airflow_glidein.hooks.htcondor import HTCondorHook
 from airflow_glidein.operators.base import GlideinBaseOperator
 
@@ -47,6 +48,40 @@ def pilot_counts(rows: Any) -> dict[str, dict[str, dict[str, int]]]:
     return P.counts(as_pilot(r) for r in rows)
 
 
+def removed_entries(config: Config, store: state.StateStore, mine: list[Entry] | None = None) -> dict[str, Entry]:
+    """Entries no longer configured that still have pilots on record, with their last settings.
+
+    Each is handled by the task group of its last API endpoint, or, when no
+    configured entry calls that endpoint any more, by the first group (by
+    endpoint name), so exactly one inventory lists it. ``mine``: the entries
+    of one group (None: all).
+    """
+    configured = {e.name for e in config.entries}
+    names = pilotdb.stranded(store, configured)
+    if not names:
+        return {}
+    endpoints = sorted(config.endpoints())
+    here = {e.api_endpoint for e in (mine if mine is not None else config.entries)}
+    out = {}
+    for name, snap in pilotdb.load_snapshots(store, names).items():
+        entry = Entry.model_validate(snap["config"])
+        owner = entry.api_endpoint if entry.api_endpoint in endpoints else endpoints[0]
+        if mine is None or owner in here:
+            out[name] = entry
+    return out
+
+
+def entry_of(config: Config, name: str) -> Entry:
+    """A configured entry, or the last settings of one taken out of the configuration."""
+    try:
+        return config.entry(name)
+    except StopIteration:
+        snap = pilotdb.load_snapshots(state.store(), [name]).get(name)
+        if snap is None:
+            raise KeyError(f"entry {name!r} is neither configured nor remembered") from None
+        return Entry.model_validate(snap["config"])
+
+
 def tag_policy(tags: dict[str, str]) -> dict[str, int] | None:
     """A pilot's own policy carried in its tags (bursts set theirs), for reaping."""
     out = {}
@@ -64,7 +99,14 @@ class InventoryOperator(GlideinBaseOperator):
     Entries reached with one connection and one listing scope (an EC2 region,
     an OpenNebula user's pool) are listed in one pass. Returns counts and
     per-entry listing errors; an entry that could not be listed keeps its
-    remembered pilots untouched.
+    remembered pilots untouched (and the run's report turns the run red).
+
+    A pilot is (entry, provider id). Created ids are recorded at launch: one
+    not listed yet stays ``requested`` (capacity) for the entry's
+    ``listing_grace``. Pilots of an entry taken out of the configuration, or
+    made with a credential no longer configured, are still listed through the
+    last connection that saw them, with the entry's last settings, and
+    drained as orphans until none is left.
     """
 
     template_fields: Sequence[str] = ("entries", "config_file")
@@ -76,44 +118,79 @@ class InventoryOperator(GlideinBaseOperator):
     def execute(self, context: Context) -> dict[str, Any]:
         cfg, now, store = self.config, self.now(), state.store()
         mine = [cfg.entry(n) for n in self.entries] if self.entries else list(cfg.entries)
+        pilotdb.save_snapshots(store, {e.name: e.model_dump_json() for e in mine}, now)
+        removed = removed_entries(cfg, store, mine)
+        everywhere = mine + list(removed.values())
         frontends = {f.name for f in cfg.frontends}
         startds = self._startds()
-        remembered = pilotdb.load_pilots(store, [e.name for e in mine])
-        listed, errors = self._listings(mine)
+        remembered = pilotdb.load_pilots(store, [e.name for e in everywhere])
+        listed, errors = self._listings(everywhere, remembered, set(removed))
+        for name in set(listed) - {e.name for e in everywhere}:  # removed entries first seen in a scope's listing
+            removed[name] = entry_of(cfg, name)
+            everywhere.append(removed[name])
         quotas = self._quotas(mine)
         rows: list[dict[str, Any]] = []
-        for entry in mine:
+        for entry in everywhere:
+            current = set(provision_conns(cfg, entry)) if entry.name not in removed else set()
             for iid, (inst, conn_id) in listed.get(entry.name, {}).items():
-                prev = remembered.pop(iid, None)
+                key = P.pilot_key(entry.name, iid)
+                prev = remembered.pop(key, None)
                 frontend = inst.tags.get(P.TAG_FRONTEND)
-                startd = startds.get(iid) if startds is not None else None
-                removed = inst.tags.get(P.TAG_ENTRY) != entry.name  # a removed entry's pilot, reached through this one
-                obs = L.Observation(inst.state, inst.launched, known=frontend in frontends and not removed,
+                startd = startds.get(key) if startds is not None else None
+                gone_from_config = (f"entry {entry.name!r} is no longer configured" if entry.name in removed else
+                                    f"its connection {conn_id!r} is no longer a provisioning credential of the entry"
+                                    if conn_id not in current else "")
+                obs = L.Observation(inst.state, inst.launched, known=frontend in frontends and not gone_from_config,
                                     startd=startd, collector=startds is not None)
                 policy = cfg.policy_for(entry, frontend)
-                st, mem = L.transition(L.Memory.from_dict(prev and prev["memory"]), obs, now, policy.boot_timeout)
+                st, mem = L.transition(L.Memory.from_dict(prev and prev["memory"]), obs, now, policy.boot_timeout,
+                                       policy.terminate_deadline)
                 rows.append({
                     "id": iid, "entry": entry.name, "frontend": frontend, "burst": inst.tags.get(P.TAG_BURST),
                     "policy": tag_policy(inst.tags), "launch": inst.launch_id,
                     "request": inst.tags.get(P.TAG_REQUEST), "factory_run": inst.tags.get(P.TAG_FACTORY_RUN),
-                    "launched": inst.launched, "state": st, "provider_state": inst.state, "conn": conn_id,
-                    "detail": "; ".join(filter(None, [
-                        f"entry {inst.tags.get(P.TAG_ENTRY)!r} is no longer configured" if removed else "",
-                        inst.detail])), "startd": {k: startd[k] for k in STARTD_KEEP if k in startd} if startd else None,
+                    "launched": inst.launched or (prev or {}).get("launched") or now, "state": st,
+                    "provider_state": inst.state, "conn": conn_id,
+                    "detail": "; ".join(filter(None, [gone_from_config, inst.detail])),
+                    "startd": {k: startd[k] for k in STARTD_KEEP if k in startd} if startd else None,
                     "memory": mem.to_dict(), "updated": now, "_prev": prev and prev["state"],
                 })
-        # Remembered pilots missing from a good listing are gone: terminated, verified.
-        gone = [pid for pid, row in remembered.items() if row["entry"] not in errors]
+        # Remembered pilots missing from a good listing are gone (terminated, verified), except those
+        # recorded at create that the listing may not show yet.
+        entries = {e.name: e for e in everywhere}
+        waiting, gone = [], []
+        for key, row in remembered.items():
+            if row["entry"] in errors:
+                continue
+            if row["state"] == P.REQUESTED and now - row["launched"] < entries[row["entry"]].listing_grace:
+                waiting.append(row)
+            else:
+                gone.append(key)
+                if row["state"] == P.REQUESTED:
+                    self.log.warning("Entry %s: %s was created by launch %s but never listed within listing_grace "
+                                     "(%d s); dropped", row["entry"], row["id"], row["launch"],
+                                     entries[row["entry"]].listing_grace)
         pilotdb.delete_pilots(store, gone)
-        pilotdb.forget_entries_except(store, [e.name for e in cfg.entries])
         pilotdb.save_pilots(store, rows)
+        done = [name for name in removed if name not in errors and not any(r["entry"] == name for r in rows)]
+        if done:
+            self.log.info("No pilot of removed entries %s is left: no longer listed", done)
+            pilotdb.drop_snapshots(store, done)
+        for entry in everywhere:  # a cleared run's earlier listing failure is forgotten once it lists
+            if entry.name in errors:
+                pilotdb.record_failure(store, context["run_id"], entry.name, "listing", errors[entry.name], now)
+            else:
+                pilotdb.clear_failure(store, context["run_id"], entry.name, "listing")
         self._entry_health(store, rows, now)
-        counts = pilot_counts(rows)
+        counts = pilot_counts(rows + waiting)
         self.log.info("Pilots per entry and state:\n%s", report.pilots_table(counts))
+        if waiting:
+            self.log.info("%d created pilots are not listed yet (listing lag), counted as requested: %s",
+                          len(waiting), sorted(P.pilot_key(r["entry"], r["id"]) for r in waiting)[:20])
         if gone:
             self.log.info("%d pilots left their provider since the last cycle: %s", len(gone), sorted(gone)[:20])
         return {"counts": counts, "errors": errors, "collector": startds is not None, "gone": len(gone),
-                "quotas": quotas}
+                "quotas": quotas, "removed": sorted(removed)}
 
     def _quotas(self, entries: list[Entry]) -> list[dict[str, Any]]:
         """The provider's headroom per quota scope (a project at an endpoint): one call each, where the
@@ -139,21 +216,28 @@ class InventoryOperator(GlideinBaseOperator):
                 out.append({"entries": names, "headroom": headroom})
         return out
 
-    def _listings(self, entries: list[Entry]) -> tuple[dict[str, dict], dict[str, str]]:
+    def _listings(self, entries: list[Entry], remembered: dict[str, dict],
+                  removed: set[str]) -> tuple[dict[str, dict], dict[str, str]]:
         """{entry: {id: (instance, connection)}} and {entry: error}, in as few listings as the APIs allow.
 
-        Where one pass lists a whole scope (an EC2 region, an OpenNebula user's
-        pool), it also shows pilots of entries removed from the configuration:
-        they are listed under the scope's first entry (whose hook and
-        connection reach them) and handled as orphans (docs/architecture.md: drained
-        unless idle or past their lifetime). Elsewhere they are out of sight;
-        they end themselves at their idle timeout or lifetime.
+        Each entry is listed with its provisioning connections and with any
+        other connection its remembered pilots were seen through (a
+        credential taken out of the configuration). Where one pass lists a
+        whole scope (an EC2 region, an OpenNebula user's pool), it also shows
+        pilots of entries no longer configured: they keep their own entry
+        name, and the entry's last settings come from the scope's first entry
+        when none were kept.
         """
         cfg = self.config
         configured = {e.name for e in cfg.entries}
+        seen_with: dict[str, set[str]] = {}
+        for row in remembered.values():
+            if row.get("conn"):
+                seen_with.setdefault(row["entry"], set()).add(row["conn"])
         groups: dict[tuple, list[tuple[Entry, Any]]] = {}
         for entry in entries:
-            for conn_id in provision_conns(cfg, entry):
+            current = set() if entry.name in removed else set(provision_conns(cfg, entry))
+            for conn_id in sorted(current | seen_with.get(entry.name, set())):
                 hook = pilot_hook(entry, cfg.factory.name, conn_id)
                 groups.setdefault((conn_id, hook.listing_scope()), []).append((entry, hook))
         listed: dict[str, dict] = {e.name: {} for e in entries}
@@ -165,19 +249,29 @@ class InventoryOperator(GlideinBaseOperator):
                 if together is not None:
                     for inst in together:
                         tagged = inst.tags.get(P.TAG_ENTRY)
-                        if tagged in names or tagged not in configured:
-                            owner = tagged if tagged in names else members[0][0].name
-                            listed[owner].setdefault(inst.id, (inst, conn_id))
+                        if tagged in names or (tagged and tagged not in configured):
+                            if tagged not in listed:  # a removed entry first seen here: keep its scope's settings
+                                listed[tagged] = {}
+                                self._adopt(tagged, members[0][0])
+                            listed[tagged].setdefault(inst.id, (inst, conn_id))
                     continue
                 for entry, hook in members:
                     for inst in hook.list_pilots():
                         listed[entry.name].setdefault(inst.id, (inst, conn_id))
             except Exception as exc:  # one provider down must not stop the other entries
-                self.log.warning("Entries %s: listing with connection %s failed: %s", sorted(names), conn_id, exc)
+                self.log.error("Entries %s: listing with connection %s failed: %s", sorted(names), conn_id,
+                               describe_error(exc))
                 for name in names:
-                    errors[name] = f"{type(exc).__name__}: {str(exc)[:300]}"
+                    errors[name] = f"listing with connection {conn_id}: {describe_error(exc)}"
                     metrics.incr(1, "failures", name, "listing", entry=name, kind="listing")
         return listed, errors
+
+    def _adopt(self, name: str, like: Entry) -> None:
+        """Keep settings for a removed entry's pilots found in a scope-wide listing: the listing entry's."""
+        store = state.store()
+        if not pilotdb.load_snapshots(store, [name]):
+            pilotdb.save_snapshots(store, {name: like.model_copy(update={"name": name}).model_dump_json()},
+                                   self.now())
 
     def _startds(self) -> dict[str, dict] | None:
         collector = self.config.factory.collector
@@ -227,51 +321,62 @@ class ReapPilotsOperator(GlideinBaseOperator):
         self.entries = entries  # only these entries' actions (one endpoint's); default all
 
     def execute(self, context: Context) -> list[dict[str, Any]]:
-        cfg, now, store = self.config, self.now(), state.store()
-        actions = [L.Action(**a) for a in self.actions or [] if not self.entries or a["entry"] in self.entries]
-        rows = pilotdb.load_pilots(store)
+        cfg, now, store, run_id = self.config, self.now(), state.store(), context["run_id"]
+        mine = None
+        if self.entries:  # this endpoint's entries, and the removed entries this endpoint's group lists
+            mine = set(self.entries) | set(removed_entries(cfg, store, [cfg.entry(n) for n in self.entries]))
+        actions = [L.Action(**a) for a in self.actions or [] if mine is None or a["entry"] in mine]
+        rows = pilotdb.load_pilots(store, sorted({a.entry for a in actions}))
         groups: dict[tuple[str, str, str], list[L.Action]] = {}
         for a in actions:
-            if a.action == "retire" and (rows.get(a.id, {}).get("memory") or {}).get("retire_requested") is not None:
+            row = rows.get(a.key)
+            if row is None:
+                continue
+            if a.action == "retire" and (row.get("memory") or {}).get("retire_requested") is not None:
                 continue  # asked already (this is a retry): once is enough
-            if a.id in rows:
-                groups.setdefault((a.entry, rows[a.id]["conn"], a.action), []).append(a)
+            groups.setdefault((a.entry, row["conn"], a.action), []).append(a)
         memory: dict[str, dict] = {}
         states: dict[str, str] = {}
         done, failed = [], []
+        failed_entries: dict[str, str] = {}
         for (entry_name, conn_id, kind), items in sorted(groups.items()):
             ids = sorted(a.id for a in items)
             try:
                 if kind == "retire":  # one startd that cannot be asked must not stop the others being remembered
-                    refused = self._retire([rows[i] for i in ids])
-                    failed += [a for a in items if a.id in refused]
-                    items = [a for a in items if a.id not in refused]
+                    refused = self._retire([rows[a.key] for a in items])
+                    failed += [a for a in items if a.key in refused]
+                    items = [a for a in items if a.key not in refused]
                 else:
-                    pilot_hook(cfg.entry(entry_name), cfg.factory.name, conn_id).terminate(
+                    pilot_hook(entry_of(cfg, entry_name), cfg.factory.name, conn_id).terminate(
                         ids, force=kind == "force_terminate"
                     )
             except Exception as exc:
-                self.log.warning("Entry %s: %s of %d pilots failed: %s", entry_name, kind, len(ids), exc)
+                self.log.error("Entry %s: %s of %d pilots failed: %s", entry_name, kind, len(ids), describe_error(exc))
                 metrics.incr(1, "failures", entry_name, "terminate", entry=entry_name, kind="terminate")
+                failed_entries[entry_name] = f"{kind} of {len(ids)} pilots with {conn_id}: {describe_error(exc)}"
                 failed += items
                 continue
             metrics.incr(len(items), "terminations", entry_name, kind, entry=entry_name, action=kind)
             for a in items:
                 self.log.info("%s %s at %s: %s", kind, a.id, a.entry, a.reason)
-                mem = rows[a.id].get("memory") or {}
+                mem = rows[a.key].get("memory") or {}
                 if kind == "retire":
-                    memory[a.id] = {"retire_requested": now}
-                    states[a.id] = P.RETIRING
+                    memory[a.key] = {"retire_requested": now}
+                    states[a.key] = P.RETIRING
                 else:
-                    memory[a.id] = {"terminate_requested": now,
-                                    "terminate_attempts": int(mem.get("terminate_attempts", 0)) + 1,
-                                    "terminate_reason": mem.get("terminate_reason") or a.reason}
-                    states[a.id] = P.STUCK if rows[a.id]["state"] == P.STUCK else P.TERMINATING
+                    memory[a.key] = {"terminate_requested": now,
+                                     "terminate_attempts": int(mem.get("terminate_attempts", 0)) + 1,
+                                     "terminate_reason": mem.get("terminate_reason") or a.reason}
+                    states[a.key] = P.STUCK if rows[a.key]["state"] == P.STUCK else P.TERMINATING
             if kind != "retire":
                 done.append({"entry": entry_name, "conn": conn_id, "ids": ids})
         pilotdb.update_memory(store, memory, now, states)
+        for entry_name in {a.entry for a in actions} - set(failed_entries):
+            pilotdb.clear_failure(store, run_id, entry_name, "terminate")
+        for entry_name, message in failed_entries.items():
+            pilotdb.record_failure(store, run_id, entry_name, "terminate", message, now)
         if failed:
-            raise AirflowException(f"{len(failed)} reaping actions failed: {[f'{a.action} {a.id}' for a in failed][:20]}")
+            raise AirflowException(f"{len(failed)} reaping actions failed: {[f'{a.action} {a.key}' for a in failed][:20]}")
         return done
 
     def _retire(self, rows: list[dict]) -> dict[str, str]:
@@ -283,44 +388,49 @@ class ReapPilotsOperator(GlideinBaseOperator):
         refused = {}
         for row in rows:
             name = (row.get("startd") or {}).get("Name")
+            key = P.pilot_key(row["entry"], row["id"])
             try:
                 if not name:
-                    raise AirflowException(f"pilot {row['id']} has no startd to retire")
+                    raise AirflowException(f"pilot {key} has no startd to retire")
                 hook.retire_startd(name)
             except Exception as exc:
-                self.log.warning("Pilot %s: retiring startd %s failed: %s", row["id"], name, exc)
-                refused[row["id"]] = f"{type(exc).__name__}: {exc}"
+                self.log.warning("Pilot %s: retiring startd %s failed: %s", key, name, exc)
+                refused[key] = f"{type(exc).__name__}: {exc}"
         return refused
 
 
 class FactoryReportOperator(GlideinBaseOperator):
-    """Publish pilot counts (and backoff, stuck pilots) on ``glidein_status``; print the cycle's summary."""
+    """Publish pilot counts (and backoff, stuck pilots) on ``glidein_status``; print the cycle's summary.
 
-    template_fields: Sequence[str] = ("inventory", "submitted", "actions", "decisions", "config_file")
+    Counts come from the pilot table (launches record what they create at
+    once, so instances made before a failure are counted) and launches whose
+    instances are not listed yet. Runs whatever its upstream did; if any
+    listing, launch or termination of the run failed, ``check_cycle`` after it
+    turns the run red.
+    """
 
-    def __init__(self, *, inventory: Any, submitted: Any, actions: Any, decisions: Any = None, **kwargs: Any) -> None:
+    template_fields: Sequence[str] = ("inventory", "actions", "decisions", "config_file")
+
+    def __init__(self, *, inventory: Any, actions: Any, decisions: Any = None, **kwargs: Any) -> None:
         kwargs.setdefault("outlets", [GLIDEIN_STATUS])
         super().__init__(**kwargs)
         self.inventory = inventory
-        self.submitted = submitted
         self.actions = actions
         self.decisions = decisions
 
     def execute(self, context: Context) -> dict[str, Any]:
-        cfg, now, store = self.config, self.now(), state.store()
-        rows = list(pilotdb.load_pilots(store, [e.name for e in cfg.entries]).values())
-        launched = 0
-        for item in _flatten(self.submitted):
-            for batch in item["launched"]:
-                for iid in batch["created"] + batch.get("existing", []):  # a retry finds what an earlier try made
-                    launched += 1
-                    rows.append({"id": iid, "entry": item["entry"], "frontend": batch["frontend"],
-                                 "launch": batch["launch_id"], "state": P.REQUESTED, "launched": now})
-        counts = pilot_counts(rows)
+        cfg, now, store, run_id = self.config, self.now(), state.store(), context["run_id"]
+        names = [e.name for e in cfg.entries] + list(removed_entries(cfg, store))
+        rows = list(pilotdb.load_pilots(store, names).values())  # created instances are recorded at once
+        launched = sum(r.get("factory_run") == run_id for r in rows)
+        grace = max((e.listing_grace for e in cfg.entries), default=0)
+        unlisted = provisioning.unlisted_pilots(pilotdb.unlisted_launches(store, names, now - grace), cfg, now)
+        counts = P.counts([as_pilot(r) for r in rows] + unlisted)
         backoff = {e: {"until": h["until"], "failures": h["failures"], "reason": h["reason"]}
                    for e, h in pilotdb.load_health(store).items() if h["until"] > now}
-        stuck = sorted(r["id"] for r in rows if r["state"] == P.STUCK)
+        stuck = sorted(P.pilot_key(r["entry"], r["id"]) for r in rows if r["state"] == P.STUCK)
         actions = self.actions or []
+        failed = pilotdb.failures(store, run_id)
         status = {
             "factory": cfg.factory.name,
             "pilots": counts,
@@ -329,8 +439,9 @@ class FactoryReportOperator(GlideinBaseOperator):
             "stuck": stuck,
             "backoff": backoff,
             "errors": merged_errors(self.inventory),
+            "failures": [{k: f[k] for k in ("entry", "call", "message")} for f in failed],
             "decisions": self.decisions or {},
-            "run_id": context["run_id"],
+            "run_id": run_id,
         }
         context["outlet_events"][GLIDEIN_STATUS].extra = status
         metrics.pilots(counts, P.STATES)
@@ -344,22 +455,35 @@ class FactoryReportOperator(GlideinBaseOperator):
             lines.append(f"STUCK (terminate asked, still present; never counted as capacity): {stuck}")
         for e, b in sorted(backoff.items()):
             lines.append(f"Entry {e} backed off for {int(b['until'] - now)} s: {b['reason']}")
-        for e, err in sorted(status["errors"].items()):
-            lines.append(f"Entry {e} could not be listed: {err}")
+        for f in failed:
+            lines.append(f"Entry {f['entry']}: {f['call']} failed: {f['message']}")
         self.log.info("%s", "\n".join(lines))
+        pilotdb.prune_failures(store, now - FAILURES_KEPT)
+        pilotdb.prune_launch_calls(store, now - max(grace, FAILURES_KEPT))
         return status
 
 
-def _items(seq: Any) -> list:
-    """A mapped task's results; indexing by length avoids probing past the end."""
-    return [seq[i] for i in range(len(seq))] if seq else []
+FAILURES_KEPT = 7 * 86400  # s a run's failures stay on record (a cleared run re-reads its own)
 
 
-def _flatten(outputs: Any) -> list:
-    """The results of one mapped task, or of several (one per endpoint), as one list."""
-    if isinstance(outputs, (list, tuple)):
-        return [item for seq in outputs for item in _items(seq)]
-    return _items(outputs)
+class CycleCheckOperator(GlideinBaseOperator):
+    """The run's verdict: fails, with one ERROR line per failed entry and call, if any listing, launch or
+    termination of this factory run failed (sites alert on red runs).
+
+    It runs after ``report`` whatever happened (the status is published first: an asset event is only
+    emitted by a task that succeeds), and reads the failures from the state store, where each task
+    recorded them (a retry that went through cleared its own).
+    """
+
+    def execute(self, context: Context) -> None:
+        failed = pilotdb.failures(state.store(), context["run_id"])
+        if not failed:
+            self.log.info("Every listing, launch and termination of this cycle went through")
+            return
+        for f in failed:
+            self.log.error("Entry %s: %s failed: %s", f["entry"], f["call"], f["message"])
+        raise AirflowFailException(f"{len({f['entry'] for f in failed})} entries failed this cycle: "
+                                   + "; ".join(f"{f['entry']} ({f['call']})" for f in failed[:20]))
 
 
 def merged_errors(inventories: Any) -> dict[str, str]:

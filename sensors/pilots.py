@@ -11,8 +11,10 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.sdk.exceptions import AirflowException
 
+from airflow_glidein import pilots as P
 from airflow_glidein.config import get_config
 from airflow_glidein.hooks import pilot_hook
+from airflow_glidein.operators.lifecycle import entry_of
 from airflow_glidein.sensors.base import GlideinSensor
 
 if TYPE_CHECKING:
@@ -20,14 +22,14 @@ if TYPE_CHECKING:
 
 
 def still_present(config_file: str | None, targets: list[dict[str, Any]]) -> list[str]:
-    """Ids among ``targets`` ({"entry", "conn", "ids"}) that their provider still lists."""
+    """Pilot keys among ``targets`` ({"entry", "conn", "ids"}) that their provider still lists."""
     cfg = get_config(config_file)
     present: list[str] = []
     for t in targets:
         if not t.get("ids"):
             continue
-        hook = pilot_hook(cfg.entry(t["entry"]), cfg.factory.name, t["conn"])
-        present += list(hook.still_there(list(t["ids"])))
+        hook = pilot_hook(entry_of(cfg, t["entry"]), cfg.factory.name, t["conn"])
+        present += [P.pilot_key(t["entry"], i) for i in hook.still_there(list(t["ids"]))]
     return sorted(present)
 
 

@@ -1,7 +1,8 @@
 """A sensor on registration: wait until N pilots of a request, launch or burst have joined the pool.
 
 A pilot has joined when a startd ad in the factory's collector carries its
-id (GLIDEIN_PILOT_ID). Which pilots belong to the request comes from the
+key (GLIDEIN_PILOT_ID, "entry/provider id"; a bare id with GLIDEIN_Entry_Name
+from pilots started before ids were qualified). Which pilots belong to the request comes from the
 providers' listings, by the tags every pilot carries (glidein:request,
 glidein:launch, glidein:burst), so pilots launched a moment ago count too;
 the factory's pilot table adds its view (boot_failed, ...) and the pilots
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import PokeReturnValue
 from airflow.sdk.exceptions import AirflowException, AirflowSensorTimeout
 
+from airflow_glidein import lifecycle as L
 from airflow_glidein import pilotdb, state
 from airflow_glidein import pilots as P
 from airflow_glidein.config import get_config
@@ -35,7 +37,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 TAGS = {"request": P.TAG_REQUEST, "launch": P.TAG_LAUNCH, "burst": P.TAG_BURST}
-STARTD_ATTRS = ["GLIDEIN_PILOT_ID", "Name", "State"]
+STARTD_ATTRS = ["GLIDEIN_PILOT_ID", "GLIDEIN_Entry_Name", "Name", "State"]
 
 
 def registration(config_file: str | None, kind: str, value: str, entries: list[str] | None = None) -> dict[str, Any]:
@@ -43,7 +45,7 @@ def registration(config_file: str | None, kind: str, value: str, entries: list[s
 
     Pilots come from the providers' listings and, for those a listing no
     longer shows (a VM that died while booting), from the factory's pilot
-    table. {"pilots": n, "registered": [ids], "waiting": [{"id", "entry",
+    table. {"pilots": n, "registered": [pilot keys], "waiting": [{"id" (key), "entry",
     "provider_state" ("gone": no longer listed), "state" (the factory's, or
     None), "since_launch", "detail"}] oldest first, "errors": {entry: listing
     error}}. One entry's listing failing is reported and the others still
@@ -65,8 +67,9 @@ def registration(config_file: str | None, kind: str, value: str, entries: list[s
             try:
                 for inst in pilot_hook(entry, cfg.factory.name, conn_id).list_pilots():
                     if inst.tags.get(tag) == value:
-                        pilots.setdefault(inst.id, {"id": inst.id, "entry": name, "provider_state": inst.state,
-                                                    "state": None, "launched": inst.launched, "detail": inst.detail})
+                        pilots.setdefault(P.pilot_key(name, inst.id), {
+                            "id": P.pilot_key(name, inst.id), "entry": name, "provider_state": inst.state,
+                            "state": None, "launched": inst.launched, "detail": inst.detail})
             except Exception as exc:
                 log.warning("Entry %s: listing with connection %s failed: %s", name, conn_id, exc)
                 errors[name] = f"{type(exc).__name__}: {str(exc)[:300]}"
@@ -82,7 +85,7 @@ def registration(config_file: str | None, kind: str, value: str, entries: list[s
     ads = HTCondorHook(collector=cfg.factory.collector).query_startds(
         f'GLIDEIN_Factory == "{cfg.factory.name}"', STARTD_ATTRS)
     # joined: in the collector now, or seen there by the factory (it may have finished its work since)
-    joined = {str(ad["GLIDEIN_PILOT_ID"]) for ad in ads if "GLIDEIN_PILOT_ID" in ad}
+    joined = set(L.pilot_ads(ads))
     joined |= {pid for pid, row in table.items() if (row.get("memory") or {}).get("first_registered")}
     waiting = sorted((p for pid, p in pilots.items() if pid not in joined), key=lambda p: p["launched"])
     return {
@@ -111,7 +114,7 @@ def describe_waiting(found: dict[str, Any], limit: int = 20) -> str:
         where = "gone from its provider" if w["provider_state"] == "gone" else w["provider_state"]
         factory = f", {w['state']} at the factory's last inventory" if w.get("state") else ""
         detail = f": {w['detail']}" if w.get("detail") else ""
-        parts.append(f"{w['id']} at {w['entry']} ({where}{factory}, launched {w['since_launch']} s ago{detail})")
+        parts.append(f"{w['id']} ({where}{factory}, launched {w['since_launch']} s ago{detail})")
     more = len(found["waiting"]) - limit
     return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
 

@@ -1,8 +1,8 @@
 """Named fault points for the crash-consistency tests, armed from the test process.
 
 The points are where a crash hurts: before a provider call, after it (the
-response is lost), between batches, and before the task's result is
-recorded. A fault fires once; Airflow's retry then runs clean. Faults patch
+response is lost before the factory could record the ids it names),
+between batches, and before the task's result is recorded. A fault fires once; Airflow's retry then runs clean. Faults patch
 the shared hook interface, so they apply to every middleware alike.
 """
 
@@ -48,12 +48,21 @@ class Faults:
         real_update = pilotdb.update_memory
         faults = self
 
-        def launch(hook, spec):
+        def launch(hook, spec, record=None):
             faults.calls["launch"] += 1
             n = faults.calls["launch"]
             faults.hit("submit", "before_call", n)
-            result = real_launch(hook, spec)
-            faults.hit("submit", "after_call", n)
+            if faults.armed == ("submit", "after_call", n):  # the provider's answer is lost on its way back
+                real_create = hook._create
+
+                def create(spec_, count, tags):
+                    hook._log = None  # nothing of the answer reaches the factory's record
+                    real_create(spec_, count, tags)
+                    faults.hit("submit", "after_call", n)
+
+                hook._create = create
+            result = real_launch(hook, spec, record)
+            faults.hit("submit", "after_call", n)  # nothing was missing: the launch's own answer is lost
             return result
 
         def terminate(hook, ids, force=False):

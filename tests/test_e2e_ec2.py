@@ -181,10 +181,15 @@ def test_one_entry_failing_does_not_stop_the_others(ec2, tmp_path, monkeypatch):
     states = task_states(fa)
     # one task group per API endpoint (EC2 region): west's submit failed, east's went through
     assert states["ec2-us-west-2.submit_pilots[0]"] == "failed" and states["ec2-us-east-1.submit_pilots[0]"] == "success"
-    assert states["report"] == "success" and states["reap_pilots"] == "success"
-    # the failing entry is backed off, and the report says so
-    assert "aws-us-west-2" in xcom(fa, "report")["backoff"]
+    assert states["reap_pilots"] == "success"
     assert len(ec2.instances("us-east-1")) == 10 and ec2.instances("us-west-2") == []
+    # the cycle could not do all its work: the report still published (the failing entry backed off, the
+    # failure named), then failed, and the run is red
+    assert states["report"] == "success" and states["check_cycle"] == "failed" and str(fa.state) == "failed"
+    status = xcom(fa, "report")
+    assert "aws-us-west-2" in status["backoff"]
+    assert [(f["entry"], f["call"]) for f in status["failures"]] == [("aws-us-west-2", "launch")]
+    assert "endpoint unreachable" in status["failures"][0]["message"]
 
 
 def test_spot_entries_launch_one_time_spot_pilots(ec2, tmp_path, monkeypatch):

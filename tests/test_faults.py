@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import random
+import time
 
 import pendulum
 import signal
@@ -28,7 +29,9 @@ import pytest
 
 from airflow_glidein import pilots as P
 from airflow_glidein.operators import InventoryOperator, PlanCycleOperator, ReapPilotsOperator, SubmitPilotsOperator
+from airflow_glidein.hooks.base import LaunchPending
 from tests.faults import POINTS, TASKS, Faults
+from tests.servers.fixtures import PAIR_SEED
 from tests.helpers import REPO, example_config, idle_jobs, run_dag, task_states, write_config, write_queue, xcom
 
 pytestmark = pytest.mark.usefixtures("airflow_db")
@@ -36,24 +39,28 @@ pytestmark = pytest.mark.usefixtures("airflow_db")
 RUNS = int(os.environ.get("GLIDEIN_FAULT_RUNS", "200"))  # faulted runs in all, split across the middlewares
 MIDDLEWARES = ("ec2", "openstack", "opennebula")
 LIFETIME = 3600
+LAG = 25  # s new instances are missing from every listing
+STEP = 10  # s of simulated time per run: a run's instances stay unlisted for the next two runs
+GRACE = 60  # s the factory waits for a lost create answer's instances to be listed
 REGIONS = {"aws-us-east-1": "us-east-1", "aws-us-west-2": "us-west-2"}
 
 
 def fault_config(tmp_path, monkeypatch, cloud=None):
     cfg = example_config()
     cfg["factory"].update(retries=3, retry_delay=0, verify_timeout=1, verify_poll=1)
-    if cloud is not None and cloud.middleware != "ec2":  # two entries on the one test server, their credentials
-        cfg["entries"] = [{**cloud.entry, "name": name} for name in cloud.entries]
-        cfg["credentials"] = cloud.credentials
+    if cloud is not None and cloud.middleware != "ec2":  # the two colliding endpoints' entries, their credentials
+        cfg["entries"] = [dict(e) for e in cloud.pair.entries]
+        cfg["credentials"] = cloud.pair.credentials
     for e in cfg["entries"]:
         e["limits"] = {"max_pilots": 40, "max_idle": 30, "max_per_cycle": 12, "batch_size": 2}
         e["policy"] = {"max_lifetime": LIFETIME}
         e["api_budget"] = {"requests": 100000, "per_seconds": 300}  # 200 cycles back to back, not 500 calls / 5 min
+        e["listing_grace"] = GRACE
         e.pop("requirements", None)
     base = cfg["frontends"][0]
     if cloud is not None:
         base = {**base, "entries": list(cloud.entries), "credentials": [c["id"] for c in cfg["credentials"]]}
-    cfg["frontends"] = [{**base, "name": n, "request_ttl": 100000} for n in ("cms", "atlas")]
+    cfg["frontends"] = [{**base, "name": n, "request_ttl": 10**8} for n in ("cms", "atlas")]
     return write_config(tmp_path, cfg, monkeypatch)
 
 
@@ -64,70 +71,117 @@ def instances(ec2, live_only=False):
     return out
 
 
+class SimTime:
+    """The randomized runs' one clock: the operators', the budget's and the test clouds' (listing lag).
+    It moves STEP seconds per run, whatever the machine's speed, so which fault points a run can reach
+    never depends on how long the runs before it took."""
+
+    def __init__(self, monkeypatch, start: float):
+        from airflow_glidein import budget
+        from airflow_glidein.operators.base import GlideinBaseOperator
+
+        self.t = start
+        monkeypatch.setattr(GlideinBaseOperator, "now", lambda op: self.t)
+        monkeypatch.setattr(budget, "CLOCK", self)
+
+    def time(self) -> float:
+        return self.t
+
+    def sleep(self, seconds: float) -> None:
+        self.t += max(seconds, 0)
+
+
 class Cloud:
     """What the randomized run needs of one middleware's test provider: its entries, every instance it
-    ever made (launch id of each, terminated ones included), the live ones, aging, a fresh start."""
+    ever made (launch id of each, terminated ones included), the live ones, aging, a fresh start.
 
-    def __init__(self, middleware, request, monkeypatch):
-        self.middleware = middleware
-        request.getfixturevalue("ec2")  # moto, and the pilot credential's connection every cloud uses
+    Every cloud lags: new instances are missing from its listing for LAG s. EC2 is moto behind the
+    EC2-compatible proxy with ClientToken ignored (as moto and many EC2-compatible clouds do); Nova
+    and OpenNebula are two endpoints each whose ids collide (the same server ids, VMs from 0).
+    """
+
+    def __init__(self, middleware, request, monkeypatch, clock):
+        self.middleware, self.clock = middleware, clock
+        request.getfixturevalue("ec2")  # the pilot credential's connection every cloud uses
         if middleware == "ec2":
-            self.server = request.getfixturevalue("ec2")
+            self.server = request.getfixturevalue("ec2_compat")
+            self.server.clock = clock.time
+            self.server.set(lag=LAG, client_token="ignore")
             self.entries = tuple(REGIONS)
-            self.provision, self.pilot = "aws-demo", "cms-pool-token"
+            self.servers = {}
             return
-        from tests.test_e2e_multicloud import multicloud_config
-
-        multi = multicloud_config("unused.json")
-        self.entry = next(e for e in multi["entries"] if e["middleware"] == middleware)
-        domain = self.entry["trust_domain"]
-        self.credentials = [c for c in multi["credentials"] if c["trust_domain"] == domain]
-        self.provision = next(c["id"] for c in self.credentials if c["purpose"] == "provision")
-        self.pilot = next(c["id"] for c in self.credentials if c["purpose"] == "pilot")
-        self.entries = (f"{self.entry['name']}-a", f"{self.entry['name']}-b")
-        self.server = request.getfixturevalue("nova" if middleware == "openstack" else "one")
+        self.pair = request.getfixturevalue("nova_pair" if middleware == "openstack" else "one_pair")
+        self.entries = tuple(self.pair.entry_names)
+        self.servers = dict(zip(self.entries, self.pair.servers))  # entry -> its endpoint
+        for server in self.servers.values():
+            server.clock, server.lag = clock, LAG
         self.created: Counter = Counter()  # Nova forgets deleted servers: count them as they are made
         if middleware == "openstack":
-            nova, real_create = self.server, self.server.create
+            for nova in self.servers.values():
+                self._count_creates(nova, monkeypatch)
 
-            def create(body, mv):
-                before = set(nova.servers)
-                out = real_create(body, mv)
-                self.created.update(nova.servers[sid]["metadata"].get(P.TAG_LAUNCH) for sid in set(nova.servers) - before)
-                return out
+    def credentials(self, entry):
+        """(provisioning, pilot) credential ids for an entry's requests."""
+        if self.middleware == "ec2":
+            return "aws-demo", "cms-pool-token"
+        return f"{entry}-cms", f"pool-{entry}"
 
-            monkeypatch.setattr(nova, "create", create)
+    def _count_creates(self, nova, monkeypatch):
+        real_create = nova.create
+
+        def create(body, mv):
+            before = set(nova.servers)
+            out = real_create(body, mv)
+            self.created.update(nova.servers[sid]["metadata"].get(P.TAG_LAUNCH) for sid in set(nova.servers) - before)
+            return out
+
+        monkeypatch.setattr(nova, "create", create)
 
     def made(self) -> Counter:
+        """Instances made per launch id, at every endpoint (launch ids name their entry: no collision)."""
         if self.middleware == "ec2":
             return Counter(i["TagMap"][P.TAG_LAUNCH] for i in instances(self.server))
         if self.middleware == "openstack":
             return Counter(self.created)
-        return Counter(vm["USER_TEMPLATE"].get("GLIDEIN_LAUNCH") for vm in self.server.vms.values())
+        return Counter(vm["USER_TEMPLATE"].get("GLIDEIN_LAUNCH") for one in self.servers.values()
+                       for vm in one.vms.values())
 
     def live(self) -> list[str]:
+        """Pilot keys ("entry/id") of every live instance: ids collide across the endpoints."""
         if self.middleware == "ec2":
-            return sorted(i["InstanceId"] for i in instances(self.server, live_only=True))
+            return sorted(P.pilot_key(i["TagMap"][P.TAG_ENTRY], i["InstanceId"])
+                          for i in instances(self.server, live_only=True))
         if self.middleware == "openstack":
-            return sorted(s["id"] for s in self.server.live())
-        return sorted(str(vm["ID"]) for vm in self.server.live())
+            return sorted(P.pilot_key(e, s["id"]) for e, nova in self.servers.items() for s in nova.live())
+        return sorted(P.pilot_key(e, str(vm["ID"])) for e, one in self.servers.items() for vm in one.live())
 
-    def age(self, ids, seconds) -> None:
-        if self.middleware == "ec2":
-            for region in REGIONS.values():
-                mine = {i["InstanceId"] for i in self.server.instances(region)} & set(ids)
-                self.server.age(mine, seconds, region)
-        elif self.middleware == "openstack":
-            for sid in ids:
-                self.server.servers[sid]["created"] -= seconds
-        else:
-            for vid in ids:
-                self.server.vms[int(vid)]["STIME"] -= int(seconds)
+    def age(self, keys, seconds) -> None:
+        by_entry: dict[str, list[str]] = {}
+        for key in keys:
+            entry, pid = P.split_key(key)
+            by_entry.setdefault(entry, []).append(pid)
+        for entry, ids in by_entry.items():
+            if self.middleware == "ec2":
+                self.server.age(ids, seconds, REGIONS[entry])
+            elif self.middleware == "openstack":
+                for sid in ids:
+                    self.servers[entry].servers[sid]["created"] -= seconds
+            else:
+                for vid in ids:
+                    self.servers[entry].vms[int(vid)]["STIME"] -= int(seconds)
 
     def reset(self) -> None:
-        self.server.reset()
-        if self.middleware == "openstack":
+        for server in self.servers.values() or [self.server]:
+            server.reset()
+            server.lag = LAG
+        if self.middleware == "ec2":
+            self.server.clock = self.clock.time
+            self.server.set(lag=LAG, client_token="ignore")
+        else:
             self.created.clear()
+            if self.middleware == "openstack":
+                for nova in self.servers.values():
+                    nova.ids_from(PAIR_SEED)
 
 
 class FakeTI:
@@ -141,26 +195,35 @@ class FakeTI:
 
 
 def attempt(make_op, context, tries=4):
-    """Run a task the way Airflow retries it: a fresh operator, the same inputs, until it succeeds."""
+    """Run a task the way Airflow retries it: a fresh operator, the same inputs, until it succeeds.
+
+    Under listing lag a retry may rightly refuse to create (an earlier call's answer was lost and its
+    instances may not be listed yet): after its tries the task ends failed, as in Airflow, and the
+    next runs (new launch ids) count those instances once the listing shows them.
+    """
+    last = None
     for n in range(1, tries + 1):
         try:
             return make_op().execute(context), n
-        except Exception:  # Airflow retries a task whatever it raised
-            continue
-    raise AssertionError("still failing after retries")
+        except LaunchPending:
+            if n == tries:
+                return None, n
+        except Exception as exc:  # Airflow retries a task whatever it raised
+            last = exc
+    raise AssertionError(f"still failing after retries: {last!r}")
 
 
 def random_requests(rng, cloud):
     out = {}
     for fe in ("cms", "atlas"):
         out[fe] = {"frontend": fe, "cycle": f"c{rng.random()}", "start_expr": "true", "entries": {
-            e: {"idle": rng.randint(0, 6), "max_running": 20, "provision": cloud.provision, "pilot": cloud.pilot}
+            e: {"idle": rng.randint(0, 6), "max_running": 20, **dict(zip(("provision", "pilot"), cloud.credentials(e)))}
             for e in cloud.entries if rng.random() < 0.8}}
     return out
 
 
 def feasible(work, actions):
-    """The fault points this run reaches, with how many calls each can hit."""
+    """The fault points this run reaches, with how many calls each can hit, in a fixed order."""
     launches = sum(len(item["launches"]) for item in work)
     terminations = len({(a["entry"], a["action"]) for a in actions if a["action"] != "retire"})
     out = []
@@ -174,27 +237,43 @@ def feasible(work, actions):
     return out
 
 
+ALL_POINTS = [(t, p) for t in TASKS for p in POINTS]
+
+
+def next_fault(run, options):
+    """Every point in turn (the run's number picks where to start), so every reachable point is hit."""
+    reachable = {(t, p): n for t, p, n in options}
+    for k in range(len(ALL_POINTS)):
+        task, point = ALL_POINTS[(run + k) % len(ALL_POINTS)]
+        if (task, point) in reachable:
+            return task, point, reachable[(task, point)]
+    return None
+
+
 @pytest.mark.parametrize("middleware", MIDDLEWARES)
 def test_randomized_faults_never_duplicate_or_leak(middleware, request, tmp_path, monkeypatch, state_store):
     runs = -(-RUNS // len(MIDDLEWARES))  # this middleware's share of the faulted runs
-    rng = random.Random(f"20261126-{middleware}")
-    cloud = Cloud(middleware, request, monkeypatch)
+    rng = random.Random(f"20261204-{middleware}")
+    clock = SimTime(monkeypatch, start=time.time())
+    cloud = Cloud(middleware, request, monkeypatch, clock)
     path = str(fault_config(tmp_path, monkeypatch, cloud))
     faults = Faults().install(monkeypatch)
     planned: dict[str, int] = {}
     fired: Counter = Counter()
+    pending = 0
     run = 0
     while sum(fired.values()) < runs:
         run += 1
+        clock.t += STEP
         assert run < runs * 3, f"only {sum(fired.values())} faults in {run} runs"
         if run % 12 == 0:  # a fresh provider now and then keeps the listings small
             cloud.reset()
             planned.clear()
         context = {"run_id": f"fault-run-{run}", "ti": FakeTI()}
         requests = random_requests(rng, cloud)
-        if rng.random() < 0.6:  # some pilots reach their end of life
+        if rng.random() < 0.6:  # some pilots reach their end of life (aged far past it: listed, whatever the lag)
             alive = cloud.live()
-            cloud.age(rng.sample(alive, k=min(len(alive), rng.randint(0, 6))), 2 * LIFETIME)
+            cloud.age(rng.sample(alive, k=min(len(alive), rng.randint(0, 6))), 30 * LIFETIME)
         inventory = InventoryOperator(task_id="inventory", config_file=path).execute(context)
         work = PlanCycleOperator(task_id="plan_cycle", requests=requests, inventory=inventory,
                                  config_file=path).execute(context)
@@ -202,27 +281,30 @@ def test_randomized_faults_never_duplicate_or_leak(middleware, request, tmp_path
         for item in work:
             for b in item["launches"]:
                 planned[b["launch_id"]] = b["count"]
-        options = feasible(work, actions)
-        if options:
-            task, point, calls = rng.choice(options)
+        fault = next_fault(run, feasible(work, actions))
+        if fault:
+            task, point, calls = fault
             faults.arm(task, point, rng.randint(2, calls) if point == "between_batches" else rng.randint(1, calls))
         before = len(faults.fired)
         for item in work:
-            attempt(lambda: SubmitPilotsOperator(task_id="submit_pilots", work=item, config_file=path), context)
+            result, _ = attempt(lambda: SubmitPilotsOperator(task_id="submit_pilots", work=item, config_file=path),
+                                context)
+            pending += result is None
         attempt(lambda: ReapPilotsOperator(task_id="reap_pilots", actions=actions, config_file=path), context)
         if len(faults.fired) > before:
             fired[faults.fired[-1][:2]] += 1
         faults.armed = None
-        # zero duplicates for any launch id, terminated instances included
+        # zero duplicates for any launch id, terminated (and not yet listed) instances included
         made = cloud.made()
         assert all(n <= planned.get(lid, 0) for lid, n in made.items()), {
             lid: (n, planned.get(lid)) for lid, n in made.items() if n > planned.get(lid, 0)}
-        # every termination decided this run happened, fault or not
-        going = {a["id"] for a in actions if a["action"] != "retire"}
+        # every termination decided this run happened, fault or not, at the pilot's own endpoint
+        going = {P.pilot_key(a["entry"], a["id"]) for a in actions if a["action"] != "retire"}
         assert not going & set(cloud.live())
     if RUNS >= 100:  # a short local run (GLIDEIN_FAULT_RUNS) need not reach every point
-        assert set(fired) == {(t, p) for t in TASKS for p in POINTS}, fired
-    print(f"{middleware}: {sum(fired.values())} faults fired in {run} runs: {dict(sorted(fired.items()))}")
+        assert set(fired) == set(ALL_POINTS), fired
+    print(f"{middleware}: {sum(fired.values())} faults fired in {run} runs: {dict(sorted(fired.items()))}; "
+          f"{pending} launches waited for the lagging listing")
 
 
 @pytest.mark.parametrize("task, point", [(t, p) for t in TASKS for p in POINTS])

@@ -178,15 +178,29 @@ def test_backoff_doubles_and_caps():
 
 # -- a pilot's slot ads as one --------------------------------------------
 
-def slot(pid, name, state, since, **kw):
-    return {"GLIDEIN_PILOT_ID": pid, "Name": name, "State": state, "EnteredCurrentState": since, **kw}
+def slot(pid, name, state, since, entry="aws-us-east-1", **kw):
+    """A slot ad as a pilot advertises it: GLIDEIN_PILOT_ID is "entry/provider id"."""
+    return {"GLIDEIN_PILOT_ID": f"{entry}/{pid}", "GLIDEIN_Entry_Name": entry, "Name": name, "State": state,
+            "EnteredCurrentState": since, **kw}
+
+
+def test_slot_ads_join_by_entry_and_id_and_old_pilots_by_their_entry_name():
+    """Provider ids collide across endpoints: i-1 at two entries is two pilots. A pilot started before ids
+    were qualified advertises the bare id; its GLIDEIN_Entry_Name qualifies it."""
+    ads = [slot("7", "slot1@a", "Claimed", NOW - 10, entry="one-a"), slot("7", "slot1@b", "Unclaimed", NOW - 10,
+                                                                          entry="one-b"),
+           {"GLIDEIN_PILOT_ID": "8", "GLIDEIN_Entry_Name": "one-a", "Name": "slot1@old", "State": "Unclaimed"},
+           {"GLIDEIN_PILOT_ID": "9", "Name": "slot1@no-entry", "State": "Unclaimed"}]
+    out = L.pilot_ads(ads)
+    assert set(out) == {"one-a/7", "one-b/7", "one-a/8"}
+    assert out["one-a/7"]["State"] == "Claimed" and out["one-b/7"]["State"] == "Unclaimed"
 
 
 def test_a_pilot_with_one_claimed_dynamic_slot_is_busy_whatever_the_order_of_its_ads():
     pslot = slot("i-1", "slot1@pilot-1", "Unclaimed", NOW - 5000, PartitionableSlot=True)
     dslot = slot("i-1", "slot1_1@pilot-1", "Claimed", NOW - 100, DynamicSlot=True)
     for ads in ([pslot, dslot], [dslot, pslot]):
-        ad = L.pilot_ads(ads)["i-1"]
+        ad = L.pilot_ads(ads)["aws-us-east-1/i-1"]
         assert ad["State"] == "Claimed"
         assert L.transition(L.Memory(), obs(startd=ad), NOW, BOOT)[0] == P.BUSY
 
@@ -196,9 +210,9 @@ def test_an_idle_pilot_is_idle_since_its_latest_slot_change_and_draining_wins():
            slot("i-3", "slot1@p3", "Claimed", NOW - 50), slot("i-3", "slot2@p3", "Drained", NOW - 10),
            {"Name": "slot1@not-a-glidein", "State": "Unclaimed"}]
     out = L.pilot_ads(ads)
-    assert set(out) == {"i-2", "i-3"}
-    assert out["i-2"]["Name"] == "slot2@p2" and L._idle_for(out["i-2"], NOW) == 30
-    assert L.transition(L.Memory(), obs(startd=out["i-3"]), NOW, BOOT)[0] == P.RETIRING
+    assert set(out) == {"aws-us-east-1/i-2", "aws-us-east-1/i-3"}
+    assert out["aws-us-east-1/i-2"]["Name"] == "slot2@p2" and L._idle_for(out["aws-us-east-1/i-2"], NOW) == 30
+    assert L.transition(L.Memory(), obs(startd=out["aws-us-east-1/i-3"]), NOW, BOOT)[0] == P.RETIRING
 
 
 def test_backed_off_entries_from_the_factory_status():
@@ -215,7 +229,7 @@ def test_a_partitionable_pilot_whose_last_job_just_ended_is_not_idle_since_boot(
     boot = NOW - 5000
     pslot = slot("i-9", "slot1@p9", "Unclaimed", boot, PartitionableSlot=True)
     dslot = slot("i-9", "slot1_1@p9", "Claimed", NOW - 3000, DynamicSlot=True)
-    state, mem = L.transition(L.Memory(), obs(age=5000, startd=L.pilot_ads([pslot, dslot])["i-9"]), NOW, BOOT)
+    state, mem = L.transition(L.Memory(), obs(age=5000, startd=L.pilot_ads([pslot, dslot])["aws-us-east-1/i-9"]), NOW, BOOT)
     assert state == P.BUSY and mem.last_busy == NOW
     # next cycle: the job ended, its dynamic slot is gone; only the partitionable slot is left
     later = NOW + 120

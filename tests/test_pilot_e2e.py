@@ -58,7 +58,7 @@ def test_launched_pilots_boot_join_and_return_their_logs(ec2, bootstrap_server, 
         assert proc.returncode == 0, proc.stderr
         assert vm.powered_off
         conf = vm.condor_config()
-        for line in (f'GLIDEIN_PILOT_ID = "{iid}"', f'GLIDEIN_Entry_Name = "{entry}"', 'GLIDEIN_Frontend = "cms"',
+        for line in (f'GLIDEIN_PILOT_ID = "{entry}/{iid}"', f'GLIDEIN_Entry_Name = "{entry}"', 'GLIDEIN_Frontend = "cms"',
                      'GLIDEIN_Factory = "demo-factory"', f'GLIDEIN_Launch = "{inst["TagMap"][P.TAG_LAUNCH]}"',
                      "COLLECTOR_HOST = cm.example.org:9618", "CCB_ADDRESS = $(COLLECTOR_HOST)",
                      f"START = ({start_expr}) && (time() < GLIDEIN_ToRetire)", "STARTD_NOCLAIM_SHUTDOWN = 1200"):
@@ -69,11 +69,11 @@ def test_launched_pilots_boot_join_and_return_their_logs(ec2, bootstrap_server, 
         logs = bootstrap_server.logs(entry, iid)
         assert {"glidein.log", "condor_master.stdout", "condor_master.stderr", "MasterLog", "StartLog",
                 "StandinParams.json"} <= set(logs)
-        assert f'condor_master stand-in running pilot "{iid}"' in logs["condor_master.stdout"]
+        assert f'condor_master stand-in running pilot "{entry}/{iid}"' in logs["condor_master.stdout"]
         assert "condor_master exited with status 0: normal exit" in logs["glidein.log"]
         # what HTCondor itself (the htcondor2 bindings) read from the written configuration
         params = json.loads(logs["StandinParams.json"])
-        assert params["GLIDEIN_PILOT_ID"] == f'"{iid}"' and params["GLIDEIN_Entry_Name"] == f'"{entry}"'
+        assert params["GLIDEIN_PILOT_ID"] == f'"{entry}/{iid}"' and params["GLIDEIN_Entry_Name"] == f'"{entry}"'
         assert params["COLLECTOR_HOST"] == params["CCB_ADDRESS"] == "cm.example.org:9618"
         assert params["GLIDEIN_Site"] == ('"AWS_US_EAST_1"' if entry == "aws-us-east-1" else '"AWS_US_WEST_2"')
         assert "GLIDEIN_PILOT_ID" in params["STARTD_ATTRS"] and "GLIDEIN_Site" in params["STARTD_ATTRS"]

@@ -15,7 +15,7 @@ NO_CURBS = {"curb_idle_per_entry": 10**6, "curb_idle": 10**6, "curb_running": 10
 
 
 def entry(name: str, cores: int = 4, memory: int = 8192, gpus: int = 0, **limits: Any) -> dict:
-    return {"name": name, "middleware": "ec2", "region": "r", "image": "ami-1", "flavor": "f", "cores": cores,
+    return {"name": name, "middleware": "ec2", "region": "us-east-1", "image": "ami-1", "flavor": "f", "cores": cores,
             "memory_mb": memory, "gpus": gpus, "trust_domain": "aws", "limits": limits or {}}
 
 

@@ -81,12 +81,15 @@ def test_inventory_lists_an_endpoint_once_for_all_its_entries(ec2, cfg_path, sta
 
     before = tokens()
     inv = InventoryOperator(task_id="inventory", entries=["aws-us-east-1", "aws-us-east-1-big"],
-                            config_file=str(cfg_path)).execute({})
+                            config_file=str(cfg_path)).execute({"run_id": "factory-run-1"})
     assert tokens() - before == 1  # one DescribeInstances for both entries
-    # the pilot of an entry no longer configured is an orphan, reached through the region's first entry
-    assert inv["counts"] == {"aws-us-east-1": {"cms": {"booting": 3, "orphan": 1, "total": 4}},
-                             "aws-us-east-1-big": {"cms": {"booting": 2, "total": 2}}}
+    # the pilot of an entry no longer configured is an orphan of its own entry, found by the region's listing
+    assert inv["counts"] == {"aws-us-east-1": {"cms": {"booting": 3, "total": 3}},
+                             "aws-us-east-1-big": {"cms": {"booting": 2, "total": 2}},
+                             "gone-entry": {"cms": {"orphan": 1, "total": 1}}}
+    assert inv["removed"] == ["gone-entry"]
     rows = pilotdb.load_pilots(state.store())
-    assert sorted(r["entry"] for r in rows.values()) == ["aws-us-east-1"] * 4 + ["aws-us-east-1-big"] * 2
+    assert sorted(r["entry"] for r in rows.values()) == ["aws-us-east-1"] * 3 + ["aws-us-east-1-big"] * 2 + [
+        "gone-entry"]
     assert [r["detail"] for r in rows.values() if r["state"] == "orphan"] == [
         "entry 'gone-entry' is no longer configured"]

@@ -63,8 +63,9 @@ def test_trigger_times_out_naming_the_pilots_still_there(pilots):
     path, targets, ids = pilots
     trigger = PilotsGoneTrigger(targets=targets, config_file=path, poll_interval=0.1, deadline=time.time() + 0.3)
     event = run_trigger(trigger)
-    assert event.payload == {"status": "timeout", "present": ids}
-    with pytest.raises(AirflowException, match=f"3 pilots still present after terminate: \\['{ids[0]}'"):
+    keys = [f"aws-us-east-1/{i}" for i in ids]  # pilots are named by entry and provider id
+    assert event.payload == {"status": "timeout", "present": keys}
+    with pytest.raises(AirflowException, match=f"3 pilots still present after terminate: \\['{keys[0]}'"):
         sensor(path, targets).execute_complete({}, event.payload)
 
 

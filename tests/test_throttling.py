@@ -149,3 +149,24 @@ def test_a_cycle_on_an_overloaded_oned_launches_the_plan_once_within_budget(one,
     assert len(one.calls) > BUDGET["requests"]
     assert one.max_in_window(BUDGET["per_seconds"]) <= BUDGET["requests"]
     assert spent == {"one-fnal": len(one.calls)}
+
+
+def test_a_backoff_that_outlasts_the_task_gives_up_saying_when_to_expect_capacity(one, sim_clock):
+    """oned refuses every write for longer than the hook may back off: the call fails (nothing made)
+    with a message that names the endpoint, the call and when capacity can be expected."""
+    from airflow_glidein.hooks.base import Throttled
+
+    one.clock = sim_clock
+    one.overload = "election"
+    one.throttle.random(1.0, seed=1)
+    entry = Entry(name="fermicloud", middleware="opennebula", endpoint="one-fnal", image="12", flavor="4", cores=4,
+                  memory_mb=4096, trust_domain="fnal", auth_method="username_password",
+                  options={"terminate_settle": 0})
+    env = signed_envelope("opennebula", {"factory": "f", "entry": "fermicloud", "launch_id": "r1.cms.fermicloud.0"})
+    spec = LaunchSpec(launch_id="r1.cms.fermicloud.0", frontend="cms", count=1, image="12", userdata=env)
+    with pytest.raises(Throttled) as err:
+        pilot_hook(entry, "f", "glidein_one_test").launch(spec)
+    text = str(err.value)
+    assert text.startswith("one.template.instantiate at one-fnal still throttled after 6 backoffs")
+    assert "expect capacity after about" in text and "election mode" in text
+    assert one.live() == []

@@ -32,11 +32,12 @@ def cfg(ec2, bootstrap_server, tmp_path, monkeypatch):
 def booted_ok(vm: VM, proc, iid: str, server) -> dict[str, str]:
     assert proc.returncode == 0, proc.stderr
     conf = vm.condor_config()
-    assert f'GLIDEIN_PILOT_ID = "{iid}"' in conf
+    # the startd names its pilot by entry and instance id (ids collide across endpoints)
+    assert f'GLIDEIN_PILOT_ID = "aws-us-east-1/{iid}"' in conf and f'GLIDEIN_Instance_ID = "{iid}"' in conf
     logs = server.logs("aws-us-east-1", iid)
     assert {"glidein.log", "condor_master.stdout", "MasterLog", "StandinParams.json"} <= set(logs)
     params = json.loads(logs["StandinParams.json"])
-    assert params["GLIDEIN_PILOT_ID"] == f'"{iid}"'
+    assert params["GLIDEIN_PILOT_ID"] == f'"aws-us-east-1/{iid}"'
     assert vm.powered_off
     return logs
 

@@ -110,6 +110,7 @@ class Service:
         to_retire = int(launch.created + p["max_lifetime"])
         fields: dict[str, Any] = {
             "pilot_id": pilot_id,
+            "pilot_key": f"{launch.entry}/{pilot_id}",  # the startd's GLIDEIN_PILOT_ID: ids collide across endpoints
             "launch_id": launch.launch_id,
             "entry": launch.entry,
             "frontend": launch.frontend,

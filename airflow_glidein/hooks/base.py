@@ -5,8 +5,10 @@ ours (by the factory/entry/launch tags), terminate (and its stronger
 variant). What all middlewares need is here, once:
 
 - retry safety: a launch first looks for instances already made under its
-  launch id and creates only what is missing, so a retried task (or a
-  provider that ignores idempotency tokens) never starts a duplicate pilot;
+  launch id (listed, or recorded at create: listings lag) and creates only
+  what is missing, so a retried task (or a provider that ignores idempotency
+  tokens) never starts a duplicate pilot; a create call whose answer never
+  came is not repeated until the listing can have caught up with it;
 - the API budget: every provider call takes a token of the endpoint's
   budget (``airflow_glidein.budget``) and, when the provider throttles
   (429/503 or its own equivalent), backs off with full jitter and tries again;
@@ -22,10 +24,10 @@ import logging
 import random
 import time
 from abc import abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Protocol, TypeVar
 
 from airflow.sdk import BaseHook
 
@@ -88,9 +90,52 @@ class TerminationReport:
         return asdict(self)
 
 
+def describe_error(exc: BaseException, limit: int = 400) -> str:
+    """A provider error in one line for an ERROR message: the call and the provider's own words.
+
+    botocore already says "An error occurred (Code) when calling the X operation: message";
+    openstacksdk and pyone name the request and the server's message.
+    """
+    text = " ".join(str(exc).split()) or repr(exc)
+    return f"{type(exc).__name__}: {text[:limit]}"
+
+
 def backoff(attempt: int, hint: float, base: float, cap: float) -> float:
     """Full-jitter exponential backoff, never shorter than the provider's Retry-After."""
     return max(hint, random.uniform(0, min(cap, base * 2**attempt)))
+
+
+# errors raised before a request reached the provider (botocore, urllib3, requests): nothing was made
+NOT_SENT = {"EndpointConnectionError", "ConnectTimeoutError", "NewConnectionError", "ConnectTimeout"}
+
+
+class Throttled(RuntimeError):
+    """The provider kept throttling through every backoff this task may spend."""
+
+    def __init__(self, endpoint: str, what: str, retries: int, hint: float, outcome: Any) -> None:
+        wait = max(hint, 60.0)
+        at = time.strftime("%H:%M:%S UTC", time.gmtime(B.CLOCK.time() + wait))
+        detail = describe_error(outcome) if isinstance(outcome, BaseException) else str(outcome)[:200]
+        super().__init__(f"{what} at {endpoint} still throttled after {retries} backoffs; the provider "
+                         f"{'asks to wait ' + format(hint, '.0f') + ' s' if hint else 'gave no Retry-After'}: "
+                         f"expect capacity after about {at} ({detail})")
+        self.hint = hint
+
+
+class LaunchPending(RuntimeError):
+    """An earlier create call of this launch has no known outcome and the listing may still lag behind it."""
+
+
+class LaunchLog(Protocol):
+    """Where a launch records what it made, at once (``pilotdb.LaunchLog`` in the state store)."""
+
+    now: float
+
+    def known(self) -> set[str]: ...
+    def last_call(self) -> dict[str, Any] | None: ...
+    def calling(self, expected: int) -> None: ...
+    def created(self, ids: Iterable[str], launched: float | None = None) -> None: ...
+    def called(self, outcome: str) -> None: ...
 
 
 class PilotHook(BaseHook):
@@ -107,6 +152,8 @@ class PilotHook(BaseHook):
         self.entry = entry
         self.factory = factory
         self.conn_id = conn_id
+        self._log: LaunchLog | None = None  # set while a launch's create calls run
+        self._have = self._sent = 0  # instances the launch had, and asked for so far in this launch
 
     # -- what each middleware implements ---------------------------------
     @abstractmethod
@@ -136,6 +183,30 @@ class PilotHook(BaseHook):
         """If this result or exception means "slow down": the seconds the provider asks (0: unsaid)."""
         return None
 
+    def _refused(self, exc: Exception) -> bool:
+        """True if this create error means the provider made nothing (a 4xx refusal: bad image, quota;
+        a connection never made); False where the call may have made instances before it failed
+        (timeouts, 5xx, a lost answer)."""
+        return isinstance(exc, ConnectionRefusedError) or type(exc).__name__ in NOT_SENT
+
+    def idempotent_create(self) -> bool:
+        """True where repeating a create call with the same launch is safe (EC2 ClientToken on AWS)."""
+        return False
+
+    def _sending(self, n: int) -> None:
+        """A middleware that makes one create call per instance (OpenNebula) calls this before each:
+        an unanswered call then stands for the instances sent so far, not for the whole batch."""
+        if self._log is not None:
+            self._sent += n
+            self._log.calling(self._have + self._sent)
+
+    def _created(self, instances: Iterable[P.ProviderInstance]) -> None:
+        """Each middleware's _create calls this as soon as a provider call returns ids: recorded at once."""
+        if self._log is not None:
+            ids = [i.id for i in instances]
+            if ids:
+                self._log.created(ids)
+
     # -- the API budget ---------------------------------------------------
     @cached_property
     def budget(self) -> B.ApiBudget:
@@ -156,10 +227,12 @@ class PilotHook(BaseHook):
             except Exception as exc:
                 outcome, failed = exc, True
             hint = self._throttled(outcome)
-            if hint is None or attempt == self.throttle_retries:
+            if hint is None:
                 if failed:
                     raise outcome
                 return outcome
+            if attempt == self.throttle_retries:
+                raise Throttled(self.entry.api_endpoint, what, attempt, hint, outcome)
             metrics.incr(1, "api", "throttled", self.entry.api_endpoint, endpoint=self.entry.api_endpoint)
             pause = backoff(attempt, hint, self.backoff_base, self.backoff_cap)
             log.warning("%s %s throttled by %s; retry %d of %d in %.1f s", self.middleware, what,
@@ -197,17 +270,63 @@ class PilotHook(BaseHook):
     def list_endpoint(self) -> list[P.ProviderInstance] | None:
         return self._list_all()
 
-    def launch(self, spec: LaunchSpec) -> dict[str, list[str]]:
-        """Idempotent: returns {"existing": ids, "created": ids} for the launch id."""
-        existing = self._list(spec.launch_id)
-        missing = spec.count - len(existing)
-        created: list[P.ProviderInstance] = []
-        if missing > 0:
-            had = {i.id for i in existing}
-            created = [i for i in self._create(spec, missing, self.tags(spec)) if i.id not in had]
-        else:
-            log.info("Launch %s already has %d of %d instances; creating none", spec.launch_id, len(existing), spec.count)
-        return {"existing": [i.id for i in existing], "created": [i.id for i in created]}
+    def launch(self, spec: LaunchSpec, record: LaunchLog | None = None) -> dict[str, list[str]]:
+        """Idempotent: returns {"existing": ids, "created": ids} for the launch id.
+
+        What the launch already has is what the provider lists under its id
+        plus what ``record`` recorded at create (a listing lags behind a create).
+        If an earlier create call has no known outcome and the listing holds
+        less than it asked for, it may yet show up: nothing is created until
+        the entry's ``listing_grace`` has passed (``LaunchPending``), except
+        where the provider makes a repeated call idempotent.
+        """
+        listed = {i.id for i in self._list(spec.launch_id)}
+        known = listed | (record.known() if record is not None else set())
+        have = self._settle(spec, record, known) if record is not None else len(known)
+        missing = spec.count - have
+        if missing <= 0:
+            log.info("Launch %s already has %d of %d instances (%d listed, %d known); creating none",
+                     spec.launch_id, have, spec.count, len(listed), len(known))
+            return {"existing": sorted(known), "created": []}
+        if record is not None:
+            record.calling(have + missing)
+        self._log, self._have, self._sent = record, have, 0
+        try:
+            made = self._create(spec, missing, self.tags(spec))
+        except Exception as exc:
+            if record is not None:
+                record.called("refused" if self._refused(exc) else "unknown")
+            raise
+        finally:
+            self._log = None
+        created = [i.id for i in made if i.id not in known]
+        if record is not None:
+            record.created(created)  # those a middleware did not record as it went
+            record.called("made")
+        return {"existing": sorted(known), "created": created}
+
+    def _settle(self, spec: LaunchSpec, record: LaunchLog, known: set[str]) -> int:
+        """How many instances the launch has: the ids known, or, within the entry's listing_grace, what
+        its last create call made (a batch call may name only its first instance, the listing lags).
+
+        While an earlier call's outcome is unknown and fewer than it asked for are known, nothing is
+        created (``LaunchPending``), except where the provider makes a repeated call idempotent.
+        """
+        last = record.last_call()
+        if last is None or last["outcome"] in ("refused", "settled") or len(known) >= last["expected"]:
+            return len(known)
+        waited = record.now - last["started"]
+        grace = self.entry.listing_grace
+        if waited >= grace:
+            return len(known)  # the listing has caught up: what it shows is what there is
+        if last["outcome"] == "made":
+            return last["expected"]
+        if self.idempotent_create():
+            return len(known)
+        raise LaunchPending(
+            f"launch {spec.launch_id} at {self.entry.name}: an earlier create call ({int(waited)} s ago) has no "
+            f"known outcome and {len(known)} of its {last['expected']} instances are listed; listings lag, so "
+            f"nothing is created again before listing_grace ({grace} s) has passed")
 
     def terminate(self, ids: list[str], force: bool = False) -> Refusals:
         """One termination request for ``ids`` (``force``: the stronger variant); returns refusals."""

@@ -66,6 +66,15 @@ class EC2PilotHook(PilotHook):
     def _throttled(self, outcome: Any) -> float | None:
         return 0.0 if isinstance(outcome, Exception) and _error_code(outcome) in THROTTLING else None
 
+    def _refused(self, exc: Exception) -> bool:
+        status = getattr(exc, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        return (400 <= status < 500 and _error_code(exc) not in THROTTLING) or super()._refused(exc)
+
+    def idempotent_create(self) -> bool:
+        # AWS honours ClientToken: a repeated RunInstances returns the instances the first one made.
+        # Other EC2 APIs (and moto) may ignore it.
+        return "amazonaws.com" in (self.client.meta.endpoint_url or "")
+
     def _filters(self, launch_id: str | None, all_entries: bool = False) -> list[dict]:
         filters = [
             {"Name": f"tag:{P.TAG_FACTORY}", "Values": [self.factory]},

@@ -99,6 +99,12 @@ class OpenNebulaPilotHook(PilotHook):
             return 0.0  # oned gives no hint: the base class's full-jitter backoff decides
         return None
 
+    def _refused(self, exc: Exception) -> bool:
+        import pyone
+
+        # oned answered in-band that it will not do it (bad template, quota): nothing was made
+        return isinstance(exc, pyone.OneException) and self._throttled(exc) is None
+
     # -- the VM template -----------------------------------------------------
     @cached_property
     def template(self) -> tuple[int, dict]:
@@ -169,8 +175,10 @@ class OpenNebulaPilotHook(PilotHook):
         extra = self.extra_template(spec, tags)
         made = []
         for n in range(count):  # no batch call in OpenNebula
+            self._sending(1)
             vid = self._call("template.instantiate", tid, self.vm_name(spec.launch_id, n), False, extra, False)
             made.append(P.ProviderInstance(id=str(vid), state=P.P_PENDING, launched=B.CLOCK.time(), tags=dict(tags)))
+            self._created(made[-1:])  # at once: a later call of the batch may fail
         return made
 
     def _act(self, action: str, ids: list[str]) -> Refusals:

@@ -37,6 +37,7 @@ from urllib.parse import parse_qs, urlparse
 import requests
 from requests.adapters import HTTPAdapter
 
+from airflow_glidein import budget as B
 from airflow_glidein import pilots as P
 from airflow_glidein.hooks.base import LaunchSpec, PilotHook, Refusals, conn_fingerprint, shared_client
 
@@ -223,13 +224,19 @@ class OpenStackPilotHook(PilotHook):
             attrs["availability_zone"] = opts["availability_zone"]
         if self.tagged:
             attrs["tags"] = [self.entry_tag, self.launch_tag(spec.launch_id)]
-        if opts.get("multi_create", True):
-            # One call for the batch; Nova answers with the first server only, the listing has them all.
-            self.conn.compute.create_server(min_count=count, max_count=count, **attrs)
-        else:
-            for _ in range(count):
+        made = []
+        calls = [count] if opts.get("multi_create", True) else [1] * count
+        for n in calls:
+            # A batch is one call; Nova answers with its first server only: the others are known from the
+            # listing (which may lag: the launch's expected count covers them meanwhile).
+            self._sending(n)
+            server = self.conn.compute.create_server(min_count=n, max_count=n, **attrs) if n > 1 else \
                 self.conn.compute.create_server(**attrs)
-        return self._list(spec.launch_id)
+            first = P.ProviderInstance(id=server.id, state=P.P_PENDING, launched=B.CLOCK.time(), tags=dict(tags))
+            self._created([first])
+            made.append(first)
+        listed = {i.id: i for i in self._list(spec.launch_id)}
+        return list({**{i.id: i for i in made}, **listed}.values())
 
     def _terminate(self, ids: list[str]) -> Refusals:
         from openstack import exceptions
@@ -261,6 +268,10 @@ class OpenStackPilotHook(PilotHook):
 
     def _needs_force(self, inst: P.ProviderInstance) -> bool:
         return inst.detail.startswith("SOFT_DELETED")
+
+    def _refused(self, exc: Exception) -> bool:
+        status = getattr(exc, "status_code", None) or 0
+        return (400 <= status < 500 and status != 429) or super()._refused(exc)
 
     def _throttled(self, outcome: Any) -> float | None:
         if isinstance(outcome, requests.Response) and outcome.status_code in THROTTLE_STATUS:

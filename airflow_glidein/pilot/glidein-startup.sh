@@ -65,14 +65,16 @@ EOF
     fi
     printf 'NUM_CPUS = %s\n' "$(val cpus "$X")"
     printf 'MEMORY = %s\n' "$(val memory_mb "$X")"
-    printf 'GLIDEIN_PILOT_ID = "%s"\n' "$IID"
+    key=$(val pilot_key "$X")  # entry/instance id: provider ids collide across endpoints
+    printf 'GLIDEIN_PILOT_ID = "%s"\n' "${key:-$IID}"
+    printf 'GLIDEIN_Instance_ID = "%s"\n' "$IID"
     for k in entry:GLIDEIN_Entry_Name frontend:GLIDEIN_Frontend factory:GLIDEIN_Factory launch_id:GLIDEIN_Launch; do
         printf '%s = "%s"\n' "${k#*:}" "$(val "${k%%:*}" "$X")"
     done
     printf 'GLIDEIN_ToRetire = %s\n' "$(val to_retire "$X")"
     printf 'GLIDEIN_ToDie = %s\n' "$(val to_die "$X")"
     sed -n 's/^attr\.\([A-Za-z_][A-Za-z0-9_]*\)=\(.*\)$/\1 = \2/p' "$X"
-    printf 'STARTD_ATTRS = $(STARTD_ATTRS) GLIDEIN_PILOT_ID GLIDEIN_Entry_Name GLIDEIN_Frontend GLIDEIN_Factory GLIDEIN_Launch GLIDEIN_ToRetire GLIDEIN_ToDie %s\n' "$attrs"
+    printf 'STARTD_ATTRS = $(STARTD_ATTRS) GLIDEIN_PILOT_ID GLIDEIN_Instance_ID GLIDEIN_Entry_Name GLIDEIN_Frontend GLIDEIN_Factory GLIDEIN_Launch GLIDEIN_ToRetire GLIDEIN_ToDie %s\n' "$attrs"
     printf 'START = (%s) && (time() < GLIDEIN_ToRetire)\n' "$(val start_expr "$X")"
     printf 'STARTD_NOCLAIM_SHUTDOWN = %s\n' "$(val idle_timeout "$X")"
     cat <<'EOF'
