@@ -131,3 +131,11 @@ def load_health(store: StateStore) -> dict[str, dict[str, Any]]:
 
 def save_health(store: StateStore, rows: Iterable[Mapping[str, Any]]) -> None:
     _upsert(store, ENTRY_HEALTH, [dict(r) for r in rows], "entry")
+
+
+def recorded(store: StateStore, entry: str, launch_id: str, instance_id: str) -> bool:
+    """Did the factory record ``instance_id`` as made by ``launch_id`` at ``entry``? (no provider call)"""
+    q = select(PILOTS.c.id).where(PILOTS.c.entry == entry, PILOTS.c.id == instance_id,
+                                  PILOTS.c.launch == launch_id).limit(1)
+    with store.begin() as conn:
+        return conn.execute(q).first() is not None

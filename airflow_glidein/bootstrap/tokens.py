@@ -17,9 +17,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from sqlalchemy import Column, Float, Integer, String, Table, Text, func, insert, select, update
+from sqlalchemy import Column, Float, Integer, String, Table, Text, and_, delete, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
+from airflow_glidein.bootstrap import listings
 from airflow_glidein.state import METADATA, StateStore
 
 launches = Table(
@@ -59,11 +60,17 @@ LOG_GRACE = 3600  # s past its expiry a bootstrap token may still upload a faili
 
 
 class Refused(Exception):
-    """A token the service will not honour; the message is safe to return to the pilot."""
+    """A request the service will not honour; the message is safe to return to the pilot.
 
-    def __init__(self, status: int, message: str) -> None:
+    ``reason`` names the refusal in metrics (glidein.bootstrap.refused.<reason>);
+    ``retry_after`` (s) goes out as Retry-After on a 429 or 503.
+    """
+
+    def __init__(self, status: int, message: str, reason: str = "refused", retry_after: int | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.reason = reason
+        self.retry_after = retry_after
 
 
 @dataclass(frozen=True)
@@ -124,29 +131,49 @@ def _launch(conn: Any, launch_id: str, lock: bool = False) -> Launch:
     q = select(launches).where(launches.c.launch_id == launch_id)
     row = conn.execute(q.with_for_update() if lock else q).first()
     if row is None:
-        raise Refused(403, f"launch {launch_id} is not known to this factory")
+        raise Refused(403, f"launch {launch_id} is not known to this factory", "unknown_token")
     return Launch.from_row(row)
 
 
+# Called once a token is known and valid, with (kind, token hash, launch): raises Refused to turn the request
+# away (the service's per-token rate limit).
+Admit = Callable[[str, str, "Launch"], None]
+
+
+def _admit_none(kind: str, hashed: str, launch: Launch) -> None:
+    return None
+
+
 def _bootstrap_launch(conn: Any, token: str, now: float, grace: float = 0, kinds: tuple[str, ...] = (BOOTSTRAP,),
-                      row: Any = None) -> Launch:
+                      row: Any = None, admit: Admit = _admit_none) -> Launch:
     row = row or _token(conn, token)
     if row is None or row.kind not in kinds:
-        raise Refused(403, "unknown bootstrap token")
+        raise Refused(403, "unknown bootstrap token", "unknown_token")
     if now > row.expires + grace:
-        raise Refused(403, f"{row.kind} token of launch {row.launch_id} expired {int(now - row.expires)} s ago")
-    return _launch(conn, row.launch_id)
+        raise Refused(403, f"{row.kind} token of launch {row.launch_id} expired {int(now - row.expires)} s ago",
+                      "expired")
+    launch = _launch(conn, row.launch_id)
+    admit(row.kind, row.token_hash, launch)
+    return launch
+
+
+def _bound(conn: Any, entry: str, pilot_id: str) -> Any:
+    return conn.execute(select(bindings.c.launch_id, bindings.c.bound).where(
+        bindings.c.entry == entry, bindings.c.pilot_id == pilot_id)).first()
+
+
+def _used(conn: Any, launch: Launch) -> int:
+    return conn.execute(select(func.count()).select_from(bindings).where(
+        bindings.c.launch_id == launch.launch_id)).scalar_one()
 
 
 def _check_room(conn: Any, launch: Launch, pilot_id: str) -> None:
-    bound = conn.execute(select(bindings.c.launch_id).where(
-        bindings.c.entry == launch.entry, bindings.c.pilot_id == pilot_id)).first()
+    bound = _bound(conn, launch.entry, pilot_id)
     if bound is not None:
-        raise Refused(403, f"instance {pilot_id} already exchanged its bootstrap token (launch {bound.launch_id})")
-    used = conn.execute(select(func.count()).select_from(bindings).where(
-        bindings.c.launch_id == launch.launch_id)).scalar_one()
-    if used >= launch.count:
-        raise Refused(403, f"all {launch.count} exchanges of launch {launch.launch_id} are used")
+        raise Refused(403, f"instance {pilot_id} already exchanged its bootstrap token (launch {bound.launch_id})",
+                      "rebind")
+    if _used(conn, launch) >= launch.count:
+        raise Refused(403, f"all {launch.count} exchanges of launch {launch.launch_id} are used", "used_up")
 
 
 InLaunch = Callable[[Launch, str], bool]
@@ -154,22 +181,24 @@ InLaunch = Callable[[Launch, str], bool]
 
 def _check_listed(in_launch: InLaunch, launch: Launch, pilot_id: str) -> None:
     if not in_launch(launch, pilot_id):
-        raise Refused(403, f"instance {pilot_id} is not an instance of launch {launch.launch_id} at entry {launch.entry}")
+        raise Refused(403, f"instance {pilot_id} is not an instance of launch {launch.launch_id} at entry {launch.entry}",
+                      "not_in_launch")
 
 
 def exchange(
     st: StateStore, token: str, pilot_id: str, now: float, in_launch: InLaunch,
-    prepare: Callable[[Launch], T] = lambda launch: None,
+    prepare: Callable[[Launch], T] = lambda launch: None, admit: Admit = _admit_none,
 ) -> tuple[Launch, str, float, T]:
     """Bind ``pilot_id`` to the token's launch; returns (launch, upload token, its expiry, prepared).
 
-    ``in_launch(launch, pilot_id)`` asks the provider's listing of the launch;
-    it is called outside any transaction (a provider call must not hold a
-    lock). ``prepare(launch)`` gathers what the exchange hands over; if it
-    fails, nothing is bound and the pilot may try again.
+    ``in_launch(launch, pilot_id)`` checks the instance belongs to the launch
+    (the factory's record, the provider's listing, what the pilot proved); it
+    is called outside any transaction (a provider call must not hold a lock).
+    ``prepare(launch)`` gathers what the exchange hands over; if it fails,
+    nothing is bound and the pilot may try again.
     """
     with st.begin() as conn:
-        launch = _bootstrap_launch(conn, token, now)
+        launch = _bootstrap_launch(conn, token, now, admit=admit)
         _check_room(conn, launch, pilot_id)
     _check_listed(in_launch, launch, pilot_id)
     prepared = prepare(launch)
@@ -185,30 +214,56 @@ def exchange(
             conn.execute(insert(tokens).values(token_hash=token_hash(upload), kind=UPLOAD, launch_id=launch.launch_id,
                                                pilot_id=pilot_id, expires=expires))
     except IntegrityError:  # another replica bound this instance between our two transactions
-        raise Refused(403, f"instance {pilot_id} already exchanged its bootstrap token") from None
+        raise Refused(403, f"instance {pilot_id} already exchanged its bootstrap token", "rebind") from None
     return launch, upload, expires, prepared
 
 
-def uploader(st: StateStore, token: str, now: float, claimed: str | None, in_launch: InLaunch) -> tuple[str, str]:
-    """(entry, pilot id) whose logs ``token`` may write.
+def uploader(st: StateStore, token: str, now: float, claimed: str | None, in_launch: InLaunch,
+             admit: Admit = _admit_none) -> tuple[str, str, bool]:
+    """(entry, pilot id, early) whose logs ``token`` may write; early: before the pilot's exchange.
 
-    An upload token names its pilot. A bootstrap token (a wrapper that failed
-    before the exchange) writes for the instance it claims, if the provider
-    lists that instance under the token's launch.
+    An upload token names its pilot. A bootstrap (or sealed envelope's log)
+    token, readable in UserData, writes only for an instance of its launch
+    that has not exchanged (a wrapper that failed before the exchange), and
+    not at all once every exchange of the launch is used: it never writes
+    over the logs of a pilot that holds its upload token.
     """
     with st.begin() as conn:
         row = _token(conn, token)
         if row is not None and row.kind == UPLOAD:
             if now > row.expires:
-                raise Refused(403, f"upload token of pilot {row.pilot_id} expired")
-            return _launch(conn, row.launch_id).entry, row.pilot_id
-        launch = _bootstrap_launch(conn, token, now, grace=LOG_GRACE, kinds=(BOOTSTRAP, LOG), row=row)
-        if row.kind == LOG and claimed:  # readable in UserData: never for a pilot that has its upload token
-            bound = conn.execute(select(bindings.c.launch_id).where(
-                bindings.c.entry == launch.entry, bindings.c.pilot_id == claimed)).first()
-            if bound is not None:
-                raise Refused(403, f"instance {claimed} has exchanged its token: its logs need its upload token")
-    if not claimed:
-        raise Refused(400, "a log upload with a bootstrap token must name its instance_id")
+                raise Refused(403, f"upload token of pilot {row.pilot_id} expired", "expired")
+            launch = _launch(conn, row.launch_id)
+            admit(row.kind, row.token_hash, launch)
+            return launch.entry, row.pilot_id, False
+        launch = _bootstrap_launch(conn, token, now, grace=LOG_GRACE, kinds=(BOOTSTRAP, LOG), row=row, admit=admit)
+        if not claimed:
+            raise Refused(400, "a log upload with a bootstrap token must name its instance_id", "bad_request")
+        if _bound(conn, launch.entry, claimed) is not None:
+            raise Refused(403, f"instance {claimed} has exchanged its token: its logs need its upload token", "rebind")
+        if _used(conn, launch) >= launch.count:
+            raise Refused(403, f"all {launch.count} exchanges of launch {launch.launch_id} are used: logs need "
+                               "the pilot's upload token", "used_up")
     _check_listed(in_launch, launch, claimed)
-    return launch.entry, claimed
+    return launch.entry, claimed, True
+
+
+KEEP_MIN = 3600  # s a launch is kept at least (it is registered before its first token is used)
+
+
+def prune(st: StateStore, now: float) -> dict[str, int]:
+    """Drop what no request can use any more: expired tokens, then launches without a token left, their
+    bindings and listings. Returns what was dropped, by table."""
+    with st.begin() as conn:
+        dropped = conn.execute(delete(tokens).where(or_(
+            and_(tokens.c.kind == UPLOAD, tokens.c.expires < now),
+            and_(tokens.c.kind != UPLOAD, tokens.c.expires + LOG_GRACE < now)))).rowcount
+        done = [r.launch_id for r in conn.execute(select(launches.c.launch_id).where(
+            launches.c.created < now - KEEP_MIN, launches.c.launch_id.not_in(select(tokens.c.launch_id))))]
+        unbound = 0
+        for i in range(0, len(done), 500):
+            chunk = done[i:i + 500]
+            unbound += conn.execute(delete(bindings).where(bindings.c.launch_id.in_(chunk))).rowcount
+            conn.execute(delete(launches).where(launches.c.launch_id.in_(chunk)))
+    listings.forget(st, done)
+    return {"tokens": dropped, "launches": len(done), "bindings": unbound}
