@@ -34,6 +34,7 @@ from airflow_glidein.state import StateStore, store
 
 log = logging.getLogger(__name__)
 FACTORY_DAG = "glidein_factory"
+MAX_HEADERS = 16 * 1024  # bytes of request headers (a pilot sends a few hundred)
 Refusal = tokens.Refused | LogRefused
 
 
@@ -90,7 +91,8 @@ class Service:
         if pilotdb.recorded(self.store, launch.entry, launch.launch_id, pilot_id):
             return True
         try:
-            return self.listings.contains(self.store, launch.launch_id, pilot_id, lambda: self._list(launch))
+            return self.listings.contains(self.store, launch.launch_id, pilot_id, lambda: self._list(launch),
+                                          guard.Settings.read().listing_interval)
         except listings.Unavailable as exc:
             raise tokens.Refused(503, str(exc), "unavailable", retry_after=exc.retry_after) from None
 
@@ -210,6 +212,11 @@ class Guard:
         s = guard.Settings.read()
         addr = guard.client_address(scope, s.trusted_proxies)
         scope.setdefault("state", {})["glidein_client"] = addr
+        if sum(len(k) + len(v) for k, v in scope.get("headers") or []) > MAX_HEADERS:
+            self.svc.limiter.refused(addr, s)
+            metrics.incr(1, "bootstrap", "refused", "headers", reason="headers")
+            reply = PlainTextResponse(f"error=request headers over {MAX_HEADERS} bytes\n", status_code=431)
+            return await reply(scope, receive, send)
         wait = self.svc.limiter.admit(addr, s)
         if wait:
             metrics.incr(1, "bootstrap", "refused", "rate_limited_address", reason="rate_limited_address")

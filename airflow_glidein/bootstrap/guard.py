@@ -45,6 +45,7 @@ class Settings:
     refusal_rate: float  # refused requests per second per address before the address is turned away
     refusal_burst: float
     trusted_proxies: tuple[Any, ...]  # ip networks
+    listing_interval: float  # s between two provider listings of one launch
 
     @classmethod
     def read(cls) -> Settings:
@@ -52,7 +53,8 @@ class Settings:
         refusals = float(_setting("bootstrap_address_refusals", "120"))  # per minute
         proxies = tuple(ipaddress.ip_network(p.strip(), strict=False)
                         for p in _setting("bootstrap_trusted_proxies", "").split(",") if p.strip())
-        return cls(rate, rate * 10, refusals / 60.0, refusals, proxies)
+        return cls(rate, rate * 10, refusals / 60.0, refusals, proxies,
+                   float(_setting("bootstrap_listing_interval", "20")))
 
 
 def _trusted(addr: str, proxies: tuple[Any, ...]) -> bool:

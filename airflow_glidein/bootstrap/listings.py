@@ -27,7 +27,7 @@ from airflow_glidein.state import METADATA, StateStore
 
 log = logging.getLogger(__name__)
 
-INTERVAL = 20.0  # s between two listings of one launch
+INTERVAL = 20.0  # s between two listings of one launch (default of [glidein] bootstrap_listing_interval)
 CLAIM_TTL = 90.0  # s after which a listing claim of a process that died is taken over
 WAIT = 10.0  # s a request waits for another process's listing of the same launch
 POLL = 0.1  # s between looks at that process's answer
@@ -73,8 +73,7 @@ class ListingFailed(Exception):
 class LaunchListings:
     """One process's view of the launches' listings (the state store holds the shared one)."""
 
-    def __init__(self, interval: float = INTERVAL) -> None:
-        self.interval = interval
+    def __init__(self) -> None:
         self._known: dict[str, _Known] = {}
         self._locks: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
@@ -90,7 +89,8 @@ class LaunchListings:
             known.used = now
             return known, self._locks.setdefault(launch_id, threading.Lock())
 
-    def contains(self, st: StateStore, launch_id: str, instance_id: str, lister: Lister) -> bool:
+    def contains(self, st: StateStore, launch_id: str, instance_id: str, lister: Lister,
+                 interval: float = INTERVAL) -> bool:
         """Is ``instance_id`` listed under ``launch_id``? Lists through ``lister`` at most once per interval."""
         known, lock = self._entry(launch_id)
         if instance_id in known.ids:
@@ -105,14 +105,14 @@ class LaunchListings:
                 return self._answer(known, instance_id, now)
             deadline = now + WAIT
             while True:
-                got = _shared(st, launch_id, now, self.interval)
+                got = _shared(st, launch_id, now)
                 if got is not None:  # another process listed it lately (or is the one to do it now: we are)
                     ids, nxt, failed = got
                     known.ids |= ids
                     known.next, known.failed = nxt, failed
                     if nxt > now:
                         return self._answer(known, instance_id, now)
-                    self._list(st, launch_id, known, lister, now)
+                    self._list(st, launch_id, known, lister, now, interval)
                     return self._answer(known, instance_id, time.time())
                 if time.time() > deadline:
                     raise Unavailable(f"launch {launch_id} is being listed at its provider; try again", 1)
@@ -128,15 +128,16 @@ class LaunchListings:
             raise Unavailable(known.failed, known.next - now)
         return False
 
-    def _list(self, st: StateStore, launch_id: str, known: _Known, lister: Lister, now: float) -> None:
+    def _list(self, st: StateStore, launch_id: str, known: _Known, lister: Lister, now: float,
+              interval: float) -> None:
         """We hold the claim: ask the provider, share what it said (or that it failed)."""
         try:
-            ids, failed, hold = lister(), None, self.interval
+            ids, failed, hold = lister(), None, interval
         except ListingFailed as exc:
             ids, failed, hold = None, str(exc), min(max(exc.retry_after, 1.0), FAILED_HOLD_MAX)
         except Exception as exc:  # a failure is shared like an answer: the next request must not call again
             log.warning("Listing launch %s failed: %s", clean(launch_id), clean(exc, 300))
-            ids, failed, hold = None, describe(launch_id, exc), self.interval
+            ids, failed, hold = None, describe(launch_id, exc), interval
         nxt = time.time() + hold
         with st.begin() as conn:
             conn.execute(update(listings).where(listings.c.launch_id == launch_id).values(
@@ -147,7 +148,7 @@ class LaunchListings:
         known.next, known.failed = nxt, failed
 
 
-def _shared(st: StateStore, launch_id: str, now: float, interval: float) -> tuple[set[str], float, str | None] | None:
+def _shared(st: StateStore, launch_id: str, now: float) -> tuple[set[str], float, str | None] | None:
     """The shared row: (ids, next, failure) to use, with next <= now meaning "the claim is ours: list";
     None while another process holds the claim."""
     with st.begin() as conn:
