@@ -61,29 +61,33 @@ class Service:
                                                     proxy_headers=False))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
         self.thread.start()
+        self.clients: dict[str, httpx.Client] = {}
         deadline = time.time() + 30
         while not self.server.started:
             assert time.time() < deadline, "the service did not start"
             time.sleep(0.05)
 
     def stop(self) -> None:
+        for c in self.clients.values():
+            c.close()
         self.server.should_exit = True
         self.thread.join(10)
 
-    def client(self, address: str = "127.0.0.1", **kw: Any) -> httpx.Client:
-        return httpx.Client(base_url=f"{self.url}/bootstrap", timeout=kw.pop("timeout", 60),
-                            transport=httpx.HTTPTransport(local_address=address), **kw)
+    def client(self, address: str = "127.0.0.1") -> httpx.Client:
+        """A client whose connections come from ``address`` (one per address: making one takes a while)."""
+        if address not in self.clients:
+            self.clients[address] = httpx.Client(base_url=f"{self.url}/bootstrap", timeout=120,
+                                                 transport=httpx.HTTPTransport(local_address=address))
+        return self.clients[address]
 
     def exchange(self, token: str, iid: str, address: str = "127.0.0.1", **kw: Any) -> httpx.Response:
-        with self.client(address) as c:
-            return c.post("/exchange", params={"instance_id": iid},
-                          headers={"Authorization": f"Bearer {token}", **kw.pop("headers", {})}, **kw)
+        return self.client(address).post("/exchange", params={"instance_id": iid},
+                                         headers={"Authorization": f"Bearer {token}", **kw.pop("headers", {})}, **kw)
 
     def upload(self, token: str, name: str, data: Any, iid: str | None = None, address: str = "127.0.0.1",
                **kw: Any) -> httpx.Response:
-        with self.client(address) as c:
-            return c.put(f"/logs/{name}", params={"instance_id": iid} if iid else {}, content=data,
-                         headers={"Authorization": f"Bearer {token}", **kw.pop("headers", {})}, **kw)
+        return self.client(address).put(f"/logs/{name}", params={"instance_id": iid} if iid else {}, content=data,
+                                        headers={"Authorization": f"Bearer {token}", **kw.pop("headers", {})}, **kw)
 
 
 def logs_of(entry: str, pilot_id: str) -> dict[str, bytes]:
@@ -462,8 +466,8 @@ def test_huge_headers_and_bodies_are_refused_and_the_service_goes_on(service, cf
 
 
 def test_head_works_on_the_get_routes(service):
-    with service.client() as c:
-        for path in ("/startup.sh", "/pubkey.pem"):
-            get, head = c.get(path), c.head(path)
-            assert get.status_code == head.status_code == 200 and head.content == b""
-            assert head.headers["content-length"] == str(len(get.content))
+    c = service.client()
+    for path in ("/startup.sh", "/pubkey.pem"):
+        get, head = c.get(path), c.head(path)
+        assert get.status_code == head.status_code == 200 and head.content == b""
+        assert head.headers["content-length"] == str(len(get.content))
