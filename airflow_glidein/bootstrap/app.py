@@ -35,6 +35,7 @@ from airflow_glidein.state import StateStore, store
 log = logging.getLogger(__name__)
 FACTORY_DAG = "glidein_factory"
 MAX_HEADERS = 16 * 1024  # bytes of request headers (a pilot sends a few hundred)
+SECRET_TTL = 10.0  # s a pilot credential read from its connection is reused
 Refusal = tokens.Refused | LogRefused
 
 
@@ -59,6 +60,7 @@ class Service:
         self.state_url = state_url
         self.listings = listings.LaunchListings()
         self.limiter = guard.Limiter()
+        self._secrets: dict[str, tuple[float, str]] = {}
 
     @property
     def config(self) -> Config:
@@ -78,13 +80,20 @@ class Service:
         except (StopIteration, KeyError):
             raise tokens.Refused(403, f"entry {launch.entry} is no longer configured", "unknown_entry") from None
 
-    def admit(self, kind: str, hashed: str, launch: tokens.Launch) -> None:
-        """Per-token rate limit: a launch's token serves its VMs, an upload token its pilot's files."""
-        per_minute = 2 * launch.count + 10 if kind != tokens.UPLOAD else 4 * self.logs.max_files + 10
-        wait = self.limiter.token(hashed, per_minute)
-        if wait:
-            raise tokens.Refused(429, f"too many requests with this {kind} token ({per_minute} a minute); "
-                                      "slow down", "rate_limited_token", retry_after=math.ceil(wait))
+    def admitter(self, seen: dict[str, Any]) -> tokens.Admit:
+        """Per-token limit on refusals: a token whose requests were refused too often lately is turned away
+        (a launch's token may be refused 2 per VM + 10 a minute, an upload token 2 per file + 10). What
+        succeeds does not count, so a launch's boot storm is never slowed by its own size."""
+
+        def admit(kind: str, hashed: str, launch: tokens.Launch) -> None:
+            per_minute = 2 * launch.count + 10 if kind != tokens.UPLOAD else 2 * self.logs.max_files + 10
+            seen["token"] = (hashed, per_minute)
+            wait = self.limiter.token_blocked(hashed, per_minute)
+            if wait:
+                raise tokens.Refused(429, f"too many refused requests with this {kind} token lately; slow down",
+                                     "rate_limited_token", retry_after=math.ceil(wait))
+
+        return admit
 
     def in_launch(self, launch: tokens.Launch, pilot_id: str) -> bool:
         """Is ``pilot_id`` one of the launch's instances? The factory's record, else the launch's listing."""
@@ -113,28 +122,40 @@ class Service:
                  len(found))
         return {i.id for i in found if i.launch_id == launch.launch_id}
 
-    def exchange(self, token: str, pilot_id: str, proof: dict[str, str]) -> tuple[tokens.Launch, str, float, str]:
-        def belongs(launch: tokens.Launch, pid: str) -> bool:
+    def exchange(self, token: str, pilot_id: str, proof: dict[str, str],
+                 admit: tokens.Admit) -> tuple[tokens.Launch, str, float, str]:
+        def proven(launch: tokens.Launch, pid: str) -> None:
             try:
                 identity.verify_ec2(self.entry(launch), pid, proof)
             except identity.IdentityRefused as exc:
                 raise tokens.Refused(403, str(exc), "identity") from None
-            return self.in_launch(launch, pid)
 
-        return tokens.exchange(self.store, token, pilot_id, time.time(), belongs, self.pilot_secret, self.admit)
+        def known(conn: Any, launch: tokens.Launch, pid: str) -> bool:  # without a provider call
+            proven(launch, pid)
+            return self.listings.known(launch.launch_id, pid) or pilotdb.recorded(conn, launch.entry,
+                                                                                  launch.launch_id, pid)
+
+        return tokens.exchange(self.store, token, pilot_id, time.time(), self.in_launch, self.pilot_secret, admit,
+                               known)
 
     def pilot_secret(self, launch: tokens.Launch) -> str:
-        """The launch's pilot credential, read from its Airflow connection ('' when the launch has none)."""
+        """The launch's pilot credential, read from its Airflow connection ('' when the launch has none);
+        kept a few seconds, as a boot storm asks for the same one thousands of times."""
         if not launch.pilot_credential:
             return ""
+        now = time.monotonic()
+        cached = self._secrets.get(launch.pilot_credential)
+        if cached and now - cached[0] < SECRET_TTL:
+            return cached[1]
         from airflow_glidein import secrets
 
         try:
             secret = secrets.pilot_payload(self.config, launch.pilot_credential)
         except Exception as exc:
-            log.warning("Pilot credential %s unavailable: %s", launch.pilot_credential, exc)
+            log.warning("Pilot credential %s unavailable: %s", launch.pilot_credential, clean(exc, 300))
             raise tokens.Refused(503, f"pilot credential {launch.pilot_credential} is unavailable now; try again",
-                                 "credential", retry_after=30) from None
+                                 "credential", retry_after=10) from None
+        self._secrets[launch.pilot_credential] = (now, secret)
         return secret
 
     def handover(self, launch: tokens.Launch, pilot_id: str, upload: str, upload_expires: float, secret: str) -> str:
@@ -164,9 +185,13 @@ class Service:
         fields.update({f"attr.{k}": _literal(v) for k, v in sorted(entry.attrs.items())})
         return _lines(fields)
 
-    def refuse(self, what: str, exc: Refusal, request: Request, subject: str) -> PlainTextResponse:
-        """One log line and one metric per refusal; the reply says why (escaped: it may quote the request)."""
+    def refuse(self, what: str, exc: Refusal, request: Request, subject: str,
+               seen: dict[str, Any]) -> PlainTextResponse:
+        """One log line and one metric per refusal, counted against the token; the reply says why (escaped:
+        it may quote the request)."""
         metrics.incr(1, "bootstrap", "refused", exc.reason, reason=exc.reason, route=what)
+        if "token" in seen and exc.status != 429 and exc.reason not in ("unavailable", "credential"):
+            self.limiter.token_refused(*seen["token"])
         client = clean(_client(request), 60)
         if exc.reason == "rebind":
             log.warning("Instance %s claimed again from %s: %s (a clone of a VM, or someone else's id); refused",
@@ -254,13 +279,15 @@ def create_app(*, ui: bool, config_file: str | None = None, state_url: str | Non
     @app.post("/bootstrap/exchange")
     async def post_exchange(request: Request, instance_id: Annotated[str, Query(max_length=255)],
                             authorization: Annotated[str | None, Header()] = None) -> Response:
+        seen: dict[str, Any] = {}
         try:
             token = _bearer(authorization)
             check_name(instance_id, "instance id")
             proof = identity.parse_body(await _small_body(request, identity.MAX_BODY))
-            launch, upload, expires, secret = await to_thread.run_sync(svc.exchange, token, instance_id, proof)
+            launch, upload, expires, secret = await to_thread.run_sync(
+                svc.exchange, token, instance_id, proof, svc.admitter(seen))
         except (tokens.Refused, LogRefused) as exc:
-            return svc.refuse("Exchange", exc, request, f"instance {clean(instance_id)}")
+            return svc.refuse("Exchange", exc, request, f"instance {clean(instance_id)}", seen)
         metrics.incr(1, "bootstrap", "exchanges", launch.entry, entry=launch.entry)
         log.info("Pilot %s of launch %s at %s exchanged its bootstrap token", instance_id, launch.launch_id,
                  launch.entry)
@@ -271,17 +298,18 @@ def create_app(*, ui: bool, config_file: str | None = None, state_url: str | Non
                       authorization: Annotated[str | None, Header()] = None,
                       content_length: Annotated[int | None, Header(ge=0)] = None) -> Response:
         subject = f"log {clean(name, 80)} of instance {clean(instance_id)}"
+        seen: dict[str, Any] = {}
         try:
             token = _bearer(authorization)
             check_name(name)
             if instance_id is not None:
                 check_name(instance_id, "instance id")
             entry, pilot_id, early = await to_thread.run_sync(
-                tokens.uploader, svc.store, token, time.time(), instance_id, svc.in_launch, svc.admit)
+                tokens.uploader, svc.store, token, time.time(), instance_id, svc.in_launch, svc.admitter(seen))
             subject = f"log {name} of pilot {pilot_id} at {entry}"
             size = await svc.logs.write(svc.store, entry, pilot_id, name, request.stream(), content_length, early)
         except (tokens.Refused, LogRefused) as exc:
-            return svc.refuse("Log upload", exc, request, subject)
+            return svc.refuse("Log upload", exc, request, subject, seen)
         metrics.incr(1, "bootstrap", "uploads", entry, entry=entry)
         metrics.incr(size, "bootstrap", "upload_bytes", entry, entry=entry)
         log.info("Pilot %s at %s uploaded %s (%d bytes)", pilot_id, entry, name, size)

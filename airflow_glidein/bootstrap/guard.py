@@ -2,7 +2,9 @@
 
 Anyone who can read a VM's UserData can talk to the service, so every value
 a request carries is escaped before it reaches a log line (``clean``), and
-requests are rate-limited per client address and per token (``Limiter``).
+requests are rate-limited per client address (all requests, and refused
+ones) and per token (refused ones: a launch's boot storm never slows itself)
+(``Limiter``).
 The address is the TCP peer's, or, only when that peer is one of the
 configured ``[glidein] bootstrap_trusted_proxies``, the last address in
 X-Forwarded-For that is not a trusted proxy (a client can prepend anything to
@@ -16,10 +18,12 @@ still bounds what one client costs each replica.
 from __future__ import annotations
 
 import ipaddress
+import os
 import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 def clean(value: Any, limit: int = 120) -> str:
@@ -36,9 +40,16 @@ def _setting(key: str, default: str) -> str:
     return conf.get("glidein", key, fallback=None) or default
 
 
+def env_stamp() -> tuple[tuple[str, str], ...]:
+    """What the service's settings can change with while it runs: Airflow reads its config file once, but
+    AIRFLOW__GLIDEIN__* variables (and AIRFLOW_HOME) are looked up on each read. A key for caching them."""
+    return tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AIRFLOW__GLIDEIN__")
+                        or k == "AIRFLOW_HOME"))
+
+
 @dataclass(frozen=True)
 class Settings:
-    """The service's request limits ([glidein] options, read per request so a change needs no restart)."""
+    """The service's request limits ([glidein] options)."""
 
     address_rate: float  # requests per second per client address (all kinds)
     address_burst: float
@@ -49,12 +60,21 @@ class Settings:
 
     @classmethod
     def read(cls) -> Settings:
-        rate = float(_setting("bootstrap_address_rate", "100"))
+        return _settings(env_stamp())
+
+    @classmethod
+    def _read(cls) -> Settings:
+        rate = float(_setting("bootstrap_address_rate", "200"))
         refusals = float(_setting("bootstrap_address_refusals", "120"))  # per minute
         proxies = tuple(ipaddress.ip_network(p.strip(), strict=False)
                         for p in _setting("bootstrap_trusted_proxies", "").split(",") if p.strip())
         return cls(rate, rate * 10, refusals / 60.0, refusals, proxies,
                    float(_setting("bootstrap_listing_interval", "20")))
+
+
+@lru_cache(maxsize=4)
+def _settings(stamp: tuple[tuple[str, str], ...]) -> Settings:
+    return Settings._read()
 
 
 def _trusted(addr: str, proxies: tuple[Any, ...]) -> bool:
@@ -118,7 +138,7 @@ class Buckets:
 
 
 class Limiter:
-    """The service's limits: requests per address, refusals per address, requests per token."""
+    """The service's limits: requests per address, refusals per address, refusals per token."""
 
     def __init__(self) -> None:
         self.requests = Buckets()
@@ -133,6 +153,9 @@ class Limiter:
     def refused(self, address: str, s: Settings) -> None:
         self.refusals.take(address, s.refusal_rate, s.refusal_burst)
 
-    def token(self, token_hash: str, per_minute: float) -> float:
-        """0.0 if the token may make one more request, else the seconds to wait."""
-        return self.tokens.take(token_hash, per_minute / 60.0, per_minute)
+    def token_blocked(self, token_hash: str, per_minute: float) -> float:
+        """0.0 if the token may go on, else the seconds until it may (it was refused too often lately)."""
+        return self.tokens.empty_for(token_hash, per_minute / 60.0, per_minute)
+
+    def token_refused(self, token_hash: str, per_minute: float) -> None:
+        self.tokens.take(token_hash, per_minute / 60.0, per_minute)

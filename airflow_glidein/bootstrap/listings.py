@@ -89,6 +89,11 @@ class LaunchListings:
             known.used = now
             return known, self._locks.setdefault(launch_id, threading.Lock())
 
+    def known(self, launch_id: str, instance_id: str) -> bool:
+        """Has this process seen ``instance_id`` listed under the launch? (no database, no provider)"""
+        k = self._known.get(launch_id)
+        return k is not None and instance_id in k.ids
+
     def contains(self, st: StateStore, launch_id: str, instance_id: str, lister: Lister,
                  interval: float = INTERVAL) -> bool:
         """Is ``instance_id`` listed under ``launch_id``? Lists through ``lister`` at most once per interval."""

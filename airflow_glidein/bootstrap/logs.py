@@ -24,11 +24,13 @@ import secrets
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import anyio
 from sqlalchemy import BigInteger, Column, Float, String, Table, delete, func, insert, select, text
 
+from airflow_glidein.bootstrap.guard import env_stamp
 from airflow_glidein.state import METADATA, StateStore
 
 log = logging.getLogger(__name__)
@@ -76,6 +78,11 @@ def _setting(key: str, default: str) -> str:
     return conf.get("glidein", key, fallback=None) or default
 
 
+@lru_cache(maxsize=4)
+def _from_config(stamp: tuple[tuple[str, str], ...]) -> LogStore:
+    return LogStore._read()
+
+
 def _lock_pilot(conn: Any, entry: str, pilot_id: str) -> None:
     """Serialize one pilot's reservations (SQLite's BEGIN IMMEDIATE already serializes everything)."""
     if conn.dialect.name == "postgresql":
@@ -93,6 +100,10 @@ class LogStore:
 
     @classmethod
     def from_config(cls) -> LogStore:
+        return _from_config(env_stamp())
+
+    @classmethod
+    def _read(cls) -> LogStore:
         from airflow.sdk import ObjectStoragePath
 
         home = os.environ.get("AIRFLOW_HOME") or os.path.expanduser("~/airflow")
@@ -150,9 +161,8 @@ class LogStore:
         where = (files.c.entry == entry, files.c.pilot_id == pilot_id, files.c.name == name)
         with st.begin() as conn:
             _lock_pilot(conn, entry, pilot_id)
-            conn.execute(delete(files).where(*where, files.c.upload == upload))
+            conn.execute(delete(files).where(*where, files.c.upload.in_([upload] if size is None else [upload, STORED])))
             if size is not None:
-                conn.execute(delete(files).where(*where, files.c.upload == STORED))
                 conn.execute(insert(files).values(entry=entry, pilot_id=pilot_id, name=name, upload=STORED,
                                                   bytes=size, updated=time.time()))
 

@@ -88,7 +88,7 @@ class Launch:
 
     @classmethod
     def from_row(cls, row: Any) -> Launch:
-        d = dict(row._mapping)
+        d = dict(row)
         d["policy"] = json.loads(d["policy"])
         return cls(**d)
 
@@ -123,8 +123,19 @@ def register_launch(st: StateStore, launch: Launch, token: str, expires: float, 
                                                launch_id=launch.launch_id, expires=expires))
 
 
-def _token(conn: Any, token: str) -> Any:
-    return conn.execute(select(tokens).where(tokens.c.token_hash == token_hash(token))).first()
+_LAUNCH_COLS = [c for c in launches.c]
+
+
+def _token(conn: Any, token: str, lock: bool = False) -> tuple[Any, Launch | None]:
+    """The token's row and its launch, in one query, the launch's row locked if asked (None, None: unknown)."""
+    q = (select(tokens.c.token_hash, tokens.c.kind, tokens.c.pilot_id, tokens.c.expires,
+                tokens.c.launch_id.label("token_launch"), *_LAUNCH_COLS)
+         .select_from(tokens.join(launches, tokens.c.launch_id == launches.c.launch_id))
+         .where(tokens.c.token_hash == token_hash(token)))
+    row = conn.execute(q.with_for_update(of=launches) if lock else q).first()
+    if row is None:
+        return None, None
+    return row, Launch.from_row({c.name: row._mapping[c] for c in _LAUNCH_COLS})
 
 
 def _launch(conn: Any, launch_id: str, lock: bool = False) -> Launch:
@@ -132,7 +143,7 @@ def _launch(conn: Any, launch_id: str, lock: bool = False) -> Launch:
     row = conn.execute(q.with_for_update() if lock else q).first()
     if row is None:
         raise Refused(403, f"launch {launch_id} is not known to this factory", "unknown_token")
-    return Launch.from_row(row)
+    return Launch.from_row(row._mapping)
 
 
 # Called once a token is known and valid, with (kind, token hash, launch): raises Refused to turn the request
@@ -144,35 +155,33 @@ def _admit_none(kind: str, hashed: str, launch: Launch) -> None:
     return None
 
 
-def _bootstrap_launch(conn: Any, token: str, now: float, grace: float = 0, kinds: tuple[str, ...] = (BOOTSTRAP,),
-                      row: Any = None, admit: Admit = _admit_none) -> Launch:
-    row = row or _token(conn, token)
+def _valid(row: Any, launch: Launch | None, now: float, kinds: tuple[str, ...], grace: float = 0,
+           admit: Admit = _admit_none) -> Launch:
     if row is None or row.kind not in kinds:
         raise Refused(403, "unknown bootstrap token", "unknown_token")
     if now > row.expires + grace:
-        raise Refused(403, f"{row.kind} token of launch {row.launch_id} expired {int(now - row.expires)} s ago",
+        raise Refused(403, f"{row.kind} token of launch {row.token_launch} expired {int(now - row.expires)} s ago",
                       "expired")
-    launch = _launch(conn, row.launch_id)
+    assert launch is not None
     admit(row.kind, row.token_hash, launch)
     return launch
 
 
-def _bound(conn: Any, entry: str, pilot_id: str) -> Any:
-    return conn.execute(select(bindings.c.launch_id, bindings.c.bound).where(
-        bindings.c.entry == entry, bindings.c.pilot_id == pilot_id)).first()
-
-
-def _used(conn: Any, launch: Launch) -> int:
-    return conn.execute(select(func.count()).select_from(bindings).where(
-        bindings.c.launch_id == launch.launch_id)).scalar_one()
+def _room(conn: Any, launch: Launch, pilot_id: str) -> tuple[str | None, int]:
+    """(the launch an instance is bound to, or None; how many exchanges the launch has used), in one query."""
+    row = conn.execute(select(
+        select(bindings.c.launch_id).where(bindings.c.entry == launch.entry, bindings.c.pilot_id == pilot_id)
+        .scalar_subquery().label("bound"),
+        select(func.count()).select_from(bindings).where(bindings.c.launch_id == launch.launch_id)
+        .scalar_subquery().label("used"))).one()
+    return row.bound, row.used
 
 
 def _check_room(conn: Any, launch: Launch, pilot_id: str) -> None:
-    bound = _bound(conn, launch.entry, pilot_id)
+    bound, used = _room(conn, launch, pilot_id)
     if bound is not None:
-        raise Refused(403, f"instance {pilot_id} already exchanged its bootstrap token (launch {bound.launch_id})",
-                      "rebind")
-    if _used(conn, launch) >= launch.count:
+        raise Refused(403, f"instance {pilot_id} already exchanged its bootstrap token (launch {bound})", "rebind")
+    if used >= launch.count:
         raise Refused(403, f"all {launch.count} exchanges of launch {launch.launch_id} are used", "used_up")
 
 
@@ -185,37 +194,51 @@ def _check_listed(in_launch: InLaunch, launch: Launch, pilot_id: str) -> None:
                       "not_in_launch")
 
 
-def exchange(
-    st: StateStore, token: str, pilot_id: str, now: float, in_launch: InLaunch,
-    prepare: Callable[[Launch], T] = lambda launch: None, admit: Admit = _admit_none,
-) -> tuple[Launch, str, float, T]:
-    """Bind ``pilot_id`` to the token's launch; returns (launch, upload token, its expiry, prepared).
+# Answers from the state store alone, inside the exchange's first transaction: True if the instance is known to
+# be the launch's (the factory recorded it), False if a provider listing must tell; raises Refused to refuse.
+Known = Callable[[Any, Launch, str], bool]
 
-    ``in_launch(launch, pilot_id)`` checks the instance belongs to the launch
-    (the factory's record, the provider's listing, what the pilot proved); it
-    is called outside any transaction (a provider call must not hold a lock).
-    ``prepare(launch)`` gathers what the exchange hands over; if it fails,
-    nothing is bound and the pilot may try again.
-    """
-    with st.begin() as conn:
-        launch = _bootstrap_launch(conn, token, now, admit=admit)
-        _check_room(conn, launch, pilot_id)
-    _check_listed(in_launch, launch, pilot_id)
-    prepared = prepare(launch)
+
+def _bind(conn: Any, launch: Launch, pilot_id: str, now: float) -> tuple[str, float]:
+    """Bind the instance (the launch's row locked and its room checked); returns its upload token and expiry."""
     p = launch.policy
     expires = now + p["max_lifetime"] + p.get("retire_window", 0) + UPLOAD_MARGIN
     upload = new_token()
+    conn.execute(insert(bindings).values(entry=launch.entry, pilot_id=pilot_id, launch_id=launch.launch_id, bound=now))
+    conn.execute(insert(tokens).values(token_hash=token_hash(upload), kind=UPLOAD, launch_id=launch.launch_id,
+                                       pilot_id=pilot_id, expires=expires))
+    return upload, expires
+
+
+def exchange(
+    st: StateStore, token: str, pilot_id: str, now: float, in_launch: InLaunch,
+    prepare: Callable[[Launch], T] = lambda launch: None, admit: Admit = _admit_none,
+    known: Known = lambda conn, launch, pilot_id: False,
+) -> tuple[Launch, str, float, T]:
+    """Bind ``pilot_id`` to the token's launch; returns (launch, upload token, its expiry, prepared).
+
+    One transaction (the launch's row locked) when ``known`` can tell from the
+    state store that the instance is the launch's. Otherwise ``in_launch(launch,
+    pilot_id)`` asks (the provider's listing, through the service's shared
+    cache) outside any transaction (a provider call must not hold a lock), and
+    a second transaction binds. ``prepare(launch)`` gathers what the exchange
+    hands over; if it fails, nothing is bound and the pilot may try again.
+    """
     try:
+        with st.begin() as conn:
+            launch = _valid(*_token(conn, token, lock=True), now, (BOOTSTRAP,), admit=admit)
+            _check_room(conn, launch, pilot_id)
+            if known(conn, launch, pilot_id):
+                prepared = prepare(launch)
+                return (launch, *_bind(conn, launch, pilot_id, now), prepared)
+        _check_listed(in_launch, launch, pilot_id)
+        prepared = prepare(launch)
         with st.begin() as conn:
             launch = _launch(conn, launch.launch_id, lock=True)
             _check_room(conn, launch, pilot_id)
-            conn.execute(insert(bindings).values(entry=launch.entry, pilot_id=pilot_id,
-                                                 launch_id=launch.launch_id, bound=now))
-            conn.execute(insert(tokens).values(token_hash=token_hash(upload), kind=UPLOAD, launch_id=launch.launch_id,
-                                               pilot_id=pilot_id, expires=expires))
-    except IntegrityError:  # another replica bound this instance between our two transactions
+            return (launch, *_bind(conn, launch, pilot_id, now), prepared)
+    except IntegrityError:  # another replica bound this instance meanwhile
         raise Refused(403, f"instance {pilot_id} already exchanged its bootstrap token", "rebind") from None
-    return launch, upload, expires, prepared
 
 
 def uploader(st: StateStore, token: str, now: float, claimed: str | None, in_launch: InLaunch,
@@ -229,19 +252,18 @@ def uploader(st: StateStore, token: str, now: float, claimed: str | None, in_lau
     over the logs of a pilot that holds its upload token.
     """
     with st.begin() as conn:
-        row = _token(conn, token)
+        row, launch = _token(conn, token)
         if row is not None and row.kind == UPLOAD:
             if now > row.expires:
                 raise Refused(403, f"upload token of pilot {row.pilot_id} expired", "expired")
-            launch = _launch(conn, row.launch_id)
-            admit(row.kind, row.token_hash, launch)
-            return launch.entry, row.pilot_id, False
-        launch = _bootstrap_launch(conn, token, now, grace=LOG_GRACE, kinds=(BOOTSTRAP, LOG), row=row, admit=admit)
+            return _valid(row, launch, now, (UPLOAD,), admit=admit).entry, row.pilot_id, False
+        launch = _valid(row, launch, now, (BOOTSTRAP, LOG), grace=LOG_GRACE, admit=admit)
         if not claimed:
             raise Refused(400, "a log upload with a bootstrap token must name its instance_id", "bad_request")
-        if _bound(conn, launch.entry, claimed) is not None:
+        bound, used = _room(conn, launch, claimed)
+        if bound is not None:
             raise Refused(403, f"instance {claimed} has exchanged its token: its logs need its upload token", "rebind")
-        if _used(conn, launch) >= launch.count:
+        if used >= launch.count:
             raise Refused(403, f"all {launch.count} exchanges of launch {launch.launch_id} are used: logs need "
                                "the pilot's upload token", "used_up")
     _check_listed(in_launch, launch, claimed)
