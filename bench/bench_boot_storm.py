@@ -210,6 +210,7 @@ def source_address(n: int, addresses: int) -> str:
 async def exchange_all(pilots: list[dict], ports: list[int], concurrency: int, addresses: int) -> dict:
     gate = asyncio.Semaphore(concurrency)
     latencies: list[float] = []
+    by_path: dict[bool, list[float]] = {True: [], False: []}
     codes: Counter[int] = Counter()
 
     async def one(n: int, p: dict) -> None:
@@ -221,13 +222,14 @@ async def exchange_all(pilots: list[dict], ports: list[int], concurrency: int, a
             except OSError:
                 code, body = 0, b""
             latencies.append(time.perf_counter() - t)
+            by_path[p["recorded"]].append(latencies[-1])
             codes[code] += 1
             if code == 200:
                 p["upload"] = dict(line.split("=", 1) for line in body.decode().splitlines())["upload_token"]
 
     t0 = time.perf_counter()
     await asyncio.gather(*(one(n, p) for n, p in enumerate(pilots)))
-    return {"seconds": time.perf_counter() - t0, "latencies": latencies, "codes": codes}
+    return {"seconds": time.perf_counter() - t0, "latencies": latencies, "codes": codes, "by_path": by_path}
 
 
 async def upload_all(pilots: list[dict], ports: list[int], concurrency: int, addresses: int) -> dict:
@@ -395,6 +397,10 @@ def main(argv: list[str] | None = None) -> int:
     line("exchange latency p50 / p99 / max",
          f"{pct(ex['latencies'], 50) * 1000:.0f} / {p99 * 1000:.0f} / {max(ex['latencies']) * 1000:.0f} ms",
          "p99 < 1000 ms", p99 < 1)
+    for recorded, what in ((True, "recorded by the factory"), (False, "listed at the provider")):
+        lat = ex["by_path"][recorded]
+        if lat:
+            line(f"  p50 / p99, launches {what}", f"{pct(lat, 50) * 1000:.0f} / {pct(lat, 99) * 1000:.0f} ms")
     line("exchanges answered", dict(sorted(ex["codes"].items())).__repr__())
     line("uploads per second", f"{len(pilots) / up['seconds']:.0f}/s")
     line("upload latency p50 / p99",

@@ -57,9 +57,9 @@ def test_expired_tokens_used_launches_and_their_bindings_go_live_ones_stay(cfg):
         assert [r.pilot_id for r in conn.execute(select(tokens.bindings))] == [iid]
     assert rows(listings.listings) == 0
     # the live pilot's upload token still writes its logs; the old pilot's is unknown now
-    assert tokens.uploader(store(), upload, now, None, lambda launch, pid: True) == (ENTRY, iid, False)
+    assert tokens.uploader(store(), upload, now, None) == (ENTRY, iid, None)
     with pytest.raises(tokens.Refused, match="unknown bootstrap token"):
-        tokens.uploader(store(), old_upload, now, old_iid, lambda launch, pid: True)
+        tokens.uploader(store(), old_upload, now, old_iid)
     assert upkeep.prune(now=now) == {"tokens": 0, "launches": 0, "bindings": 0, "logs": 0, "uploads": 0}
 
 

@@ -16,6 +16,7 @@ import base64
 import html
 import logging
 import math
+import threading
 import time
 from urllib.parse import quote
 from typing import Annotated, Any
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 FACTORY_DAG = "glidein_factory"
 MAX_HEADERS = 16 * 1024  # bytes of request headers (a pilot sends a few hundred)
 SECRET_TTL = 10.0  # s a pilot credential read from its connection is reused
+LISTINGS_AT_ONCE = 2  # provider listings one service process makes at a time
 Refusal = tokens.Refused | LogRefused
 
 
@@ -61,6 +63,7 @@ class Service:
         self.listings = listings.LaunchListings()
         self.limiter = guard.Limiter()
         self._secrets: dict[str, tuple[float, str]] = {}
+        self._listing = threading.Semaphore(LISTINGS_AT_ONCE)
 
     @property
     def config(self) -> Config:
@@ -95,15 +98,18 @@ class Service:
 
         return admit
 
-    def in_launch(self, launch: tokens.Launch, pilot_id: str) -> bool:
-        """Is ``pilot_id`` one of the launch's instances? The factory's record, else the launch's listing."""
-        if pilotdb.recorded(self.store, launch.entry, launch.launch_id, pilot_id):
-            return True
+    async def check_listed(self, launch: tokens.Launch, pilot_id: str, recorded: bool = False) -> None:
+        """Refuse unless ``pilot_id`` is one of the launch's instances: the factory's record (unless the caller
+        looked already), else the launch's listing (shared, at most one per interval; waited for, not slept on)."""
+        if not recorded and await to_thread.run_sync(pilotdb.recorded, self.store, launch.entry, launch.launch_id,
+                                                     pilot_id):
+            return
         try:
-            return self.listings.contains(self.store, launch.launch_id, pilot_id, lambda: self._list(launch),
-                                          guard.Settings.read().listing_interval)
+            found = await self.listings.contains(self.store, launch.launch_id, pilot_id, lambda: self._list(launch),
+                                                 guard.Settings.read().listing_interval)
         except listings.Unavailable as exc:
             raise tokens.Refused(503, str(exc), "unavailable", retry_after=exc.retry_after) from None
+        tokens.check_listed(found, launch, pilot_id)
 
     def _list(self, launch: tokens.Launch) -> set[str]:
         """One provider listing of the launch, never waiting for the API budget nor backing off."""
@@ -113,7 +119,7 @@ class Service:
         hook.throttle_retries = 0  # a throttled listing is a failed one: the next comes after the interval
         metrics.incr(1, "bootstrap", "listings", launch.entry, entry=launch.entry)
         try:
-            with budget.no_wait():
+            with self._listing, budget.no_wait():  # the first also builds the provider client the others share
                 found = hook.list_launch(launch.launch_id)
         except budget.BudgetExhausted as exc:
             raise listings.ListingFailed(f"the API budget of entry {launch.entry} is spent; try again",
@@ -122,21 +128,26 @@ class Service:
                  len(found))
         return {i.id for i in found if i.launch_id == launch.launch_id}
 
-    def exchange(self, token: str, pilot_id: str, proof: dict[str, str],
-                 admit: tokens.Admit) -> tuple[tokens.Launch, str, float, str]:
-        def proven(launch: tokens.Launch, pid: str) -> None:
+    async def exchange(self, token: str, pilot_id: str, proof: dict[str, str],
+                       admit: tokens.Admit) -> tuple[tokens.Launch, str, float, str]:
+        """``tokens.exchange``'s steps, with the provider's listing (when the factory's record cannot tell)
+        waited for asynchronously."""
+        def known(conn: Any, launch: tokens.Launch, pid: str) -> bool:  # without a provider call
             try:
                 identity.verify_ec2(self.entry(launch), pid, proof)
             except identity.IdentityRefused as exc:
                 raise tokens.Refused(403, str(exc), "identity") from None
-
-        def known(conn: Any, launch: tokens.Launch, pid: str) -> bool:  # without a provider call
-            proven(launch, pid)
             return self.listings.known(launch.launch_id, pid) or pilotdb.recorded(conn, launch.entry,
                                                                                   launch.launch_id, pid)
 
-        return tokens.exchange(self.store, token, pilot_id, time.time(), self.in_launch, self.pilot_secret, admit,
-                               known)
+        now = time.time()
+        launch, bound = await to_thread.run_sync(tokens.begin_exchange, self.store, token, pilot_id, now,
+                                                 self.pilot_secret, admit, known)
+        if bound is None:
+            await self.check_listed(launch, pilot_id, recorded=True)
+            bound = await to_thread.run_sync(tokens.finish_exchange, self.store, launch, pilot_id, now,
+                                             self.pilot_secret)
+        return (launch, *bound)
 
     def pilot_secret(self, launch: tokens.Launch) -> str:
         """The launch's pilot credential, read from its Airflow connection ('' when the launch has none);
@@ -284,8 +295,7 @@ def create_app(*, ui: bool, config_file: str | None = None, state_url: str | Non
             token = _bearer(authorization)
             check_name(instance_id, "instance id")
             proof = identity.parse_body(await _small_body(request, identity.MAX_BODY))
-            launch, upload, expires, secret = await to_thread.run_sync(
-                svc.exchange, token, instance_id, proof, svc.admitter(seen))
+            launch, upload, expires, secret = await svc.exchange(token, instance_id, proof, svc.admitter(seen))
         except (tokens.Refused, LogRefused) as exc:
             return svc.refuse("Exchange", exc, request, f"instance {clean(instance_id)}", seen)
         metrics.incr(1, "bootstrap", "exchanges", launch.entry, entry=launch.entry)
@@ -305,9 +315,12 @@ def create_app(*, ui: bool, config_file: str | None = None, state_url: str | Non
             if instance_id is not None:
                 check_name(instance_id, "instance id")
             entry, pilot_id, early = await to_thread.run_sync(
-                tokens.uploader, svc.store, token, time.time(), instance_id, svc.in_launch, svc.admitter(seen))
+                tokens.uploader, svc.store, token, time.time(), instance_id, svc.admitter(seen))
+            if early is not None:  # a bootstrap token, for an instance it claims
+                await svc.check_listed(early, pilot_id)
             subject = f"log {name} of pilot {pilot_id} at {entry}"
-            size = await svc.logs.write(svc.store, entry, pilot_id, name, request.stream(), content_length, early)
+            size = await svc.logs.write(svc.store, entry, pilot_id, name, request.stream(), content_length,
+                                        early is not None)
         except (tokens.Refused, LogRefused) as exc:
             return svc.refuse("Log upload", exc, request, subject, seen)
         metrics.incr(1, "bootstrap", "uploads", entry, entry=entry)

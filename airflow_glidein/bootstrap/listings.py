@@ -19,6 +19,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import anyio
+from anyio import to_thread
 from sqlalchemy import Column, Float, String, Table, Text, delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
@@ -29,7 +31,7 @@ log = logging.getLogger(__name__)
 
 INTERVAL = 20.0  # s between two listings of one launch (default of [glidein] bootstrap_listing_interval)
 CLAIM_TTL = 90.0  # s after which a listing claim of a process that died is taken over
-WAIT = 10.0  # s a request waits for another process's listing of the same launch
+WAIT = 10.0  # s a request waits for another request's listing of the same launch
 POLL = 0.1  # s between looks at that process's answer
 FAILED_HOLD_MAX = 60.0  # s at most a failed listing (or a spent budget) keeps the next one off
 
@@ -71,14 +73,20 @@ class ListingFailed(Exception):
 
 
 class LaunchListings:
-    """One process's view of the launches' listings (the state store holds the shared one)."""
+    """One process's view of the launches' listings (the state store holds the shared one).
+
+    Requests wait for a listing asynchronously (an anyio lock per launch,
+    sleeps between looks at another process's claim): a waiting request holds
+    no worker thread. Only the listing itself and the database work run in
+    threads.
+    """
 
     def __init__(self) -> None:
         self._known: dict[str, _Known] = {}
-        self._locks: dict[str, threading.Lock] = {}
+        self._locks: dict[str, anyio.Lock] = {}
         self._lock = threading.Lock()
 
-    def _entry(self, launch_id: str) -> tuple[_Known, threading.Lock]:
+    def _entry(self, launch_id: str) -> tuple[_Known, anyio.Lock]:
         with self._lock:
             now = time.time()
             if len(self._known) > 10_000:  # forget launches not asked about for an hour
@@ -87,21 +95,26 @@ class LaunchListings:
                     self._locks.pop(k, None)
             known = self._known.setdefault(launch_id, _Known())
             known.used = now
-            return known, self._locks.setdefault(launch_id, threading.Lock())
+            if launch_id not in self._locks:
+                self._locks[launch_id] = anyio.Lock()
+            return known, self._locks[launch_id]
 
     def known(self, launch_id: str, instance_id: str) -> bool:
         """Has this process seen ``instance_id`` listed under the launch? (no database, no provider)"""
         k = self._known.get(launch_id)
         return k is not None and instance_id in k.ids
 
-    def contains(self, st: StateStore, launch_id: str, instance_id: str, lister: Lister,
-                 interval: float = INTERVAL) -> bool:
+    async def contains(self, st: StateStore, launch_id: str, instance_id: str, lister: Lister,
+                       interval: float = INTERVAL) -> bool:
         """Is ``instance_id`` listed under ``launch_id``? Lists through ``lister`` at most once per interval."""
         known, lock = self._entry(launch_id)
         if instance_id in known.ids:
             return True
-        if not lock.acquire(timeout=WAIT):
-            raise Unavailable(f"launch {launch_id} is being listed at its provider; try again", 1)
+        busy = Unavailable(f"launch {launch_id} is being listed at its provider; try again", 1)
+        with anyio.move_on_after(WAIT) as waited:
+            await lock.acquire()
+        if waited.cancelled_caught:
+            raise busy
         try:
             if instance_id in known.ids:
                 return True
@@ -110,18 +123,17 @@ class LaunchListings:
                 return self._answer(known, instance_id, now)
             deadline = now + WAIT
             while True:
-                got = _shared(st, launch_id, now)
+                got = await to_thread.run_sync(_shared, st, launch_id, now)
                 if got is not None:  # another process listed it lately (or is the one to do it now: we are)
                     ids, nxt, failed = got
                     known.ids |= ids
                     known.next, known.failed = nxt, failed
-                    if nxt > now:
-                        return self._answer(known, instance_id, now)
-                    self._list(st, launch_id, known, lister, now, interval)
+                    if nxt <= now:
+                        await to_thread.run_sync(self._list, st, launch_id, known, lister, now, interval)
                     return self._answer(known, instance_id, time.time())
                 if time.time() > deadline:
-                    raise Unavailable(f"launch {launch_id} is being listed at its provider; try again", 1)
-                time.sleep(POLL)
+                    raise busy
+                await anyio.sleep(POLL)
                 now = time.time()
         finally:
             lock.release()

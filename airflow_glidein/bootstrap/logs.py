@@ -43,6 +43,7 @@ EARLY_MAX = 1024 * 1024  # bytes per file a bootstrap (UserData-readable) token 
 IDLE_TIMEOUT = 30.0  # s an upload may send nothing
 BODY_TIMEOUT = 600.0  # s an upload may take in all
 RETENTION_DAYS = 30.0
+BUFFER = 64 * 1024  # bytes of an upload held in memory before they go to its temporary object
 STORED = ""  # the upload column of a stored file's row
 
 files = Table(
@@ -178,27 +179,28 @@ class LogStore:
         upload, room = await anyio.to_thread.run_sync(
             self.reserve, st, entry, pilot_id, name, declared, cap, time.time())
         d = self.pilot_dir(entry, pilot_id)
-        part = d / f".{name}.{upload}.part"
-        size = 0
+        sink = _Sink(d, d / f".{name}.{upload}.part")
         try:
-            await anyio.to_thread.run_sync(lambda: d.mkdir(parents=True, exist_ok=True))
-            f = await anyio.to_thread.run_sync(part.open, "wb")
-            try:
-                size = await self._stream(chunks, f, room, name)
-            finally:
-                await anyio.to_thread.run_sync(f.close)
+            size = await self._stream(chunks, sink, room, name)
             if declared is not None and size != declared:
                 raise LogRefused(400, f"log {name}: {size} bytes came of the {declared} announced", "truncated")
-            await anyio.to_thread.run_sync(part.rename, d / name)
+
+            def finish() -> None:
+                sink.finish(d / name)
+                self._settle(st, entry, pilot_id, name, upload, size)
+
+            await anyio.to_thread.run_sync(finish)
         except BaseException:
+            def drop() -> None:
+                sink.discard()
+                self._settle(st, entry, pilot_id, name, upload, None)
+
             with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(_unlink, part)
-                await anyio.to_thread.run_sync(self._settle, st, entry, pilot_id, name, upload, None)
+                await anyio.to_thread.run_sync(drop)
             raise
-        await anyio.to_thread.run_sync(self._settle, st, entry, pilot_id, name, upload, size)
         return size
 
-    async def _stream(self, chunks: AsyncIterator[bytes], f: Any, room: int, name: str) -> int:
+    async def _stream(self, chunks: AsyncIterator[bytes], sink: _Sink, room: int, name: str) -> int:
         from starlette.requests import ClientDisconnect
 
         size = 0
@@ -215,7 +217,8 @@ class LogStore:
                     if size > room:
                         raise LogRefused(413, f"log {name} cut off and refused at {room} bytes: over the room it "
                                               "had (per-file cap or the pilot's remaining quota)", "too_large")
-                    await anyio.to_thread.run_sync(f.write, chunk)
+                    if sink.add(chunk):
+                        await anyio.to_thread.run_sync(sink.flush)
         except TimeoutError:
             raise LogRefused(408, f"log {name} refused: the upload was too slow ({size} bytes came; an upload may "
                                   f"pause {self.idle_timeout:g} s and take {self.body_timeout:g} s)", "slow") from None
@@ -247,6 +250,41 @@ class LogStore:
             if not left:
                 _rmdir(self.pilot_dir(entry, pilot_id))
         return {"logs": sum(r.upload == STORED for r in old), "uploads": sum(r.upload != STORED for r in old)}
+
+
+class _Sink:
+    """Where an upload goes: memory first (a small log is written in one go), its temporary object once
+    more than BUFFER bytes are held; ``finish`` puts it in place, ``discard`` drops it."""
+
+    def __init__(self, folder: Any, part: Any) -> None:
+        self.folder, self.part, self.f = folder, part, None
+        self.held: list[bytes] = []
+        self.size = 0
+
+    def add(self, chunk: bytes) -> bool:
+        """Hold ``chunk``; True when the held bytes should be flushed."""
+        self.held.append(chunk)
+        self.size += len(chunk)
+        return self.size >= BUFFER
+
+    def flush(self) -> None:
+        if self.f is None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self.f = self.part.open("wb")
+        self.f.write(b"".join(self.held))
+        self.held, self.size = [], 0
+
+    def finish(self, target: Any) -> None:
+        self.flush()
+        self.f.close()
+        self.f = None
+        self.part.rename(target)
+
+    def discard(self) -> None:
+        if self.f is not None:
+            self.f.close()
+            self.f = None
+        _unlink(self.part)
 
 
 def _unlink(path: Any) -> None:

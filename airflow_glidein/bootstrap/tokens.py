@@ -13,7 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -188,8 +189,8 @@ def _check_room(conn: Any, launch: Launch, pilot_id: str) -> None:
 InLaunch = Callable[[Launch, str], bool]
 
 
-def _check_listed(in_launch: InLaunch, launch: Launch, pilot_id: str) -> None:
-    if not in_launch(launch, pilot_id):
+def check_listed(found: bool, launch: Launch, pilot_id: str) -> None:
+    if not found:
         raise Refused(403, f"instance {pilot_id} is not an instance of launch {launch.launch_id} at entry {launch.entry}",
                       "not_in_launch")
 
@@ -197,9 +198,10 @@ def _check_listed(in_launch: InLaunch, launch: Launch, pilot_id: str) -> None:
 # Answers from the state store alone, inside the exchange's first transaction: True if the instance is known to
 # be the launch's (the factory recorded it), False if a provider listing must tell; raises Refused to refuse.
 Known = Callable[[Any, Launch, str], bool]
+Bound = tuple[str, float, Any]  # upload token, its expiry, what prepare() gathered
 
 
-def _bind(conn: Any, launch: Launch, pilot_id: str, now: float) -> tuple[str, float]:
+def _bind(conn: Any, launch: Launch, pilot_id: str, now: float, prepared: T) -> tuple[str, float, T]:
     """Bind the instance (the launch's row locked and its room checked); returns its upload token and expiry."""
     p = launch.policy
     expires = now + p["max_lifetime"] + p.get("retire_window", 0) + UPLOAD_MARGIN
@@ -207,7 +209,40 @@ def _bind(conn: Any, launch: Launch, pilot_id: str, now: float) -> tuple[str, fl
     conn.execute(insert(bindings).values(entry=launch.entry, pilot_id=pilot_id, launch_id=launch.launch_id, bound=now))
     conn.execute(insert(tokens).values(token_hash=token_hash(upload), kind=UPLOAD, launch_id=launch.launch_id,
                                        pilot_id=pilot_id, expires=expires))
-    return upload, expires
+    return upload, expires, prepared
+
+
+@contextmanager
+def _once(pilot_id: str) -> Iterator[None]:
+    """Around a transaction that binds: a binding made meanwhile by another launch's exchange is a refusal."""
+    try:
+        yield
+    except IntegrityError:
+        raise Refused(403, f"instance {pilot_id} already exchanged its bootstrap token", "rebind") from None
+
+
+def begin_exchange(st: StateStore, token: str, pilot_id: str, now: float,
+                   prepare: Callable[[Launch], T] = lambda launch: None, admit: Admit = _admit_none,
+                   known: Known = lambda conn, launch, pilot_id: False) -> tuple[Launch, Bound | None]:
+    """The exchange's first transaction (the launch's row locked): checks the token and the launch's room, and
+    binds at once when ``known`` can tell from the state store that the instance is the launch's. Returns
+    (launch, bound), bound None when the provider must tell first (then ``finish_exchange``)."""
+    with _once(pilot_id), st.begin() as conn:
+        launch = _valid(*_token(conn, token, lock=True), now, (BOOTSTRAP,), admit=admit)
+        _check_room(conn, launch, pilot_id)
+        if known(conn, launch, pilot_id):
+            return launch, _bind(conn, launch, pilot_id, now, prepare(launch))
+    return launch, None
+
+
+def finish_exchange(st: StateStore, launch: Launch, pilot_id: str, now: float,
+                    prepare: Callable[[Launch], T] = lambda launch: None) -> Bound:
+    """Bind an instance the provider listed under the launch (the room is checked again: time has passed)."""
+    prepared = prepare(launch)
+    with _once(pilot_id), st.begin() as conn:
+        launch = _launch(conn, launch.launch_id, lock=True)
+        _check_room(conn, launch, pilot_id)
+        return _bind(conn, launch, pilot_id, now, prepared)
 
 
 def exchange(
@@ -217,33 +252,24 @@ def exchange(
 ) -> tuple[Launch, str, float, T]:
     """Bind ``pilot_id`` to the token's launch; returns (launch, upload token, its expiry, prepared).
 
-    One transaction (the launch's row locked) when ``known`` can tell from the
-    state store that the instance is the launch's. Otherwise ``in_launch(launch,
-    pilot_id)`` asks (the provider's listing, through the service's shared
-    cache) outside any transaction (a provider call must not hold a lock), and
-    a second transaction binds. ``prepare(launch)`` gathers what the exchange
-    hands over; if it fails, nothing is bound and the pilot may try again.
+    One transaction when ``known`` tells from the state store that the instance
+    is the launch's; otherwise ``in_launch(launch, pilot_id)`` asks (the
+    provider's listing) outside any transaction (a provider call must not hold
+    a lock), and a second transaction binds. ``prepare(launch)`` gathers what
+    the exchange hands over; if it fails, nothing is bound and the pilot may
+    try again. (The service runs the same steps with an asynchronous listing.)
     """
-    try:
-        with st.begin() as conn:
-            launch = _valid(*_token(conn, token, lock=True), now, (BOOTSTRAP,), admit=admit)
-            _check_room(conn, launch, pilot_id)
-            if known(conn, launch, pilot_id):
-                prepared = prepare(launch)
-                return (launch, *_bind(conn, launch, pilot_id, now), prepared)
-        _check_listed(in_launch, launch, pilot_id)
-        prepared = prepare(launch)
-        with st.begin() as conn:
-            launch = _launch(conn, launch.launch_id, lock=True)
-            _check_room(conn, launch, pilot_id)
-            return (launch, *_bind(conn, launch, pilot_id, now), prepared)
-    except IntegrityError:  # another replica bound this instance meanwhile
-        raise Refused(403, f"instance {pilot_id} already exchanged its bootstrap token", "rebind") from None
+    launch, bound = begin_exchange(st, token, pilot_id, now, prepare, admit, known)
+    if bound is None:
+        check_listed(in_launch(launch, pilot_id), launch, pilot_id)
+        bound = finish_exchange(st, launch, pilot_id, now, prepare)
+    return (launch, *bound)
 
 
-def uploader(st: StateStore, token: str, now: float, claimed: str | None, in_launch: InLaunch,
-             admit: Admit = _admit_none) -> tuple[str, str, bool]:
-    """(entry, pilot id, early) whose logs ``token`` may write; early: before the pilot's exchange.
+def uploader(st: StateStore, token: str, now: float, claimed: str | None,
+             admit: Admit = _admit_none) -> tuple[str, str, Launch | None]:
+    """(entry, pilot id, launch) whose logs ``token`` may write; launch: set before the pilot's exchange, when
+    the caller must still check the claimed instance is one of it (``check_listed``).
 
     An upload token names its pilot. A bootstrap (or sealed envelope's log)
     token, readable in UserData, writes only for an instance of its launch
@@ -256,7 +282,7 @@ def uploader(st: StateStore, token: str, now: float, claimed: str | None, in_lau
         if row is not None and row.kind == UPLOAD:
             if now > row.expires:
                 raise Refused(403, f"upload token of pilot {row.pilot_id} expired", "expired")
-            return _valid(row, launch, now, (UPLOAD,), admit=admit).entry, row.pilot_id, False
+            return _valid(row, launch, now, (UPLOAD,), admit=admit).entry, row.pilot_id, None
         launch = _valid(row, launch, now, (BOOTSTRAP, LOG), grace=LOG_GRACE, admit=admit)
         if not claimed:
             raise Refused(400, "a log upload with a bootstrap token must name its instance_id", "bad_request")
@@ -266,8 +292,7 @@ def uploader(st: StateStore, token: str, now: float, claimed: str | None, in_lau
         if used >= launch.count:
             raise Refused(403, f"all {launch.count} exchanges of launch {launch.launch_id} are used: logs need "
                                "the pilot's upload token", "used_up")
-    _check_listed(in_launch, launch, claimed)
-    return launch.entry, claimed, True
+    return launch.entry, claimed, launch
 
 
 KEEP_MIN = 3600  # s a launch is kept at least (it is registered before its first token is used)
