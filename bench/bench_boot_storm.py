@@ -39,8 +39,8 @@ import json
 import os
 import random
 import secrets
+import shutil
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -162,16 +162,28 @@ def start_services(cfg_path: Path, ports: list[int], env: dict[str, str], workdi
 
 
 # -- HTTP/1.1, as a VM's curl speaks it ---------------------------------------------------------
+RETRIES = Counter()  # 429/503 answers a pilot waited on and tried again, as the wrapper does
+
+
 async def request(port: int, source: str, method: str, path: str, token: str, body: bytes = b"") -> tuple[int, bytes]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
-    try:
-        writer.write(f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
-                     f"Authorization: Bearer {token}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
-        data = await reader.read()
-    finally:
-        writer.close()
-    head, _, rest = data.partition(b"\r\n\r\n")
-    return int(head[9:12]), rest
+    """One request on a new connection; a 429 or 503 is tried again after its Retry-After (4 times at most)."""
+    for attempt in range(5):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
+        try:
+            writer.write(f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+                         f"Authorization: Bearer {token}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+            data = await reader.read()
+        finally:
+            writer.close()
+        head, _, rest = data.partition(b"\r\n\r\n")
+        code = int(head[9:12])
+        if code not in (429, 503) or attempt == 4:
+            return code, rest
+        RETRIES[code] += 1
+        wait = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                     if line.lower().startswith(b"retry-after:")), 1)
+        await asyncio.sleep(min(wait, 60))
+    raise AssertionError("unreachable")
 
 
 class KeepAlive:
@@ -212,6 +224,8 @@ async def exchange_all(pilots: list[dict], ports: list[int], concurrency: int, a
     latencies: list[float] = []
     by_path: dict[bool, list[float]] = {True: [], False: []}
     codes: Counter[int] = Counter()
+    slow: list[tuple] = []
+    t0 = time.perf_counter()
 
     async def one(n: int, p: dict) -> None:
         async with gate:
@@ -223,12 +237,16 @@ async def exchange_all(pilots: list[dict], ports: list[int], concurrency: int, a
                 code, body = 0, b""
             latencies.append(time.perf_counter() - t)
             by_path[p["recorded"]].append(latencies[-1])
+            slow.append((latencies[-1], t - t0, p["launch"], n % len(ports), code))
             codes[code] += 1
             if code == 200:
                 p["upload"] = dict(line.split("=", 1) for line in body.decode().splitlines())["upload_token"]
 
     t0 = time.perf_counter()
     await asyncio.gather(*(one(n, p) for n, p in enumerate(pilots)))
+    if os.environ.get("BENCH_DEBUG"):
+        for x in sorted(slow)[-15:]:
+            print("slow", [round(x[0], 2), round(x[1], 2), *x[2:]])
     return {"seconds": time.perf_counter() - t0, "latencies": latencies, "codes": codes, "by_path": by_path}
 
 
@@ -279,7 +297,7 @@ async def under_attack(legit: list[dict], used: list[dict], ports: list[int], ra
         finally:
             free.put_nowait(c)
 
-    legit_lat: list[float] = []
+    legit_lat: dict[bool, list[float]] = {True: [], False: []}
     legit_codes: Counter[int] = Counter()
 
     async def good(n: int, p: dict) -> None:
@@ -289,10 +307,11 @@ async def under_attack(legit: list[dict], used: list[dict], ports: list[int], ra
                                     f"/glidein/bootstrap/exchange?instance_id={p['id']}", p["token"])
         except OSError:
             code = 0
-        legit_lat.append(time.perf_counter() - t)
+        legit_lat[p["recorded"]].append(time.perf_counter() - t)
         legit_codes[code] += 1
 
     tasks = []
+    random.shuffle(legit)
     t0 = time.perf_counter()
     gap = seconds / max(len(legit), 1)
     next_legit = t0 + gap / 2
@@ -318,7 +337,7 @@ async def under_attack(legit: list[dict], used: list[dict], ports: list[int], ra
 
 def line(what: str, figure: str, goal: str = "", ok: bool | None = None) -> None:
     verdict = "" if ok is None else ("  [met]" if ok else "  [NOT met]")
-    print(f"  {what:<44} {figure:<26} {('goal: ' + goal) if goal else ''}{verdict}")
+    print(f"  {what:<50} {figure:<30} {('goal: ' + goal) if goal else ''}{verdict}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -334,6 +353,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bogus-seconds", type=float, default=20)
     ap.add_argument("--legit", type=int, default=40, help="pilots of one more launch exchanging during the attack")
     ap.add_argument("--lag", type=float, default=0.0, help="s the provider's listing lags behind its creates")
+    ap.add_argument("--keep", action="store_true", help="keep the work folder (service logs, pilot logs)")
+    ap.add_argument("--cold", action="store_true", help="no warm-up: each process's first listing also builds its "
+                                                        "provider client (about 2 s) during the storm")
     args = ap.parse_args(argv)
 
     workdir = Path(tempfile.mkdtemp(prefix="glidein-bootstorm-"))
@@ -362,9 +384,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         t = time.perf_counter()
         pilots = register(ec2, args.launches, per_launch, args.recorded, "storm")
-        legit = register(ec2, 1, args.legit, 0.0, "attack") if args.legit else []
+        half = args.legit // 2  # during the attack: pilots of a recorded launch and of one the service must list
+        legit = register(ec2, 1, half, 1.0, "attack-recorded") + register(ec2, 1, args.legit - half, 0.0,
+                                                                          "attack-listed") if args.legit else []
         setup = time.perf_counter() - t
         procs = start_services(cfg_path, ports, env, workdir)
+        if not args.cold:  # a running service has its provider client: one listing per process first
+            warm = register(ec2, len(ports), 1, 0.0, "warm-up")  # one launch per process: each lists
+            asyncio.run(exchange_all(warm, ports, 1, 1))
         random.seed(16)
         random.shuffle(pilots)
 
@@ -390,8 +417,8 @@ def main(argv: list[str] | None = None) -> int:
     p99 = pct(ex["latencies"], 99)
     print(f"Boot storm: {len(pilots)} pilots in {args.launches} launches ({per_launch} VMs each, "
           f"{len(storm) - len(unrecorded)} recorded by the factory), {args.processes} service processes, "
-          f"{args.state} state store, {args.concurrency} pilots at once from {args.addresses} addresses; "
-          f"setup {setup:.1f} s")
+          f"{args.state} state store, {args.concurrency} pilots at once from {args.addresses} addresses, "
+          f"{'cold' if args.cold else 'warm (each process listed once before)'}; setup {setup:.1f} s")
     line("exchange + upload, all pilots", f"{total:.1f} s", "<= 300 s", total <= 300)
     line("exchanges per second", f"{rate:.0f}/s", ">= 200/s", rate >= 200)
     line("exchange latency p50 / p99 / max",
@@ -402,6 +429,7 @@ def main(argv: list[str] | None = None) -> int:
         if lat:
             line(f"  p50 / p99, launches {what}", f"{pct(lat, 50) * 1000:.0f} / {pct(lat, 99) * 1000:.0f} ms")
     line("exchanges answered", dict(sorted(ex["codes"].items())).__repr__())
+    line("  429/503 a pilot waited on (all phases)", dict(sorted(RETRIES.items())).__repr__())
     line("uploads per second", f"{len(pilots) / up['seconds']:.0f}/s")
     line("upload latency p50 / p99",
          f"{pct(up['latencies'], 50) * 1000:.0f} / {pct(up['latencies'], 99) * 1000:.0f} ms")
@@ -413,19 +441,26 @@ def main(argv: list[str] | None = None) -> int:
          f"{sum(v >= 2 for v in listings.values())}")
     ok = ex["codes"] == Counter({200: len(pilots)}) and up["codes"] == Counter({200: len(pilots)})
     if attack:
-        lat = attack["legit_lat"]
         got = attack["done"] / attack["seconds"]
         line("bogus requests answered per second", f"{got:.0f}/s (of {args.bogus_rate:.0f}/s sent)",
              f">= {args.bogus_rate:.0f}/s arriving", got >= 0.95 * args.bogus_rate)
         line("  bogus answers", dict(sorted(attack["bogus_codes"].items())).__repr__())
-        line("legitimate exchange under attack, max", f"{max(lat) * 1000:.0f} ms (p50 {pct(lat, 50) * 1000:.0f})",
-             "< 1000 ms", max(lat) < 1)
+        for recorded, what in ((True, "recorded"), (False, "listed")):
+            lat = attack["legit_lat"][recorded]
+            launch = next(p["launch"] for p in legit if p["recorded"] == recorded)
+            line(f"legitimate exchange under attack ({what}), max",
+                 f"{max(lat) * 1000:.0f} ms (p50 {pct(lat, 50) * 1000:.0f})", "< 1000 ms", max(lat) < 1)
+            line("  its launch's provider listings", f"{ec2.calls.get(launch, 0)}", "<= 2")
         line("  legitimate exchanges answered", dict(sorted(attack["legit_codes"].items())).__repr__())
-        line("  listings of the attacked launch", f"{ec2.calls.get(legit[0]['launch'], 0)}", "<= 2")
         ok = ok and attack["legit_codes"] == Counter({200: len(legit)})
     if os.environ.get("BENCH_DEBUG"):
         print(ec2.log)
-    print(f"  workdir {workdir} (service logs); state {'database ' + db + ' (dropped)' if db else url}")
+    if args.keep:
+        print(f"  work folder kept: {workdir} (service logs, pilot logs)")
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
+    if db:
+        print(f"  state store: database {db} on 127.0.0.1:5432, dropped")
     print("every legitimate pilot got through" if ok else "SOME LEGITIMATE PILOTS DID NOT GET THROUGH")
     return 0 if ok else 1
 

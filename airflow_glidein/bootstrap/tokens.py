@@ -1,11 +1,11 @@
 """Launches, bootstrap tokens and pilot bindings in the shared state store.
 
-DESIGN.md "Pilot identity in a batch": one batch shares one UserData, so a
-launch's bootstrap token is good for as many exchanges as the launch has
-VMs, each bound on first use to a distinct instance id that the caller
-checks against the provider's listing for that launch. The bindings live in
-the state store (never in memory), so a token is single use per instance
-across every API-server replica. Only SHA-256 hashes of tokens are stored.
+One batch shares one UserData, so a launch's bootstrap token is good for as
+many exchanges as the launch has VMs, each bound on first use to a distinct
+instance id that the caller checks is the launch's (the factory's record,
+else the provider's listing). The bindings live in the state store (never in
+memory), so a token is single use per instance across every replica. Only
+SHA-256 hashes of tokens are stored. ``prune`` drops what has expired.
 """
 
 from __future__ import annotations
