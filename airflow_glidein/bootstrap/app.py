@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 FACTORY_DAG = "glidein_factory"
 MAX_HEADERS = 16 * 1024  # bytes of request headers (a pilot sends a few hundred)
 SECRET_TTL = 10.0  # s a pilot credential read from its connection is reused
-LISTINGS_AT_ONCE = 2  # provider listings one service process makes at a time
+LISTINGS_AT_ONCE = 4  # provider listings one service process makes at a time
 Refusal = tokens.Refused | LogRefused
 
 
