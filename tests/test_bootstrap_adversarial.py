@@ -414,6 +414,16 @@ def test_ec2_identity_documents_prove_the_claimed_id(service, cfg, identity_cert
     assert replay.status_code == 403 and "already exchanged" in replay.text
 
 
+def test_an_unreadable_identity_certificate_refuses_exchanges_clearly(service, cfg, tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("AIRFLOW__GLIDEIN__EC2_IDENTITY_CERT", str(tmp_path / "missing.pem"))
+    (iid,), text = launch(cfg, count=1)
+    r = service.exchange(token_of(text), iid, content=proof(iid))
+    assert r.status_code == 503 and "cannot check instance identity documents" in r.text
+    assert any("identity certificate cannot be read (FileNotFoundError)" in rec.getMessage()
+               for rec in caplog.records if rec.levelname == "ERROR")
+    assert not any(rec.exc_info for rec in caplog.records)
+
+
 def test_a_second_claim_of_a_bound_id_is_refused_and_reported(service, cfg, statsd, caplog):  # noqa: F811
     caplog.set_level(logging.INFO)
     (iid,), text = launch(cfg, count=1)

@@ -137,6 +137,10 @@ class Service:
                 identity.verify_ec2(self.entry(launch), pid, proof)
             except identity.IdentityRefused as exc:
                 raise tokens.Refused(403, str(exc), "identity") from None
+            except identity.CertificateUnusable as exc:
+                log.error("%s: exchanges at this entry are refused until it is fixed", exc)
+                raise tokens.Refused(503, "the service cannot check instance identity documents now; try again",
+                                     "identity_cert", retry_after=60) from None
             return self.listings.known(launch.launch_id, pid) or pilotdb.recorded(conn, launch.entry,
                                                                                   launch.launch_id, pid)
 

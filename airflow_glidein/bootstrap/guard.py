@@ -2,10 +2,9 @@
 
 Anyone who can read a VM's UserData can talk to the service, so every value
 a request carries is escaped before it reaches a log line (``clean``), and
-requests are rate-limited per client address (all requests, and refused
-ones) and per token (refused ones: a launch's boot storm never slows itself)
-(``Limiter``).
-The address is the TCP peer's, or, only when that peer is one of the
+requests are rate-limited (``Limiter``) per client address (all requests,
+and refused ones) and per token (refused ones: a launch's boot storm never
+slows itself). The address is the TCP peer's, or, only when that peer is one of the
 configured ``[glidein] bootstrap_trusted_proxies``, the last address in
 X-Forwarded-For that is not a trusted proxy (a client can prepend anything to
 that header; only what our own proxies appended is believed).
@@ -18,6 +17,7 @@ still bounds what one client costs each replica.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 import threading
 import time
@@ -25,6 +25,9 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
+
+log = logging.getLogger(__name__)
+
 
 def clean(value: Any, limit: int = 120) -> str:
     """``value`` safe for one log line: control characters (newlines, NUL, ANSI escapes), backslashes and
@@ -34,10 +37,35 @@ def clean(value: Any, limit: int = 120) -> str:
     return out + ("..." if len(text) > limit else "")
 
 
-def _setting(key: str, default: str) -> str:
+def setting(key: str, default: str) -> str:
+    """A ``[glidein]`` option of the bootstrap service."""
     from airflow.sdk import conf
 
     return conf.get("glidein", key, fallback=None) or default
+
+
+def number(key: str, default: float) -> float:
+    """A numeric ``[glidein]`` option; a value that is not a positive number is logged and the default used."""
+    try:
+        value = float(setting(key, str(default)))
+        if value > 0:
+            return value
+    except ValueError:
+        pass
+    log.error("[glidein] %s is not a positive number; using %g", key, default)
+    return default
+
+
+def networks(key: str) -> tuple[Any, ...]:
+    """A ``[glidein]`` option listing addresses or networks; an item that is neither is logged and left out."""
+    out = []
+    for item in (p.strip() for p in setting(key, "").split(",")):
+        try:
+            if item:
+                out.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            log.error("[glidein] %s: item %s is no address or network; left out", key, clean(item, 60))
+    return tuple(out)
 
 
 def env_stamp() -> tuple[tuple[str, str], ...]:
@@ -64,12 +92,10 @@ class Settings:
 
     @classmethod
     def _read(cls) -> Settings:
-        rate = float(_setting("bootstrap_address_rate", "200"))
-        refusals = float(_setting("bootstrap_address_refusals", "120"))  # per minute
-        proxies = tuple(ipaddress.ip_network(p.strip(), strict=False)
-                        for p in _setting("bootstrap_trusted_proxies", "").split(",") if p.strip())
-        return cls(rate, rate * 10, refusals / 60.0, refusals, proxies,
-                   float(_setting("bootstrap_listing_interval", "20")))
+        rate = number("bootstrap_address_rate", 200)
+        refusals = number("bootstrap_address_refusals", 120)  # per minute
+        return cls(rate, rate * 10, refusals / 60.0, refusals, networks("bootstrap_trusted_proxies"),
+                   number("bootstrap_listing_interval", 20))
 
 
 @lru_cache(maxsize=4)

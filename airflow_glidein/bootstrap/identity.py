@@ -27,6 +27,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
+from airflow_glidein.bootstrap.guard import setting
 from airflow_glidein.config import Entry
 
 MAX_BODY = 16 * 1024  # an exchange body: the identity document (~0.5 KB) and its signature
@@ -36,16 +37,15 @@ class IdentityRefused(Exception):
     pass
 
 
+class CertificateUnusable(Exception):
+    """The configured certificate cannot be read: the service's fault, not the pilot's."""
+
+
 def certificate_source(entry: Entry) -> str | None:
     """The PEM (file or text) an EC2 entry's identity documents are checked with, or None."""
     if entry.middleware != "ec2":
         return None
-    value = entry.options.get("identity_cert")
-    if not value:
-        from airflow.sdk import conf
-
-        value = conf.get("glidein", "ec2_identity_cert", fallback=None)
-    return value or None
+    return entry.options.get("identity_cert") or setting("ec2_identity_cert", "") or None
 
 
 @lru_cache(maxsize=16)
@@ -82,9 +82,13 @@ def verify_ec2(entry: Entry, claimed: str, fields: dict[str, str]) -> dict[str, 
         sig = base64.b64decode("".join(fields["identity_signature"].split()), validate=True)
     except (binascii.Error, ValueError):
         raise IdentityRefused("the identity document or its signature is not base64") from None
-    key = certificate(source).public_key()
+    try:
+        key = certificate(source).public_key()
+    except (OSError, ValueError) as exc:
+        raise CertificateUnusable(f"entry {entry.name}: its EC2 identity certificate cannot be read "
+                                  f"({type(exc).__name__})") from None
     if not isinstance(key, rsa.RSAPublicKey):
-        raise IdentityRefused(f"entry {entry.name}: its identity certificate holds no RSA key")
+        raise CertificateUnusable(f"entry {entry.name}: its EC2 identity certificate holds no RSA key")
     try:
         key.verify(sig, doc, padding.PKCS1v15(), hashes.SHA256())
     except InvalidSignature:

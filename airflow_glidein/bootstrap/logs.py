@@ -30,7 +30,7 @@ from typing import Any
 import anyio
 from sqlalchemy import BigInteger, Column, Float, String, Table, delete, func, insert, select, text
 
-from airflow_glidein.bootstrap.guard import env_stamp
+from airflow_glidein.bootstrap.guard import env_stamp, number, setting
 from airflow_glidein.state import METADATA, StateStore
 
 log = logging.getLogger(__name__)
@@ -73,12 +73,6 @@ def check_name(name: str, what: str = "log name") -> str:
     return name
 
 
-def _setting(key: str, default: str) -> str:
-    from airflow.sdk import conf
-
-    return conf.get("glidein", key, fallback=None) or default
-
-
 @lru_cache(maxsize=4)
 def _from_config(stamp: tuple[tuple[str, str], ...]) -> LogStore:
     return LogStore._read()
@@ -108,12 +102,10 @@ class LogStore:
         from airflow.sdk import ObjectStoragePath
 
         home = os.environ.get("AIRFLOW_HOME") or os.path.expanduser("~/airflow")
-        base = _setting("pilot_logs", f"file://{home}/glidein-logs")
-        return cls(ObjectStoragePath(base), int(_setting("pilot_log_max_file_bytes", str(MAX_FILE))),
-                   int(_setting("pilot_log_max_pilot_bytes", str(MAX_PILOT))),
-                   int(_setting("pilot_log_max_files", str(MAX_FILES))),
-                   float(_setting("bootstrap_body_idle_timeout", str(IDLE_TIMEOUT))),
-                   float(_setting("bootstrap_body_timeout", str(BODY_TIMEOUT))))
+        base = setting("pilot_logs", f"file://{home}/glidein-logs")
+        return cls(ObjectStoragePath(base), int(number("pilot_log_max_file_bytes", MAX_FILE)),
+                   int(number("pilot_log_max_pilot_bytes", MAX_PILOT)), int(number("pilot_log_max_files", MAX_FILES)),
+                   number("bootstrap_body_idle_timeout", IDLE_TIMEOUT), number("bootstrap_body_timeout", BODY_TIMEOUT))
 
     def pilot_dir(self, entry: str, pilot_id: str):
         return self.base / check_name(entry, "entry") / check_name(pilot_id, "pilot id")
@@ -228,8 +220,7 @@ class LogStore:
     # -- upkeep ------------------------------------------------------------
     def prune(self, st: StateStore, now: float, retention_days: float | None = None) -> dict[str, int]:
         """Delete logs stored longer ago than the retention, and what uploads that died left behind."""
-        days = float(_setting("pilot_log_retention_days", str(RETENTION_DAYS))) if retention_days is None \
-            else retention_days
+        days = number("pilot_log_retention_days", RETENTION_DAYS) if retention_days is None else retention_days
         stale_upload = now - 2 * self.body_timeout
         with st.begin() as conn:
             old = conn.execute(select(files).where(
