@@ -224,8 +224,6 @@ async def exchange_all(pilots: list[dict], ports: list[int], concurrency: int, a
     latencies: list[float] = []
     by_path: dict[bool, list[float]] = {True: [], False: []}
     codes: Counter[int] = Counter()
-    slow: list[tuple] = []
-    t0 = time.perf_counter()
 
     async def one(n: int, p: dict) -> None:
         async with gate:
@@ -237,16 +235,12 @@ async def exchange_all(pilots: list[dict], ports: list[int], concurrency: int, a
                 code, body = 0, b""
             latencies.append(time.perf_counter() - t)
             by_path[p["recorded"]].append(latencies[-1])
-            slow.append((latencies[-1], t - t0, p["launch"], n % len(ports), code))
             codes[code] += 1
             if code == 200:
                 p["upload"] = dict(line.split("=", 1) for line in body.decode().splitlines())["upload_token"]
 
     t0 = time.perf_counter()
     await asyncio.gather(*(one(n, p) for n, p in enumerate(pilots)))
-    if os.environ.get("BENCH_DEBUG"):
-        for x in sorted(slow)[-15:]:
-            print("slow", [round(x[0], 2), round(x[1], 2), *x[2:]])
     return {"seconds": time.perf_counter() - t0, "latencies": latencies, "codes": codes, "by_path": by_path}
 
 
@@ -453,8 +447,6 @@ def main(argv: list[str] | None = None) -> int:
             line("  its launch's provider listings", f"{ec2.calls.get(launch, 0)}", "<= 2")
         line("  legitimate exchanges answered", dict(sorted(attack["legit_codes"].items())).__repr__())
         ok = ok and attack["legit_codes"] == Counter({200: len(legit)})
-    if os.environ.get("BENCH_DEBUG"):
-        print(ec2.log)
     if args.keep:
         print(f"  work folder kept: {workdir} (service logs, pilot logs)")
     else:

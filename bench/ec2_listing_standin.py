@@ -31,7 +31,6 @@ class EC2Listing:
         self.instances: dict[str, tuple[float, dict[str, str]]] = {}  # id -> (made, tags)
         self.calls: Counter[str] = Counter()  # launch filter value (or "*") -> DescribeInstances calls
         self.lag, self.throttle_every = lag, throttle_every
-        self.log: list[tuple[float, str]] = []  # (when, launch) of each call
         self.lock = threading.Lock()
         outer = self
 
@@ -81,7 +80,6 @@ class EC2Listing:
         with self.lock:
             for launch in filters.get(f"tag:{P.TAG_LAUNCH}", {"*"}):
                 self.calls[launch] += 1
-                self.log.append((time.time(), launch))
             if self.throttle_every and sum(self.calls.values()) % self.throttle_every == 0:
                 return 503, self._error("RequestLimitExceeded", "Request limit exceeded.")
             seen = time.time() - self.lag
