@@ -20,9 +20,12 @@ hooks' backoff and their termination checks.
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from sqlalchemy import Column, Float, Index, Integer, String, Table, delete, func, insert, select, text
 
@@ -54,6 +57,27 @@ CLOCK = SystemClock()
 
 class BudgetExhausted(RuntimeError):
     """No token within the longest wait allowed; the call was not made."""
+
+    def __init__(self, message: str, retry_after: float = 0.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after  # s until a token comes back
+
+
+_NO_WAIT = contextvars.ContextVar("glidein_budget_no_wait", default=False)
+
+
+@contextmanager
+def no_wait() -> Iterator[None]:
+    """Within it, ``acquire`` never sleeps: a spent budget raises BudgetExhausted at once.
+
+    For callers that hold a worker for someone waiting (the bootstrap service's
+    requests); it reaches the calls a hook makes for them, whatever client it shares.
+    """
+    token = _NO_WAIT.set(True)
+    try:
+        yield
+    finally:
+        _NO_WAIT.reset(token)
 
 
 class ApiBudget:
@@ -98,10 +122,10 @@ class ApiBudget:
                     .order_by(SPENT.c.at).offset(used + n - self.requests - 1).limit(1)
                 ).scalar_one()
             wait = max(back + self.hold - now, 0.001)
-            if waited + wait > self.max_wait:
+            if waited + wait > (0.0 if _NO_WAIT.get() else self.max_wait):
                 raise BudgetExhausted(
                     f"API budget of {self.endpoint} ({self.requests} calls per {self.per_seconds:g} s) "
-                    f"has no token for another {wait:.0f} s; not calling"
+                    f"has no token for another {wait:.0f} s; not calling", retry_after=wait
                 )
             if waited == 0:
                 log.info("API budget of %s spent (%d calls in %g s): waiting %.1f s",

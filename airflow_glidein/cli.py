@@ -109,6 +109,9 @@ def cmd_serve_bootstrap(args: argparse.Namespace) -> int:
         return 1
     if _load(path) is None:
         return 1
+    if bool(args.tls_cert) != bool(args.tls_key):
+        print("serve-bootstrap: --tls-cert and --tls-key go together", file=sys.stderr)
+        return 2
     from airflow_glidein import state
 
     try:  # a replica that cannot share the factory's store must not start; migrate before the first pilot
@@ -117,14 +120,17 @@ def cmd_serve_bootstrap(args: argparse.Namespace) -> int:
         print(exc, file=sys.stderr)
         return 1
     app = create_app(ui=False, config_file=path)
-    print(f"glidein bootstrap service on http://{args.host}:{args.port}{args.prefix} (config {path})", flush=True)
+    scheme = "https" if args.tls_cert else "http"
+    print(f"glidein bootstrap service on {scheme}://{args.host}:{args.port}{args.prefix} (config {path})", flush=True)
     if args.prefix:
         from fastapi import FastAPI
 
         root = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
         root.mount(args.prefix, app)
         app = root
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    # proxy_headers off: the client address is the peer's, or what [glidein] bootstrap_trusted_proxies allow
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", proxy_headers=False,
+                ssl_certfile=args.tls_cert, ssl_keyfile=args.tls_key)
     return 0
 
 
@@ -286,6 +292,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=_port, default=8081)
     p.add_argument("--prefix", default="/glidein", help="URL prefix, as in the factory's bootstrap_url (default /glidein)")
+    p.add_argument("--tls-cert", help="serve https with this PEM certificate (chain) file")
+    p.add_argument("--tls-key", help="the PEM private key of --tls-cert")
     p.set_defaults(func=cmd_serve_bootstrap, airflow=True)
     p = sub.add_parser("preflight", help="check credentials, providers, images, flavors, collector and bootstrap "
                                          "service before the first cycle (calls the providers)")

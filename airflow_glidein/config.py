@@ -7,11 +7,13 @@ echoed back, so a secret pasted into the wrong field is not printed.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import re
 from functools import lru_cache
 from pathlib import Path
+from urllib.parse import urlparse
 from typing import Annotated, Any, Literal
 
 import yaml
@@ -330,6 +332,25 @@ class Factory(Model):
     retry_delay: Seconds = 20  # s between them
     verify_timeout: PosSeconds = 120  # s the factory waits for terminated pilots to disappear
     verify_poll: PosSeconds = 15  # s between those checks (each lists the entry: API budget)
+    insecure_http: bool = False  # allow a plain-http bootstrap_url off loopback (the exchange hands out credentials)
+
+    @model_validator(mode="after")
+    def _tls(self) -> Factory:
+        url = urlparse(self.bootstrap_url)
+        if url.scheme == "http" and not self.insecure_http and not _loopback(url.hostname or ""):
+            raise ValueError("bootstrap_url: plain http off this machine sends the pool credential in the clear; "
+                             "use https (serve-bootstrap --tls-cert/--tls-key, or a TLS proxy), or set "
+                             "insecure_http: true")
+        return self
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class Config(Model):

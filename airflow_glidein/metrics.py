@@ -14,6 +14,13 @@ tags, for backends that keep tags:
     glidein.stuck.<entry>                          gauge  pilots terminate could not remove
     glidein.api.calls.<endpoint>                   count  provider API calls (each takes a budget token)
     glidein.api.throttled.<endpoint>               count  calls the provider throttled (then retried with backoff)
+    glidein.bootstrap.exchanges.<entry>            count  bootstrap tokens exchanged (the bootstrap service)
+    glidein.bootstrap.refused.<reason>             count  requests refused, by reason (rebind: a bound id claimed
+                                                          again; identity, not_in_launch, used_up, expired,
+                                                          unknown_token, rate_limited_*, unavailable, quota, ...)
+    glidein.bootstrap.uploads.<entry>              count  pilot logs stored
+    glidein.bootstrap.upload_bytes.<entry>         count  bytes of pilot logs stored
+    glidein.bootstrap.listings.<entry>             count  provider listings the bootstrap service made
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ from typing import Any
 
 from sqlalchemy import Column, Float, Integer, PrimaryKeyConstraint, String, Table, Text, delete, select, tuple_
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
 
 from airflow_glidein import pilots as P
 from airflow_glidein.state import METADATA, StateStore
@@ -340,3 +341,16 @@ def load_health(store: StateStore) -> dict[str, dict[str, Any]]:
 
 def save_health(store: StateStore, rows: Iterable[Mapping[str, Any]]) -> None:
     _upsert(store, ENTRY_HEALTH, [dict(r) for r in rows], ["entry"])
+
+
+def recorded(store: StateStore | Connection, entry: str, launch_id: str, instance_id: str) -> bool:
+    """Did the factory record ``instance_id`` as made by ``launch_id`` at ``entry``? (no provider call)
+
+    ``store`` may be a connection of a transaction under way (the bootstrap service's exchange).
+    """
+    q = select(PILOTS.c.id).where(PILOTS.c.entry == entry, PILOTS.c.id == instance_id,
+                                  PILOTS.c.launch == launch_id).limit(1)
+    if isinstance(store, Connection):
+        return store.execute(q).first() is not None
+    with store.begin() as conn:
+        return conn.execute(q).first() is not None

@@ -19,6 +19,7 @@ from airflow_glidein import lifecycle as L
 from airflow_glidein import metrics, pilotdb, provisioning, report, state
 from airflow_glidein import pilots as P
 from airflow_glidein.assets import GLIDEIN_STATUS
+from airflow_glidein.bootstrap import upkeep
 from airflow_glidein.config import Config, Entry
 from airflow_glidein.credentials import usable_on
 from airflow_glidein.hooks import pilot_hook
@@ -445,6 +446,7 @@ class FactoryReportOperator(GlideinBaseOperator):
         }
         context["outlet_events"][GLIDEIN_STATUS].extra = status
         metrics.pilots(counts, P.STATES)
+        upkeep.prune(store)  # expired bootstrap tokens, used-up launches, old pilot logs
         lines = [f"Factory {cfg.factory.name}: {launched} launched, "
                  + ", ".join(f"{n} {k}" for k, n in sorted(status["actions"].items())) if actions else
                  f"Factory {cfg.factory.name}: {launched} launched, nothing reaped"]

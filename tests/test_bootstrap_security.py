@@ -163,6 +163,21 @@ def test_viewer_needs_an_airflow_user_and_lists_pilots_and_logs(cfg, bootstrap_s
     assert missing.status_code == 404 and "has no log none.log" in missing.text
 
 
+def test_head_works_on_the_get_routes_of_the_plugin(cfg, bootstrap_server):
+    (iid,), text = launch(cfg)
+    assert upload(bootstrap_server, token_of(text), "early.log", b"hello", iid=iid).status_code == 200
+    h = bootstrap_server.admin_headers()
+    for path, headers in (("/glidein/bootstrap/startup.sh", {}), ("/glidein/bootstrap/pubkey.pem", {}),
+                          ("/glidein/pilots/", h), (f"/glidein/pilots/aws-us-east-1/{iid}", h),
+                          (f"/glidein/pilots/aws-us-east-1/{iid}/logs.json", h),
+                          (f"/glidein/pilots/aws-us-east-1/{iid}/logs/early.log", h)):
+        get = httpx.get(bootstrap_server.url + path, headers=headers)
+        head = httpx.head(bootstrap_server.url + path, headers=headers)
+        assert get.status_code == head.status_code == 200, (path, head.status_code)
+        assert head.content == b"" and head.headers["content-type"] == get.headers["content-type"], path
+    assert httpx.head(f"{bootstrap_server.url}/glidein/pilots/").status_code == 401  # HEAD needs the user too
+
+
 def test_bad_signature_stops_the_wrapper_before_any_request(cfg, ec2, bootstrap_server, tmp_path):
     (iid,), text = launch(cfg)
     # another key's signature over a body that names the factory's key id (an id is no secret)

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import time
+from typing import Any
 
 import httpx
 import pytest
@@ -23,27 +24,38 @@ from tests.pilot_helpers import VM, closed_port_url, launch, pilot_config
 pytestmark = pytest.mark.usefixtures("airflow_db")
 
 
-@pytest.fixture
-def standalone(ec2, bootstrap_server, tmp_path, monkeypatch):
-    url = closed_port_url()
-    port = int(url.rsplit(":", 1)[1])
-    cfg = pilot_config(tmp_path, monkeypatch, bootstrap_server)
-    cfg_path = tmp_path / "glidein.yaml"
+def serve_bootstrap(cfg_path, *args: str, scheme: str = "http", verify: Any = True):
+    """``python -m airflow_glidein serve-bootstrap`` in a process on a free port; (process, base URL) once it answers."""
+    port = int(closed_port_url().rsplit(":", 1)[1])
+    url = f"{scheme}://127.0.0.1:{port}"
     proc = subprocess.Popen([sys.executable, "-m", "airflow_glidein", "serve-bootstrap", str(cfg_path),
-                             "--port", str(port)], cwd=REPO, env=dict(os.environ),
+                             "--port", str(port), *args], cwd=REPO, env=dict(os.environ),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 60
     while True:
         try:
-            if httpx.get(f"{url}/glidein/bootstrap/startup.sh").status_code == 200:
-                break
+            if httpx.get(f"{url}/glidein/bootstrap/startup.sh", verify=verify).status_code == 200:
+                return proc, url
         except httpx.TransportError:
             pass
-        assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.stdout else ""
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            raise AssertionError(proc.stdout.read() if proc.stdout else "serve-bootstrap did not start")
         time.sleep(0.2)
-    yield cfg, url
+
+
+def stop(proc: subprocess.Popen) -> str:
     proc.terminate()
-    proc.wait(10)
+    out, _ = proc.communicate(timeout=30)
+    return out
+
+
+@pytest.fixture
+def standalone(ec2, bootstrap_server, tmp_path, monkeypatch):
+    cfg = pilot_config(tmp_path, monkeypatch, bootstrap_server)
+    proc, url = serve_bootstrap(tmp_path / "glidein.yaml")
+    yield cfg, url
+    stop(proc)
 
 
 def test_standalone_serves_pilots_and_shares_state_with_the_plugin(standalone, bootstrap_server, tmp_path):

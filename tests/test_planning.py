@@ -21,7 +21,7 @@ def entry(name: str, cores: int = 4, memory: int = 8192, gpus: int = 0, **limits
 
 def config(entries: list[dict], limits: dict | None = None, frontends: list[str] = ("fe",), factory: dict | None = None):
     return parse_config({
-        "factory": {"name": "f", "bootstrap_url": "http://x", "limits": factory or {}},
+        "factory": {"name": "f", "bootstrap_url": "https://x", "limits": factory or {}},
         "entries": entries,
         "frontends": [{"name": n, "demand": {"queue_file": "q.json"}, "entries": [e["name"] for e in entries],
                        "credentials": ["k", "t"], "limits": limits or {}} for n in frontends],

@@ -15,6 +15,8 @@ from __future__ import annotations
 import base64
 import html
 import logging
+import math
+import threading
 import time
 from urllib.parse import quote
 from typing import Annotated, Any
@@ -23,16 +25,20 @@ from anyio import to_thread
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 
-from airflow_glidein import userdata
-from airflow_glidein.bootstrap import keys, tokens
+from airflow_glidein import budget, metrics, pilotdb, userdata
+from airflow_glidein.bootstrap import guard, identity, keys, listings, tokens
+from airflow_glidein.bootstrap.guard import clean
 from airflow_glidein.bootstrap.launches import startup_script
 from airflow_glidein.bootstrap.logs import LogRefused, LogStore, check_name
-from airflow_glidein.config import Config, get_config
+from airflow_glidein.config import Config, Entry, get_config
 from airflow_glidein.state import StateStore, store
 
 log = logging.getLogger(__name__)
 FACTORY_DAG = "glidein_factory"
-LISTING_TTL = 30.0  # s a launch's provider listing is reused for the next VM of the same batch
+MAX_HEADERS = 16 * 1024  # bytes of request headers (a pilot sends a few hundred)
+SECRET_TTL = 10.0  # s a pilot credential read from its connection is reused
+LISTINGS_AT_ONCE = 4  # provider listings one service process makes at a time
+Refusal = tokens.Refused | LogRefused
 
 
 def _literal(value: Any) -> str:
@@ -54,7 +60,10 @@ class Service:
     def __init__(self, config_file: str | None = None, state_url: str | None = None) -> None:
         self.config_file = config_file
         self.state_url = state_url
-        self._listings: dict[str, tuple[float, set[str]]] = {}
+        self.listings = listings.LaunchListings()
+        self.limiter = guard.Limiter()
+        self._secrets: dict[str, tuple[float, str]] = {}
+        self._listing = threading.Semaphore(LISTINGS_AT_ONCE)
 
     @property
     def config(self) -> Config:
@@ -68,39 +77,100 @@ class Service:
     def logs(self) -> LogStore:
         return LogStore.from_config()  # cheap; follows [glidein] pilot_logs changes
 
-    def in_launch(self, launch: tokens.Launch, pilot_id: str) -> bool:
-        """Is ``pilot_id`` listed by the provider under the launch's id? A miss re-lists once."""
+    def entry(self, launch: tokens.Launch) -> Entry:
+        try:
+            return self.config.entry(launch.entry)
+        except (StopIteration, KeyError):
+            raise tokens.Refused(403, f"entry {launch.entry} is no longer configured", "unknown_entry") from None
+
+    def admitter(self, seen: dict[str, Any]) -> tokens.Admit:
+        """Per-token limit on refusals: a token whose requests were refused too often lately is turned away
+        (a launch's token may be refused 2 per VM + 10 a minute, an upload token 2 per file + 10). What
+        succeeds does not count, so a launch's boot storm is never slowed by its own size."""
+
+        def admit(kind: str, hashed: str, launch: tokens.Launch) -> None:
+            per_minute = 2 * launch.count + 10 if kind != tokens.UPLOAD else 2 * self.logs.max_files + 10
+            seen["token"] = (hashed, per_minute)
+            wait = self.limiter.token_blocked(hashed, per_minute)
+            if wait:
+                raise tokens.Refused(429, f"too many refused requests with this {kind} token lately; slow down",
+                                     "rate_limited_token", retry_after=math.ceil(wait))
+
+        return admit
+
+    async def check_listed(self, launch: tokens.Launch, pilot_id: str, recorded: bool = False) -> None:
+        """Refuse unless ``pilot_id`` is one of the launch's instances: the factory's record (unless the caller
+        looked already), else the launch's listing (shared, at most one per interval; waited for, not slept on)."""
+        if not recorded and await to_thread.run_sync(pilotdb.recorded, self.store, launch.entry, launch.launch_id,
+                                                     pilot_id):
+            return
+        try:
+            found = await self.listings.contains(self.store, launch.launch_id, pilot_id, lambda: self._list(launch),
+                                                 guard.Settings.read().listing_interval)
+        except listings.Unavailable as exc:
+            raise tokens.Refused(503, str(exc), "unavailable", retry_after=exc.retry_after) from None
+        tokens.check_listed(found, launch, pilot_id)
+
+    def _list(self, launch: tokens.Launch) -> set[str]:
+        """One provider listing of the launch, never waiting for the API budget nor backing off."""
         from airflow_glidein.hooks import pilot_hook
 
-        now = time.monotonic()
-        seen, ids = self._listings.get(launch.launch_id, (0.0, set()))
-        if pilot_id in ids and now - seen < LISTING_TTL:
-            return True
+        hook = pilot_hook(self.entry(launch), launch.factory, launch.provision_conn)
+        hook.throttle_retries = 0  # a throttled listing is a failed one: the next comes after the interval
+        metrics.incr(1, "bootstrap", "listings", launch.entry, entry=launch.entry)
         try:
-            entry = self.config.entry(launch.entry)
-        except StopIteration:
-            raise tokens.Refused(403, f"entry {launch.entry} is no longer configured") from None
-        try:
-            listing = pilot_hook(entry, launch.factory, launch.provision_conn).list_pilots()
-        except Exception as exc:
-            log.warning("Listing launch %s at %s failed: %s", launch.launch_id, launch.entry, exc)
-            raise tokens.Refused(503, f"cannot list launch {launch.launch_id} at its provider now; try again") from None
-        ids = {i.id for i in listing if i.launch_id == launch.launch_id}
-        self._listings = {k: v for k, v in self._listings.items() if now - v[0] < LISTING_TTL}
-        self._listings[launch.launch_id] = (now, ids)
-        return pilot_id in ids
+            with self._listing, budget.no_wait():  # the first also builds the provider client the others share
+                found = hook.list_launch(launch.launch_id)
+        except budget.BudgetExhausted as exc:
+            raise listings.ListingFailed(f"the API budget of entry {launch.entry} is spent; try again",
+                                         exc.retry_after) from None
+        log.info("Listed launch %s at %s for the bootstrap service: %d instances", launch.launch_id, launch.entry,
+                 len(found))
+        return {i.id for i in found if i.launch_id == launch.launch_id}
+
+    async def exchange(self, token: str, pilot_id: str, proof: dict[str, str],
+                       admit: tokens.Admit) -> tuple[tokens.Launch, str, float, str]:
+        """``tokens.exchange``'s steps, with the provider's listing (when the factory's record cannot tell)
+        waited for asynchronously."""
+        def known(conn: Any, launch: tokens.Launch, pid: str) -> bool:  # without a provider call
+            try:
+                identity.verify_ec2(self.entry(launch), pid, proof)
+            except identity.IdentityRefused as exc:
+                raise tokens.Refused(403, str(exc), "identity") from None
+            except identity.CertificateUnusable as exc:
+                log.error("%s: exchanges at this entry are refused until it is fixed", exc)
+                raise tokens.Refused(503, "the service cannot check instance identity documents now; try again",
+                                     "identity_cert", retry_after=60) from None
+            return self.listings.known(launch.launch_id, pid) or pilotdb.recorded(conn, launch.entry,
+                                                                                  launch.launch_id, pid)
+
+        now = time.time()
+        launch, bound = await to_thread.run_sync(tokens.begin_exchange, self.store, token, pilot_id, now,
+                                                 self.pilot_secret, admit, known)
+        if bound is None:
+            await self.check_listed(launch, pilot_id, recorded=True)
+            bound = await to_thread.run_sync(tokens.finish_exchange, self.store, launch, pilot_id, now,
+                                             self.pilot_secret)
+        return (launch, *bound)
 
     def pilot_secret(self, launch: tokens.Launch) -> str:
-        """The launch's pilot credential, read from its Airflow connection ('' when the launch has none)."""
+        """The launch's pilot credential, read from its Airflow connection ('' when the launch has none);
+        kept a few seconds, as a boot storm asks for the same one thousands of times."""
         if not launch.pilot_credential:
             return ""
+        now = time.monotonic()
+        cached = self._secrets.get(launch.pilot_credential)
+        if cached and now - cached[0] < SECRET_TTL:
+            return cached[1]
         from airflow_glidein import secrets
 
         try:
             secret = secrets.pilot_payload(self.config, launch.pilot_credential)
         except Exception as exc:
-            log.warning("Pilot credential %s unavailable: %s", launch.pilot_credential, exc)
-            raise tokens.Refused(503, f"pilot credential {launch.pilot_credential} is unavailable now; try again") from None
+            log.warning("Pilot credential %s unavailable: %s", launch.pilot_credential, clean(exc, 300))
+            raise tokens.Refused(503, f"pilot credential {launch.pilot_credential} is unavailable now; try again",
+                                 "credential", retry_after=10) from None
+        self._secrets[launch.pilot_credential] = (now, secret)
         return secret
 
     def handover(self, launch: tokens.Launch, pilot_id: str, upload: str, upload_expires: float, secret: str) -> str:
@@ -131,16 +201,80 @@ class Service:
         fields.update({f"attr.{k}": _literal(v) for k, v in sorted(entry.attrs.items())})
         return _lines(fields)
 
+    def refuse(self, what: str, exc: Refusal, request: Request, subject: str,
+               seen: dict[str, Any]) -> PlainTextResponse:
+        """One log line and one metric per refusal, counted against the token; the reply says why (escaped:
+        it may quote the request)."""
+        metrics.incr(1, "bootstrap", "refused", exc.reason, reason=exc.reason, route=what)
+        if "token" in seen and exc.status != 429 and exc.reason not in ("unavailable", "credential"):
+            self.limiter.token_refused(*seen["token"])
+        client = clean(_client(request), 60)
+        if exc.reason == "rebind":
+            log.warning("Instance %s claimed again from %s: %s (a clone of a VM, or someone else's id); refused",
+                        subject, client, clean(exc, 300))
+        elif exc.reason == "disconnected":
+            log.info("%s from %s: %s; nothing replaced", what, client, clean(exc, 300))
+        else:
+            log.warning("%s for %s from %s refused (%s): %s", what, subject, client, exc.reason, clean(exc, 300))
+        headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
+        return PlainTextResponse(f"error={clean(exc, 500)}\n", status_code=exc.status, headers=headers)
+
+
+def _client(request: Request) -> str:
+    return request.scope.get("state", {}).get("glidein_client") or (request.client.host if request.client else "?")
+
 
 def _bearer(authorization: str | None) -> str:
     scheme, _, token = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
-        raise HTTPException(401, "send the token as 'Authorization: Bearer <token>'")
+        raise tokens.Refused(401, "send the token as 'Authorization: Bearer <token>'", "no_token")
     return token.strip()
 
 
-def _refusal(exc: tokens.Refused | LogRefused) -> PlainTextResponse:
-    return PlainTextResponse(f"error={exc}\n", status_code=exc.status)
+async def _small_body(request: Request, limit: int) -> bytes:
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise LogRefused(413, f"request body over {limit} bytes", "too_large")
+    return body
+
+
+class Guard:
+    """ASGI middleware: finds the client's address, turns away an address over its request rate or with too
+    many refusals lately (429 + Retry-After, before any database work), and counts each refusal against it."""
+
+    def __init__(self, app: Any, svc: Service) -> None:
+        self.app, self.svc = app, svc
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        s = guard.Settings.read()
+        addr = guard.client_address(scope, s.trusted_proxies)
+        scope.setdefault("state", {})["glidein_client"] = addr
+        if sum(len(k) + len(v) for k, v in scope.get("headers") or []) > MAX_HEADERS:
+            self.svc.limiter.refused(addr, s)
+            metrics.incr(1, "bootstrap", "refused", "headers", reason="headers")
+            reply = PlainTextResponse(f"error=request headers over {MAX_HEADERS} bytes\n", status_code=431)
+            return await reply(scope, receive, send)
+        wait = self.svc.limiter.admit(addr, s)
+        if wait:
+            metrics.incr(1, "bootstrap", "refused", "rate_limited_address", reason="rate_limited_address")
+            reply = PlainTextResponse("error=too many requests (or refused requests) from this address; slow down\n",
+                                      status_code=429, headers={"Retry-After": str(math.ceil(wait))})
+            return await reply(scope, receive, send)
+        status = 0
+
+        async def watch(message: Any) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        await self.app(scope, receive, watch)
+        if 400 <= status < 500 and status != 429:
+            self.svc.limiter.refused(addr, s)
 
 
 def create_app(*, ui: bool, config_file: str | None = None, state_url: str | None = None) -> FastAPI:
@@ -148,8 +282,9 @@ def create_app(*, ui: bool, config_file: str | None = None, state_url: str | Non
     svc = Service(config_file, state_url)
     app = FastAPI(title="airflow-glidein bootstrap service", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.glidein = svc
+    app.add_middleware(Guard, svc=svc)
 
-    @app.get("/bootstrap/startup.sh")
+    @app.api_route("/bootstrap/startup.sh", methods=["GET", "HEAD"])
     def get_startup() -> Response:
         return Response(startup_script(), media_type="text/x-shellscript")
 
@@ -165,41 +300,53 @@ def create_app(*, ui: bool, config_file: str | None = None, state_url: str | Non
                                      status_code=404)
         return Response(userdata.public_pem(key), media_type="application/x-pem-file")
 
-    @app.get("/bootstrap/pubkey.pem")
+    @app.api_route("/bootstrap/pubkey.pem", methods=["GET", "HEAD"])
     def get_pubkey() -> Response:
         return pem(lambda ring: ring.signing.public_key())
 
-    @app.get("/bootstrap/pubkeys/{key_id}.pem")
+    @app.api_route("/bootstrap/pubkeys/{key_id}.pem", methods=["GET", "HEAD"])
     def get_pubkey_by_id(key_id: str) -> Response:
         """The current or the previous key by its id: images that pin fingerprints fetch the one an envelope names."""
         return pem(lambda ring: ring.accepted().get(key_id))
 
     @app.post("/bootstrap/exchange")
-    def post_exchange(instance_id: Annotated[str, Query(max_length=255)],
-                      authorization: Annotated[str | None, Header()] = None) -> Response:
-        token = _bearer(authorization)
+    async def post_exchange(request: Request, instance_id: Annotated[str, Query(max_length=255)],
+                            authorization: Annotated[str | None, Header()] = None) -> Response:
+        seen: dict[str, Any] = {}
         try:
-            launch, upload, expires, secret = tokens.exchange(
-                svc.store, token, instance_id, time.time(), svc.in_launch, svc.pilot_secret)
-        except tokens.Refused as exc:
-            log.warning("Exchange for instance %s refused: %s", instance_id, exc)
-            return _refusal(exc)
-        log.info("Pilot %s of launch %s at %s exchanged its bootstrap token", instance_id, launch.launch_id, launch.entry)
+            token = _bearer(authorization)
+            check_name(instance_id, "instance id")
+            proof = identity.parse_body(await _small_body(request, identity.MAX_BODY))
+            launch, upload, expires, secret = await svc.exchange(token, instance_id, proof, svc.admitter(seen))
+        except (tokens.Refused, LogRefused) as exc:
+            return svc.refuse("Exchange", exc, request, f"instance {clean(instance_id)}", seen)
+        metrics.incr(1, "bootstrap", "exchanges", launch.entry, entry=launch.entry)
+        log.info("Pilot %s of launch %s at %s exchanged its bootstrap token", instance_id, launch.launch_id,
+                 launch.entry)
         return PlainTextResponse(svc.handover(launch, instance_id, upload, expires, secret))
 
     @app.put("/bootstrap/logs/{name:path}")
     async def put_log(name: str, request: Request, instance_id: Annotated[str | None, Query(max_length=255)] = None,
                       authorization: Annotated[str | None, Header()] = None,
-                      content_length: Annotated[int | None, Header()] = None) -> Response:
-        token = _bearer(authorization)
+                      content_length: Annotated[int | None, Header(ge=0)] = None) -> Response:
+        subject = f"log {clean(name, 80)} of instance {clean(instance_id)}"
+        seen: dict[str, Any] = {}
         try:
+            token = _bearer(authorization)
             check_name(name)
-            entry, pilot_id = await to_thread.run_sync(
-                tokens.uploader, svc.store, token, time.time(), instance_id, svc.in_launch)
-            size = await svc.logs.write(entry, pilot_id, name, request.stream(), content_length)
+            if instance_id is not None:
+                check_name(instance_id, "instance id")
+            entry, pilot_id, early = await to_thread.run_sync(
+                tokens.uploader, svc.store, token, time.time(), instance_id, svc.admitter(seen))
+            if early is not None:  # a bootstrap token, for an instance it claims
+                await svc.check_listed(early, pilot_id)
+            subject = f"log {name} of pilot {pilot_id} at {entry}"
+            size = await svc.logs.write(svc.store, entry, pilot_id, name, request.stream(), content_length,
+                                        early is not None)
         except (tokens.Refused, LogRefused) as exc:
-            log.warning("Log upload %r refused: %s", name[:80], exc)
-            return _refusal(exc)
+            return svc.refuse("Log upload", exc, request, subject, seen)
+        metrics.incr(1, "bootstrap", "uploads", entry, entry=entry)
+        metrics.incr(size, "bootstrap", "upload_bytes", entry, entry=entry)
         log.info("Pilot %s at %s uploaded %s (%d bytes)", pilot_id, entry, name, size)
         return PlainTextResponse(f"stored={name}\nbytes={size}\n")
 
@@ -257,7 +404,7 @@ def _viewer(svc: Service) -> FastAPI:
         except LogRefused as exc:
             raise HTTPException(exc.status, str(exc)) from None
 
-    @viewer.get("/")
+    @viewer.api_route("/", methods=["GET", "HEAD"])
     def pilots_index() -> HTMLResponse:
         rows = "".join(
             f"<tr><td>{html.escape(e)}</td><td><a href='{_href(e, p)}'>"
@@ -265,7 +412,7 @@ def _viewer(svc: Service) -> FastAPI:
         return _page("Pilot logs", f"<table><tr><th>entry</th><th>pilot</th></tr>{rows}</table>"
                      if rows else "<p>No pilot has uploaded logs yet.</p>")
 
-    @viewer.get("/{entry}/{pilot_id}")
+    @viewer.api_route("/{entry}/{pilot_id}", methods=["GET", "HEAD"])
     def pilot_logs(entry: str, pilot_id: str) -> HTMLResponse:
         files = guarded(lambda: svc.logs.list(entry, pilot_id))
         rows = "".join(
@@ -274,13 +421,13 @@ def _viewer(svc: Service) -> FastAPI:
         return _page(f"Logs of pilot {pilot_id} at {entry}",
                      f"<table>{rows}</table>" if rows else "<p>This pilot has uploaded no logs.</p>")
 
-    @viewer.get("/{entry}/{pilot_id}/logs.json")
+    @viewer.api_route("/{entry}/{pilot_id}/logs.json", methods=["GET", "HEAD"])
     def pilot_logs_json(entry: str, pilot_id: str) -> JSONResponse:
         files = guarded(lambda: svc.logs.list(entry, pilot_id))
         return JSONResponse({"entry": entry, "pilot_id": pilot_id,
                              "logs": [{"name": n, "bytes": size} for n, size in files]})
 
-    @viewer.get("/{entry}/{pilot_id}/logs/{name}")
+    @viewer.api_route("/{entry}/{pilot_id}/logs/{name}", methods=["GET", "HEAD"])
     def pilot_log(entry: str, pilot_id: str, name: str) -> PlainTextResponse:
         data = guarded(lambda: svc.logs.read(entry, pilot_id, name))
         return PlainTextResponse(data.decode(errors="replace"))

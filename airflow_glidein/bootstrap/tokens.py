@@ -1,11 +1,11 @@
 """Launches, bootstrap tokens and pilot bindings in the shared state store.
 
-docs/architecture.md, "Tokens": one batch shares one UserData, so a
-launch's bootstrap token is good for as many exchanges as the launch has
-VMs, each bound on first use to a distinct instance id that the caller
-checks against the provider's listing for that launch. The bindings live in
-the state store (never in memory), so a token is single use per instance
-across every API-server replica. Only SHA-256 hashes of tokens are stored.
+One batch shares one UserData, so a launch's bootstrap token is good for as
+many exchanges as the launch has VMs, each bound on first use to a distinct
+instance id that the caller checks is the launch's (the factory's record,
+else the provider's listing). The bindings live in the state store (never in
+memory), so a token is single use per instance across every replica. Only
+SHA-256 hashes of tokens are stored. ``prune`` drops what has expired.
 """
 
 from __future__ import annotations
@@ -13,13 +13,15 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from sqlalchemy import Column, Float, Integer, String, Table, Text, func, insert, select, update
+from sqlalchemy import Column, Float, Integer, String, Table, Text, and_, delete, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
+from airflow_glidein.bootstrap import listings
 from airflow_glidein.state import METADATA, StateStore
 
 launches = Table(
@@ -59,11 +61,17 @@ LOG_GRACE = 3600  # s past its expiry a bootstrap token may still upload a faili
 
 
 class Refused(Exception):
-    """A token the service will not honour; the message is safe to return to the pilot."""
+    """A request the service will not honour; the message is safe to return to the pilot.
 
-    def __init__(self, status: int, message: str) -> None:
+    ``reason`` names the refusal in metrics (glidein.bootstrap.refused.<reason>);
+    ``retry_after`` (s) goes out as Retry-After on a 429 or 503.
+    """
+
+    def __init__(self, status: int, message: str, reason: str = "refused", retry_after: int | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.reason = reason
+        self.retry_after = retry_after
 
 
 @dataclass(frozen=True)
@@ -81,7 +89,7 @@ class Launch:
 
     @classmethod
     def from_row(cls, row: Any) -> Launch:
-        d = dict(row._mapping)
+        d = dict(row)
         d["policy"] = json.loads(d["policy"])
         return cls(**d)
 
@@ -116,99 +124,193 @@ def register_launch(st: StateStore, launch: Launch, token: str, expires: float, 
                                                launch_id=launch.launch_id, expires=expires))
 
 
-def _token(conn: Any, token: str) -> Any:
-    return conn.execute(select(tokens).where(tokens.c.token_hash == token_hash(token))).first()
+_LAUNCH_COLS = [c for c in launches.c]
+
+
+def _token(conn: Any, token: str, lock: bool = False) -> tuple[Any, Launch | None]:
+    """The token's row and its launch, in one query, the launch's row locked if asked (None, None: unknown)."""
+    q = (select(tokens.c.token_hash, tokens.c.kind, tokens.c.pilot_id, tokens.c.expires,
+                tokens.c.launch_id.label("token_launch"), *_LAUNCH_COLS)
+         .select_from(tokens.join(launches, tokens.c.launch_id == launches.c.launch_id))
+         .where(tokens.c.token_hash == token_hash(token)))
+    row = conn.execute(q.with_for_update(of=launches) if lock else q).first()
+    if row is None:
+        return None, None
+    return row, Launch.from_row({c.name: row._mapping[c] for c in _LAUNCH_COLS})
 
 
 def _launch(conn: Any, launch_id: str, lock: bool = False) -> Launch:
     q = select(launches).where(launches.c.launch_id == launch_id)
     row = conn.execute(q.with_for_update() if lock else q).first()
     if row is None:
-        raise Refused(403, f"launch {launch_id} is not known to this factory")
-    return Launch.from_row(row)
+        raise Refused(403, f"launch {launch_id} is not known to this factory", "unknown_token")
+    return Launch.from_row(row._mapping)
 
 
-def _bootstrap_launch(conn: Any, token: str, now: float, grace: float = 0, kinds: tuple[str, ...] = (BOOTSTRAP,),
-                      row: Any = None) -> Launch:
-    row = row or _token(conn, token)
+# Called once a token is known and valid, with (kind, token hash, launch): raises Refused to turn the request
+# away (the service's per-token rate limit).
+Admit = Callable[[str, str, "Launch"], None]
+
+
+def _admit_none(kind: str, hashed: str, launch: Launch) -> None:
+    return None
+
+
+def _valid(row: Any, launch: Launch | None, now: float, kinds: tuple[str, ...], grace: float = 0,
+           admit: Admit = _admit_none) -> Launch:
     if row is None or row.kind not in kinds:
-        raise Refused(403, "unknown bootstrap token")
+        raise Refused(403, "unknown bootstrap token", "unknown_token")
     if now > row.expires + grace:
-        raise Refused(403, f"{row.kind} token of launch {row.launch_id} expired {int(now - row.expires)} s ago")
-    return _launch(conn, row.launch_id)
+        raise Refused(403, f"{row.kind} token of launch {row.token_launch} expired {int(now - row.expires)} s ago",
+                      "expired")
+    assert launch is not None
+    admit(row.kind, row.token_hash, launch)
+    return launch
+
+
+def _room(conn: Any, launch: Launch, pilot_id: str) -> tuple[str | None, int]:
+    """(the launch an instance is bound to, or None; how many exchanges the launch has used), in one query."""
+    row = conn.execute(select(
+        select(bindings.c.launch_id).where(bindings.c.entry == launch.entry, bindings.c.pilot_id == pilot_id)
+        .scalar_subquery().label("bound"),
+        select(func.count()).select_from(bindings).where(bindings.c.launch_id == launch.launch_id)
+        .scalar_subquery().label("used"))).one()
+    return row.bound, row.used
 
 
 def _check_room(conn: Any, launch: Launch, pilot_id: str) -> None:
-    bound = conn.execute(select(bindings.c.launch_id).where(
-        bindings.c.entry == launch.entry, bindings.c.pilot_id == pilot_id)).first()
+    bound, used = _room(conn, launch, pilot_id)
     if bound is not None:
-        raise Refused(403, f"instance {pilot_id} already exchanged its bootstrap token (launch {bound.launch_id})")
-    used = conn.execute(select(func.count()).select_from(bindings).where(
-        bindings.c.launch_id == launch.launch_id)).scalar_one()
+        raise Refused(403, f"instance {pilot_id} already exchanged its bootstrap token (launch {bound})", "rebind")
     if used >= launch.count:
-        raise Refused(403, f"all {launch.count} exchanges of launch {launch.launch_id} are used")
+        raise Refused(403, f"all {launch.count} exchanges of launch {launch.launch_id} are used", "used_up")
 
 
 InLaunch = Callable[[Launch, str], bool]
 
 
-def _check_listed(in_launch: InLaunch, launch: Launch, pilot_id: str) -> None:
-    if not in_launch(launch, pilot_id):
-        raise Refused(403, f"instance {pilot_id} is not an instance of launch {launch.launch_id} at entry {launch.entry}")
+def check_listed(found: bool, launch: Launch, pilot_id: str) -> None:
+    if not found:
+        raise Refused(403, f"instance {pilot_id} is not an instance of launch {launch.launch_id} at entry {launch.entry}",
+                      "not_in_launch")
+
+
+# Answers from the state store alone, inside the exchange's first transaction: True if the instance is known to
+# be the launch's (the factory recorded it), False if a provider listing must tell; raises Refused to refuse.
+Known = Callable[[Any, Launch, str], bool]
+Bound = tuple[str, float, Any]  # upload token, its expiry, what prepare() gathered
+
+
+def _bind(conn: Any, launch: Launch, pilot_id: str, now: float, prepared: T) -> tuple[str, float, T]:
+    """Bind the instance (the launch's row locked and its room checked); returns its upload token and expiry."""
+    p = launch.policy
+    expires = now + p["max_lifetime"] + p.get("retire_window", 0) + UPLOAD_MARGIN
+    upload = new_token()
+    conn.execute(insert(bindings).values(entry=launch.entry, pilot_id=pilot_id, launch_id=launch.launch_id, bound=now))
+    conn.execute(insert(tokens).values(token_hash=token_hash(upload), kind=UPLOAD, launch_id=launch.launch_id,
+                                       pilot_id=pilot_id, expires=expires))
+    return upload, expires, prepared
+
+
+@contextmanager
+def _once(pilot_id: str) -> Iterator[None]:
+    """Around a transaction that binds: a binding made meanwhile by another launch's exchange is a refusal."""
+    try:
+        yield
+    except IntegrityError:
+        raise Refused(403, f"instance {pilot_id} already exchanged its bootstrap token", "rebind") from None
+
+
+def begin_exchange(st: StateStore, token: str, pilot_id: str, now: float,
+                   prepare: Callable[[Launch], T] = lambda launch: None, admit: Admit = _admit_none,
+                   known: Known = lambda conn, launch, pilot_id: False) -> tuple[Launch, Bound | None]:
+    """The exchange's first transaction (the launch's row locked): checks the token and the launch's room, and
+    binds at once when ``known`` can tell from the state store that the instance is the launch's. Returns
+    (launch, bound), bound None when the provider must tell first (then ``finish_exchange``)."""
+    with _once(pilot_id), st.begin() as conn:
+        launch = _valid(*_token(conn, token, lock=True), now, (BOOTSTRAP,), admit=admit)
+        _check_room(conn, launch, pilot_id)
+        if known(conn, launch, pilot_id):
+            return launch, _bind(conn, launch, pilot_id, now, prepare(launch))
+    return launch, None
+
+
+def finish_exchange(st: StateStore, launch: Launch, pilot_id: str, now: float,
+                    prepare: Callable[[Launch], T] = lambda launch: None) -> Bound:
+    """Bind an instance the provider listed under the launch (the room is checked again: time has passed)."""
+    prepared = prepare(launch)
+    with _once(pilot_id), st.begin() as conn:
+        launch = _launch(conn, launch.launch_id, lock=True)
+        _check_room(conn, launch, pilot_id)
+        return _bind(conn, launch, pilot_id, now, prepared)
 
 
 def exchange(
     st: StateStore, token: str, pilot_id: str, now: float, in_launch: InLaunch,
-    prepare: Callable[[Launch], T] = lambda launch: None,
+    prepare: Callable[[Launch], T] = lambda launch: None, admit: Admit = _admit_none,
+    known: Known = lambda conn, launch, pilot_id: False,
 ) -> tuple[Launch, str, float, T]:
     """Bind ``pilot_id`` to the token's launch; returns (launch, upload token, its expiry, prepared).
 
-    ``in_launch(launch, pilot_id)`` asks the provider's listing of the launch;
-    it is called outside any transaction (a provider call must not hold a
-    lock). ``prepare(launch)`` gathers what the exchange hands over; if it
-    fails, nothing is bound and the pilot may try again.
+    One transaction when ``known`` tells from the state store that the instance
+    is the launch's; otherwise ``in_launch(launch, pilot_id)`` asks (the
+    provider's listing) outside any transaction (a provider call must not hold
+    a lock), and a second transaction binds. ``prepare(launch)`` gathers what
+    the exchange hands over; if it fails, nothing is bound and the pilot may
+    try again. (The service runs the same steps with an asynchronous listing.)
+    """
+    launch, bound = begin_exchange(st, token, pilot_id, now, prepare, admit, known)
+    if bound is None:
+        check_listed(in_launch(launch, pilot_id), launch, pilot_id)
+        bound = finish_exchange(st, launch, pilot_id, now, prepare)
+    return (launch, *bound)
+
+
+def uploader(st: StateStore, token: str, now: float, claimed: str | None,
+             admit: Admit = _admit_none) -> tuple[str, str, Launch | None]:
+    """(entry, pilot id, launch) whose logs ``token`` may write; launch: set before the pilot's exchange, when
+    the caller must still check the claimed instance is one of it (``check_listed``).
+
+    An upload token names its pilot. A bootstrap (or sealed envelope's log)
+    token, readable in UserData, writes only for an instance of its launch
+    that has not exchanged (a wrapper that failed before the exchange), and
+    not at all once every exchange of the launch is used: it never writes
+    over the logs of a pilot that holds its upload token.
     """
     with st.begin() as conn:
-        launch = _bootstrap_launch(conn, token, now)
-        _check_room(conn, launch, pilot_id)
-    _check_listed(in_launch, launch, pilot_id)
-    prepared = prepare(launch)
-    p = launch.policy
-    expires = now + p["max_lifetime"] + p.get("retire_window", 0) + UPLOAD_MARGIN
-    upload = new_token()
-    try:
-        with st.begin() as conn:
-            launch = _launch(conn, launch.launch_id, lock=True)
-            _check_room(conn, launch, pilot_id)
-            conn.execute(insert(bindings).values(entry=launch.entry, pilot_id=pilot_id,
-                                                 launch_id=launch.launch_id, bound=now))
-            conn.execute(insert(tokens).values(token_hash=token_hash(upload), kind=UPLOAD, launch_id=launch.launch_id,
-                                               pilot_id=pilot_id, expires=expires))
-    except IntegrityError:  # another replica bound this instance between our two transactions
-        raise Refused(403, f"instance {pilot_id} already exchanged its bootstrap token") from None
-    return launch, upload, expires, prepared
-
-
-def uploader(st: StateStore, token: str, now: float, claimed: str | None, in_launch: InLaunch) -> tuple[str, str]:
-    """(entry, pilot id) whose logs ``token`` may write.
-
-    An upload token names its pilot. A bootstrap token (a wrapper that failed
-    before the exchange) writes for the instance it claims, if the provider
-    lists that instance under the token's launch.
-    """
-    with st.begin() as conn:
-        row = _token(conn, token)
+        row, launch = _token(conn, token)
         if row is not None and row.kind == UPLOAD:
             if now > row.expires:
-                raise Refused(403, f"upload token of pilot {row.pilot_id} expired")
-            return _launch(conn, row.launch_id).entry, row.pilot_id
-        launch = _bootstrap_launch(conn, token, now, grace=LOG_GRACE, kinds=(BOOTSTRAP, LOG), row=row)
-        if row.kind == LOG and claimed:  # readable in UserData: never for a pilot that has its upload token
-            bound = conn.execute(select(bindings.c.launch_id).where(
-                bindings.c.entry == launch.entry, bindings.c.pilot_id == claimed)).first()
-            if bound is not None:
-                raise Refused(403, f"instance {claimed} has exchanged its token: its logs need its upload token")
-    if not claimed:
-        raise Refused(400, "a log upload with a bootstrap token must name its instance_id")
-    _check_listed(in_launch, launch, claimed)
-    return launch.entry, claimed
+                raise Refused(403, f"upload token of pilot {row.pilot_id} expired", "expired")
+            return _valid(row, launch, now, (UPLOAD,), admit=admit).entry, row.pilot_id, None
+        launch = _valid(row, launch, now, (BOOTSTRAP, LOG), grace=LOG_GRACE, admit=admit)
+        if not claimed:
+            raise Refused(400, "a log upload with a bootstrap token must name its instance_id", "bad_request")
+        bound, used = _room(conn, launch, claimed)
+        if bound is not None:
+            raise Refused(403, f"instance {claimed} has exchanged its token: its logs need its upload token", "rebind")
+        if used >= launch.count:
+            raise Refused(403, f"all {launch.count} exchanges of launch {launch.launch_id} are used: logs need "
+                               "the pilot's upload token", "used_up")
+    return launch.entry, claimed, launch
+
+
+KEEP_MIN = 3600  # s a launch is kept at least (it is registered before its first token is used)
+
+
+def prune(st: StateStore, now: float) -> dict[str, int]:
+    """Drop what no request can use any more: expired tokens, then launches without a token left, their
+    bindings and listings. Returns what was dropped, by table."""
+    with st.begin() as conn:
+        dropped = conn.execute(delete(tokens).where(or_(
+            and_(tokens.c.kind == UPLOAD, tokens.c.expires < now),
+            and_(tokens.c.kind != UPLOAD, tokens.c.expires + LOG_GRACE < now)))).rowcount
+        done = [r.launch_id for r in conn.execute(select(launches.c.launch_id).where(
+            launches.c.created < now - KEEP_MIN, launches.c.launch_id.not_in(select(tokens.c.launch_id))))]
+        unbound = 0
+        for i in range(0, len(done), 500):
+            chunk = done[i:i + 500]
+            unbound += conn.execute(delete(bindings).where(bindings.c.launch_id.in_(chunk))).rowcount
+            conn.execute(delete(launches).where(launches.c.launch_id.in_(chunk)))
+    listings.forget(st, done)
+    return {"tokens": dropped, "launches": len(done), "bindings": unbound}

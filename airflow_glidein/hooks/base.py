@@ -267,6 +267,10 @@ class PilotHook(BaseHook):
     def list_pilots(self) -> list[P.ProviderInstance]:
         return self._list()
 
+    def list_launch(self, launch_id: str) -> list[P.ProviderInstance]:
+        """Our live instances of one launch (the provider filters by the launch tag where it can)."""
+        return self._list(launch_id)
+
     def list_endpoint(self) -> list[P.ProviderInstance] | None:
         return self._list_all()
 

@@ -17,12 +17,34 @@ val() {
 
 # http METHOD URL OUTFILE [HEADER] [BODYFILE]: prints the HTTP status, 000 when there was no answer.
 # HEADER is one "Name: value" line. With curl it goes through a mode-600 file, so a token does not
-# show in the process list.
+# show in the process list. A 429 or 503 (the service is busy, or rate-limits us) is tried again after
+# the Retry-After it names, GLIDEIN_HTTP_RETRIES times at most (default 4), waiting 60 s at most.
+# https to a service with a private CA: GLIDEIN_CA_BUNDLE (default /etc/glidein/ca.pem, if it exists).
 http() {
+    _try=0
+    while :; do
+        _code=$(http_once "$@")
+        case "$_code" in 429 | 503) ;; *) break ;; esac
+        [ "$_try" -lt "${GLIDEIN_HTTP_RETRIES:-4}" ] || break
+        _try=$((_try + 1))
+        _wait=$(sed -n 's/^[Rr][Ee][Tt][Rr][Yy]-[Aa][Ff][Tt][Ee][Rr]: *\([0-9][0-9]*\).*/\1/p' "$3.rh" 2>/dev/null | tail -n 1)
+        _wait=${_wait:-$((1 << _try))}
+        [ "$_wait" -gt 60 ] && _wait=60
+        glidein_log "HTTP $_code from $(printf '%s' "$2" | cut -d'?' -f1): trying again in $_wait s"
+        sleep "$_wait"
+    done
+    rm -f "$3.rh"
+    printf '%s\n' "$_code"
+}
+
+http_once() {
     _m=$1 _u=$2 _o=$3 _h=${4:-} _b=${5:-}
+    _ca=${GLIDEIN_CA_BUNDLE:-/etc/glidein/ca.pem}
+    [ -f "$_ca" ] || _ca=""
     if [ "${GLIDEIN_HTTP_CLIENT:-curl}" != wget ] && command -v curl >/dev/null 2>&1; then
         set -- curl -sS -g --connect-timeout "${GLIDEIN_CONNECT_TIMEOUT:-3}" -m "${GLIDEIN_HTTP_TIMEOUT:-120}" \
-            -X "$_m" -o "$_o" -w '%{http_code}'
+            -X "$_m" -o "$_o" -D "$_o.rh" -w '%{http_code}'
+        [ -n "$_ca" ] && set -- "$@" --cacert "$_ca"
         if [ -n "$_h" ]; then
             (umask 077 && printf '%s\n' "$_h" >"$_o.hdr")
             set -- "$@" -H "@$_o.hdr"
@@ -37,10 +59,12 @@ http() {
         printf '%s\n' "${_code:-000}"
     elif command -v wget >/dev/null 2>&1; then
         set -- wget -q -S -O "$_o" -T "${GLIDEIN_HTTP_TIMEOUT:-120}" -t 1 --content-on-error --method="$_m"
+        [ -n "$_ca" ] && set -- "$@" --ca-certificate="$_ca"
         [ -n "$_h" ] && set -- "$@" --header="$_h"
         [ -n "$_b" ] && set -- "$@" --body-file="$_b"
         "$@" "$_u" 2>"$_o.err"
         _code=$(sed -n 's/^ *HTTP\/[0-9.]* \([0-9][0-9][0-9]\).*/\1/p' "$_o.err" | tail -n 1)
+        sed -n 's/^ *\([Rr]etry-[Aa]fter:.*\)/\1/p' "$_o.err" >"$_o.rh"
         [ -n "${GLIDEIN_LOG:-}" ] && grep -v '^ ' "$_o.err" >>"$GLIDEIN_LOG"
         rm -f "$_o.err"
         printf '%s\n' "${_code:-000}"
@@ -58,6 +82,17 @@ b64d() {
         openssl base64 -d -A
     else
         python3 -c 'import base64,sys; sys.stdout.buffer.write(base64.b64decode(sys.stdin.read()))'
+    fi
+}
+
+# b64e: base64-encode stdin to stdout, one line.
+b64e() {
+    if command -v base64 >/dev/null 2>&1; then
+        base64 | tr -d '\n'
+    elif command -v openssl >/dev/null 2>&1; then
+        openssl base64 -A
+    else
+        python3 -c 'import base64,sys; sys.stdout.write(base64.b64encode(sys.stdin.buffer.read()).decode())'
     fi
 }
 

@@ -8,7 +8,8 @@
 # The wrapper powers the VM off afterwards.
 #
 # From the wrapper: GLIDEIN_LIB, GLIDEIN_WORKDIR, GLIDEIN_LOG, GLIDEIN_URL, GLIDEIN_ENVELOPE (the
-# verified envelope body), GLIDEIN_INSTANCE_ID.
+# verified envelope body), GLIDEIN_INSTANCE_ID, and on EC2 GLIDEIN_IDENTITY (the signed instance identity
+# document, sent with the exchange).
 set -u
 GLIDEIN_ME=glidein-startup
 # shellcheck source=glidein-lib.sh
@@ -21,7 +22,7 @@ CONDOR=$WORK/condor
 umask 077
 
 # -- the exchange: bootstrap token -> pilot credential, upload token, this pilot's settings ------
-code=$(http POST "$GLIDEIN_URL/bootstrap/exchange?instance_id=$IID" "$X" "Authorization: Bearer $TOKEN")
+code=$(http POST "$GLIDEIN_URL/bootstrap/exchange?instance_id=$IID" "$X" "Authorization: Bearer $TOKEN" "${GLIDEIN_IDENTITY:-}")
 if [ "$code" != 200 ]; then
     glidein_log "STOP: token exchange refused (HTTP $code): $(val error "$X" 2>/dev/null)"
     upload_log "$GLIDEIN_LOG" glidein.log "$TOKEN" "$IID"

@@ -28,6 +28,10 @@
 #   GLIDEIN_WORKDIR                 (default /var/lib/glidein)
 #   GLIDEIN_POWEROFF_CMD            run at the end (default: systemctl poweroff || shutdown -h now || poweroff)
 #   GLIDEIN_HTTP_CLIENT             curl | wget
+#   GLIDEIN_CA_BUNDLE               CA certificates of a bootstrap service with a private CA (default /etc/glidein/ca.pem)
+#
+# On EC2 (UserData from IMDS) it also reads the signed instance identity document, which the exchange
+# sends so the service can check the instance id this VM claims.
 set -u
 GLIDEIN_ME=glidein-wrapper
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -45,6 +49,7 @@ mkdir -p "$WORK" || exit 1
 GLIDEIN_LOG=$WORK/glidein.log
 : >"$GLIDEIN_LOG"
 export GLIDEIN_LIB GLIDEIN_WORKDIR GLIDEIN_LOG
+[ -n "${GLIDEIN_CA_BUNDLE:-}" ] && export GLIDEIN_CA_BUNDLE
 IMDS=${GLIDEIN_IMDS_URL:-http://169.254.169.254}
 OS_MD=${GLIDEIN_OPENSTACK_METADATA_URL:-http://169.254.169.254/openstack/latest}
 PUBKEY=${GLIDEIN_PUBKEY_FILE:-/etc/glidein/factory.pub}
@@ -88,12 +93,24 @@ from_imdsv2() {
         || return 1
     h="X-aws-ec2-metadata-token: $(cat "$WORK/imds.token")"
     [ "$(http GET "$IMDS/latest/user-data" "$UD" "$h")" = 200 ] || return 1
-    [ "$(http GET "$IMDS/latest/meta-data/instance-id" "$WORK/instance-id" "$h")" = 200 ]
+    [ "$(http GET "$IMDS/latest/meta-data/instance-id" "$WORK/instance-id" "$h")" = 200 ] || return 1
+    identity_document "$h"
 }
 
 from_imdsv1() {
     [ "$(http GET "$IMDS/latest/user-data" "$UD")" = 200 ] || return 1
-    [ "$(http GET "$IMDS/latest/meta-data/instance-id" "$WORK/instance-id")" = 200 ]
+    [ "$(http GET "$IMDS/latest/meta-data/instance-id" "$WORK/instance-id")" = 200 ] || return 1
+    identity_document
+}
+
+# identity_document [HEADER]: EC2's signed instance identity document and its RSA-SHA256 signature, if served.
+identity_document() {
+    d=$IMDS/latest/dynamic/instance-identity
+    if [ "$(http GET "$d/document" "$WORK/identity.json" ${1:+"$1"})" != 200 ] \
+        || [ "$(http GET "$d/signature" "$WORK/identity.sig" ${1:+"$1"})" != 200 ]; then
+        rm -f "$WORK/identity.json" "$WORK/identity.sig"
+    fi
+    return 0
 }
 
 json_uuid() {
@@ -334,6 +351,16 @@ fi
 GLIDEIN_URL=$(val bootstrap_url "$BODY")
 TOKEN=$(val token "$BODY")
 export GLIDEIN_URL
+if [ -s "$WORK/identity.json" ] && [ -s "$WORK/identity.sig" ]; then
+    # the exchange's body: what lets the service check the instance id we claim
+    {
+        printf 'identity_document='; b64e <"$WORK/identity.json"; echo
+        printf 'identity_signature='; tr -d '\r\n' <"$WORK/identity.sig"; echo
+    } >"$WORK/identity"
+    GLIDEIN_IDENTITY=$WORK/identity
+    export GLIDEIN_IDENTITY
+    glidein_log "the exchange will carry EC2's signed instance identity document"
+fi
 glidein_log "pilot $IID: launch $(val launch_id "$BODY"), entry $(val entry "$BODY"), frontend $(val frontend "$BODY"), factory $(val factory "$BODY")"
 now=$(date +%s)
 expires=$(val token_expires "$BODY")
