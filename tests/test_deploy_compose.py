@@ -132,10 +132,10 @@ def _check_cli(service: str, prefix: list[str], args: list[str]) -> None:
 def test_every_command_a_service_runs_exists():
     cmds = _commands()
     assert len(cmds) >= 12, cmds
-    airflow = str(Path(sys.executable).parent / "airflow")
+    airflow = [sys.executable, "-m", "airflow"]
     for service, argv in cmds:
         if argv[0] == "airflow":
-            _check_cli(service, [airflow], argv[1:])
+            _check_cli(service, airflow, argv[1:])
         elif argv[:3] == ["python", "-m", "airflow_glidein"]:
             _check_cli(service, [sys.executable, "-m", "airflow_glidein"], argv[3:])
         elif argv[0] == "celery":
@@ -151,11 +151,11 @@ def test_every_command_a_service_runs_exists():
 
 def test_a_misspelt_command_is_caught():
     """The check above can fail: an unknown command or option is named."""
-    airflow = str(Path(sys.executable).parent / "airflow")
+    airflow = [sys.executable, "-m", "airflow"]
     with pytest.raises(AssertionError, match="no such command"):
-        _check_cli("x", [airflow], ["schedular"])
+        _check_cli("x", airflow, ["schedular"])
     with pytest.raises(AssertionError, match="has no option --concurency"):
-        _check_cli("x", [airflow], ["celery", "worker", "--concurency", "8"])
+        _check_cli("x", airflow, ["celery", "worker", "--concurency", "8"])
     with pytest.raises(AssertionError, match="no such command"):
         _check_cli("x", [sys.executable, "-m", "airflow_glidein"], ["sync-pool"])
 

@@ -6,6 +6,7 @@ Exits non-zero if any end check failed; prints its figures either way.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from tests.soak.soak import Soak
@@ -17,12 +18,17 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true", help="keep the run directory (logs) even when green")
     args = parser.parse_args()
     soak = Soak(args.minutes, keep=args.keep)
+
+    def interrupted(signum, _frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupted)  # tear down (every component, PostgreSQL) on a stop too
     try:
         soak.setup()
         soak.run()
         soak.check()
         soak.report()
-    except Exception as exc:  # noqa: BLE001 - report, tear down, fail
+    except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - report, tear down, fail
         soak.failures.append(f"{type(exc).__name__}: {exc}")
         print(f"soak aborted: {type(exc).__name__}: {exc}", file=sys.stderr)
     finally:

@@ -40,7 +40,9 @@ class ThrowawayPostgres:
         cmd = [str(self.bin / argv[0]), *argv[1:]]
         if os.geteuid() == 0:  # initdb and postgres refuse to run as root
             cmd = ["runuser", "-u", "postgres", "--", *cmd]
-        subprocess.run(cmd, check=True, capture_output=True, text=True)
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"{' '.join(cmd)} failed: {done.stdout}{done.stderr}")
 
     def start(self) -> None:
         self.base.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,7 @@ from urllib.parse import parse_qs
 from moto.core import DEFAULT_ACCOUNT_ID
 from moto.moto_server.threaded_moto_server import ThreadedMotoServer
 from moto.server import DomainDispatcherApplication, create_backend_app
-from werkzeug.serving import make_server
+from werkzeug.serving import WSGIRequestHandler, make_server
 
 _REGION = re.compile(r"Credential=[^/]+/\d+/([a-z0-9-]+)/")
 
@@ -49,13 +49,18 @@ class CallLog:
             return [t for t, r, a in self.calls if (region is None or r == region) and (action is None or a == action)]
 
 
+class _Quiet(WSGIRequestHandler):
+    def log_request(self, *args, **kwargs) -> None:  # the call log keeps what matters
+        pass
+
+
 class Cloud(ThreadedMotoServer):
     def __init__(self) -> None:
         super().__init__(ip_address="127.0.0.1", port=0, verbose=False)
         self.log = CallLog(DomainDispatcherApplication(create_backend_app))
 
     def _server_entry(self) -> None:
-        self._server = make_server(self._ip_address, self._port, self.log, True)
+        self._server = make_server(self._ip_address, self._port, self.log, True, request_handler=_Quiet)
         self._server_ready_event.set()
         self._server.serve_forever()
 

@@ -61,6 +61,7 @@ class Soak:
         self.plan = Plan(minutes)
         self.keep = keep
         self.dir = Path(tempfile.mkdtemp(prefix="glidein-soak-"))
+        self.dir.chmod(0o711)  # the PostgreSQL cluster below runs as the postgres user
         self.log_lines: list[str] = []
         self.faults_at: dict[str, float] = {}
         self.figures: dict[str, Any] = {}
@@ -338,10 +339,11 @@ class Soak:
         print(f"{len(self.failures)} of the end checks failed" if self.failures else "every end check passed")
 
     def teardown(self) -> None:
-        for step in (lambda: self.sim.stop(), lambda: self.top.stop(), lambda: self.pool.stop(),
-                     lambda: self.cloud.stop(), lambda: self.pg.stop("fast")):
+        for part, step in (("sim", "stop"), ("top", "stop"), ("pool", "stop"), ("cloud", "stop"), ("pg", "stop")):
+            if not hasattr(self, part):
+                continue
             try:
-                step()
+                getattr(getattr(self, part), step)()
             except Exception as exc:  # noqa: BLE001 - tear down the rest whatever failed
                 print(f"teardown: {type(exc).__name__}: {exc}")
         try:

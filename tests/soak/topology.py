@@ -29,7 +29,7 @@ from tests.soak.supervisor import Supervisor
 REPO = Path(__file__).resolve().parents[2]
 SITE = Path(__file__).resolve().parent / "site"
 HAPROXY_CFG = REPO / "docker" / "haproxy.cfg"
-AIRFLOW = str(Path(sys.executable).parent / "airflow")
+AIRFLOW = [sys.executable, "-m", "airflow"]  # the venv's own Airflow, whatever a console script says
 REDIS_DB = 5
 FRONTENDS = ("cms", "atlas")
 REGIONS = {"us-east-1": "SOAK_EAST", "us-west-2": "SOAK_WEST"}
@@ -42,6 +42,9 @@ TIMEOUTS = {
     "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL": "5",  # [10]
     "AIRFLOW__TRIGGERER__TRIGGERER_HEALTH_CHECK_THRESHOLD": "20",  # [30] triggers of a dead triggerer move
     "AIRFLOW__CELERY_BROKER_TRANSPORT_OPTIONS__VISIBILITY_TIMEOUT": "600",  # [86400] unacked messages
+    # A loaded 2-core machine answers slowly: a task must not kill itself over a slow heartbeat.
+    "AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT": "60",  # [5.0]
+    "AIRFLOW__WORKERS__MAX_FAILED_HEARTBEATS": "6",  # [3]
 }
 
 
@@ -126,12 +129,12 @@ class Topology:
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
             "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": pg.url("airflow").replace("postgresql://", "postgresql+psycopg2://"),
             "AIRFLOW__CELERY__BROKER_URL": f"redis://127.0.0.1:6379/{REDIS_DB}",
-            "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + pg.url("airflow"),
+            "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + pg.url("airflow").replace("postgresql://", "postgresql+psycopg2://"),
             "AIRFLOW__CELERY__WORKER_CONCURRENCY": "6",
             "AIRFLOW__API__BASE_URL": self.internal,
             "AIRFLOW__API__WORKERS": "1",
             "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.internal}/execution/",
-            "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_urlsafe(32),
+            "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_urlsafe(64),
             "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "60",
             "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
             **TIMEOUTS,
@@ -150,7 +153,7 @@ class Topology:
         self.sup = Supervisor()
 
     def airflow(self, *args: str, timeout: float = 600) -> str:
-        done = subprocess.run([AIRFLOW, *args], env=self.env, cwd=self.dir, capture_output=True, text=True,
+        done = subprocess.run([*AIRFLOW, *args], env=self.env, cwd=self.dir, capture_output=True, text=True,
                               timeout=timeout)
         if done.returncode:
             raise RuntimeError(f"airflow {' '.join(args)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
@@ -172,14 +175,14 @@ class Topology:
         """Every component under the supervisor, as docker/compose.yaml lays them out."""
         env, log = self.env, lambda name: self.logs / f"{name}.log"
         add = self.sup.add
-        add("scheduler", [AIRFLOW, "scheduler", "--skip-serve-logs"], env, log("scheduler"))
-        add("dag-processor", [AIRFLOW, "dag-processor"], env, log("dag-processor"))
-        add("triggerer", [AIRFLOW, "triggerer", "--skip-serve-logs"], env, log("triggerer"))
+        add("scheduler", [*AIRFLOW, "scheduler", "--skip-serve-logs"], env, log("scheduler"))
+        add("dag-processor", [*AIRFLOW, "dag-processor"], env, log("dag-processor"))
+        add("triggerer", [*AIRFLOW, "triggerer", "--skip-serve-logs"], env, log("triggerer"))
         for n in (1, 2):
-            add(f"api-server-{n}", [AIRFLOW, "api-server", "--host", "127.0.0.1", "--port", str(self.ports[f"api{n}"]),
+            add(f"api-server-{n}", [*AIRFLOW, "api-server", "--host", "127.0.0.1", "--port", str(self.ports[f"api{n}"]),
                                     "--workers", "1", "--pid", str(self.dir / f"api-server-{n}.pid")],
                 env, log(f"api-server-{n}"))
-            add(f"worker-{n}", [AIRFLOW, "celery", "worker", "--concurrency", "6", "--skip-serve-logs",
+            add(f"worker-{n}", [*AIRFLOW, "celery", "worker", "--concurrency", "6", "--skip-serve-logs",
                                 "--celery-hostname", f"soak-worker-{n}@%h", "--pid", str(self.dir / f"worker-{n}.pid"),
                                 "--without-gossip", "--without-mingle"],
                 env, log(f"worker-{n}"))
