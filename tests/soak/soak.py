@@ -40,20 +40,24 @@ GLIDEIN_DAGS = ["glidein_factory"] + [f"glidein_frontend_{fe}" for fe in FRONTEN
 
 @dataclass
 class Plan:
-    """The scenario's times, in seconds from the first burst."""
+    """The scenario's times, in seconds from the first burst.
+
+    Demand rises until ``rise`` and is held until ``hold``; the faults come one ``step`` apart once
+    demand has risen and the first instances exist (so the first burst's figures are not a fault's),
+    and demand is held until the last fault has had a minute to be felt.
+    """
 
     minutes: float
     rise: float = 0.0
     hold: float = 0.0
-    faults: dict[str, float] = field(default_factory=dict)
+    step: float = 0.0
+    faults: tuple[str, ...] = ("kill worker-1", "kill api-server-1", "kill triggerer", "restart postgres")
 
     def __post_init__(self) -> None:
         total = self.minutes * 60
         self.rise = 0.25 * total  # more jobs every 20 s
-        self.hold = 0.55 * total  # the queue held at its peak, then no new jobs: demand falls to zero
-        step = (self.hold - self.rise) / 5
-        self.faults = {"kill worker-1": self.rise + step, "kill api-server-1": self.rise + 2 * step,
-                       "kill triggerer": self.rise + 3 * step, "restart postgres": self.rise + 4 * step}
+        self.hold = 0.6 * total  # the queue held at its peak, then no new jobs: demand falls to zero
+        self.step = max(15.0, 0.06 * total)
 
 
 class Soak:
@@ -162,19 +166,21 @@ class Soak:
         t0 = time.time()
         self.t0 = t0
         self.say(f"burst: 6 idle jobs for cms, 4 for atlas; demand rises for {p.rise:.0f} s, holds until "
-                 f"{p.hold:.0f} s, then falls to zero")
+                 f"{p.hold:.0f} s (or a minute past the last fault), then falls to zero")
         self.demand("cms", 6)
         self.demand("atlas", 4)
-        pending = dict(sorted(p.faults.items(), key=lambda kv: kv[1]))
+        pending = list(p.faults)
         target = {"cms": 6, "atlas": 4}
-        last_add = t0
+        last_add, next_fault, hold = t0, None, p.hold
         while True:
             now = time.time() - t0
-            for what, at in list(pending.items()):
-                if now >= at:
-                    self.fault(what)
-                    del pending[what]
-            if now < p.hold and time.time() - last_add >= 20:
+            if next_fault is None and now >= p.rise and self.cloud.log.of(action="RunInstances"):
+                next_fault = now
+            if pending and next_fault is not None and now >= next_fault:
+                self.fault(pending.pop(0))
+                next_fault = now + p.step
+                hold = max(hold, now + 60)
+            if now < hold and time.time() - last_add >= 20:
                 last_add = time.time()
                 for fe in FRONTENDS:
                     if now < p.rise:
@@ -182,19 +188,21 @@ class Soak:
                     have = sum(c["idle"] + c["running"] for n, c in self.pool.counts().items() if n == f"schedd-{fe}")
                     if have < target[fe]:
                         self.demand(fe, target[fe] - have)  # holding: completed jobs are replaced
-            if now >= p.hold and not pending and self.queue() == 0:
+            if now >= hold and not pending and self.queue() == 0:
                 break
-            if now > p.minutes * 60 * 3:
-                raise RuntimeError("the queue did not drain")
+            if now > max(p.minutes * 60 * 3, 900):
+                raise RuntimeError(f"the queue did not drain: {self.pool.counts()}")
             time.sleep(1)
         self.zero_at = time.time()
         self.say(f"demand is zero ({len(self.pool.finished)} jobs completed); waiting for every instance to go")
         self.wait_for(lambda: not self.live_instances() and not self.sim.live(), 900, "every instance to be gone")
         self.gone_at = max([self.sim.terminated_at.get(i, 0) for i in self.all_instances()] + [self.zero_at])
-        self.say("pausing the DAGs and letting the last runs finish")
-        self.top.airflow("dags", "pause", "--treat-dag-id-as-regex", "-y", "^glidein_")
-        self.wait_for(lambda: not self.sql("SELECT 1 FROM dag_run WHERE state IN ('running', 'queued')"), 900,
-                      "the last DAG runs to finish")
+        # The DAGs stay unpaused (the scheduler leaves a paused DAG's runs unfinished): every run queued
+        # by now must finish, and those are the runs checked.
+        self.end_at = time.time()
+        self.wait_for(lambda: not self.sql("SELECT 1 FROM dag_run WHERE state IN ('running', 'queued') AND "
+                                           "queued_at <= to_timestamp(%s)", self.end_at), 900,
+                      "every DAG run queued so far to finish")
 
     def fault(self, what: str) -> None:
         self.faults_at[what] = time.time()
@@ -252,8 +260,9 @@ class Soak:
             self.expect(worst <= 120, f"{region}: {worst} calls in one 60 s window, budget 120")
 
         # no task instance left running or queued
-        active = self.sql("SELECT dag_id, run_id, task_id, map_index, state FROM task_instance WHERE state = ANY(%s)",
-                          list(ACTIVE_TI))
+        active = self.sql("SELECT t.dag_id, t.run_id, t.task_id, t.map_index, t.state FROM task_instance t JOIN "
+                          "dag_run r ON r.dag_id = t.dag_id AND r.run_id = t.run_id WHERE t.state = ANY(%s) AND "
+                          "r.queued_at <= to_timestamp(%s)", list(ACTIVE_TI), self.end_at)
         self.expect(not active, f"task instances still active: {active}")
 
         # every DAG run's state matches what happened
@@ -261,8 +270,8 @@ class Soak:
         self.figures["restarts"] = {k: v for k, v in self.top.sup.restarts().items() if v}
 
     def check_runs(self) -> None:
-        runs = self.sql("SELECT dag_id, run_id, state, start_date, end_date FROM dag_run WHERE dag_id = ANY(%s)",
-                        GLIDEIN_DAGS)
+        runs = self.sql("SELECT dag_id, run_id, state, start_date, end_date FROM dag_run WHERE dag_id = ANY(%s) AND "
+                        "queued_at <= to_timestamp(%s)", GLIDEIN_DAGS, self.end_at)
         tis = self.sql("SELECT dag_id, run_id, task_id, state FROM task_instance WHERE dag_id = ANY(%s)", GLIDEIN_DAGS)
         by_run: dict[tuple, list] = {}
         for dag_id, run_id, task_id, state in tis:
