@@ -44,7 +44,7 @@ class Plan:
 
     Demand rises until ``rise`` and is held until ``hold``; the faults come one ``step`` apart once
     demand has risen and the first instances exist (so the first burst's figures are not a fault's),
-    and demand is held until the last fault has had a minute to be felt.
+    and demand is held until the last fault has had 45 s to be felt.
     """
 
     minutes: float
@@ -57,7 +57,7 @@ class Plan:
         total = self.minutes * 60
         self.rise = 0.25 * total  # more jobs every 20 s
         self.hold = 0.6 * total  # the queue held at its peak, then no new jobs: demand falls to zero
-        self.step = max(15.0, 0.06 * total)
+        self.step = max(10.0, 0.06 * total)
 
 
 class Soak:
@@ -166,7 +166,7 @@ class Soak:
         t0 = time.time()
         self.t0 = t0
         self.say(f"burst: 6 idle jobs for cms, 4 for atlas; demand rises for {p.rise:.0f} s, holds until "
-                 f"{p.hold:.0f} s (or a minute past the last fault), then falls to zero")
+                 f"{p.hold:.0f} s (or 45 s past the last fault), then falls to zero")
         self.demand("cms", 6)
         self.demand("atlas", 4)
         pending = list(p.faults)
@@ -179,7 +179,7 @@ class Soak:
             if pending and next_fault is not None and now >= next_fault:
                 self.fault(pending.pop(0))
                 next_fault = now + p.step
-                hold = max(hold, now + 60)
+                hold = max(hold, now + 45)
             if now < hold and time.time() - last_add >= 20:
                 last_add = time.time()
                 for fe in FRONTENDS:
@@ -251,6 +251,10 @@ class Soak:
         bound = Counter(r[0] for r in self.state_sql("SELECT pilot_id FROM glidein_pilot_bindings"))
         self.expect(all(n == 1 for n in bound.values()), f"bindings per instance: {bound}")
         self.figures["exchanges"] = sum(exchanges.values())
+        refused = Counter(m.group(1) for vm in self.sim.vms.values() if (vm.root / "console.log").exists()
+                          for m in [re.search(r"token exchange refused \(HTTP (\d+)\)",
+                                              (vm.root / "console.log").read_text(errors="replace"))] if m)
+        self.figures["pilots whose exchange failed (HTTP status)"] = dict(refused)
 
         # the API budget never exceeded in any window
         for region in REGIONS:
@@ -302,7 +306,12 @@ class Soak:
     # ---- the figures --------------------------------------------------------------------------
 
     def latency(self) -> dict[str, float]:
-        """The first burst, step by step, from the metadata DB and the EC2 call log."""
+        """The first burst, step by step, from the metadata DB and the EC2 call log.
+
+        watcher poll: the burst -> the demand asset's event; frontend run: -> the request's event on
+        glidein_requests; asset event: -> the factory run that launched reads the requests
+        (collect_requests starts); factory run: -> submit_pilots starts; submit: -> RunInstances.
+        """
         t0 = self.t0
 
         def event(asset: str) -> float | None:
@@ -313,20 +322,20 @@ class Soak:
         watched = [t for t in (event(f"glidein_demand_{fe}") for fe in FRONTENDS) if t]
         requested = event("glidein_requests")
         launches = [t for t in self.cloud.log.of(action="RunInstances") if t >= t0]
-        first = min(launches) if launches else None
-        if not (watched and requested and first):
-            return {"incomplete": 1.0}
-        factory = self.sql("SELECT run_id, queued_at, start_date FROM dag_run WHERE dag_id = 'glidein_factory' AND "
-                           "queued_at >= to_timestamp(%s) ORDER BY queued_at LIMIT 1", requested - 1)
-        run_id, queued, _ = factory[0]
-        submit = self.sql("SELECT min(start_date) FROM task_instance WHERE dag_id = 'glidein_factory' AND run_id = %s "
-                          "AND task_id LIKE %s", run_id, "%submit_pilots")[0][0]
+        if not (watched and requested and launches):
+            return {"incomplete": float("nan")}
+        first = min(launches)
+        submit = self.sql("SELECT run_id, start_date FROM task_instance WHERE dag_id = 'glidein_factory' AND task_id "
+                          "LIKE %s AND start_date <= to_timestamp(%s) ORDER BY start_date DESC LIMIT 1",
+                          "%submit_pilots", first)
+        run_id, submit_start = submit[0]
+        collect = self.sql("SELECT start_date FROM task_instance WHERE dag_id = 'glidein_factory' AND run_id = %s AND "
+                           "task_id = 'collect_requests'", run_id)[0][0].timestamp()
+        self.figures["launching factory run"] = run_id
         w = min(watched)
-        steps = {"watcher poll": w - t0, "frontend run": requested - w,
-                 "asset event": queued.timestamp() - requested,
-                 "factory run": (submit.timestamp() if submit else first) - queued.timestamp(),
-                 "submit": first - (submit.timestamp() if submit else first)}
-        steps["total"] = first - t0
+        steps = {"watcher poll": w - t0, "frontend run": requested - w, "asset event": collect - requested,
+                 "factory run": submit_start.timestamp() - collect, "submit": first - submit_start.timestamp(),
+                 "total": first - t0}
         return steps
 
     def report(self) -> None:

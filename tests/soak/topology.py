@@ -66,7 +66,7 @@ def soak_config(bootstrap_url: str, poll: float) -> dict[str, Any]:
         "api_budget": {"requests": 120, "per_seconds": 60, "concurrency": 4},
     } for region, site in REGIONS.items()]
     frontends = [{
-        "name": fe, "schedule": "* * * * *",
+        "name": fe, "schedule": "*/5 * * * *",  # bursts come through the watcher
         "watch": {"threshold": 1, "poll": poll, "min_interval": 20},
         "demand": {"collector": "soak-collector.test:9618", "schedds": [f"schedd-{fe}"], "timeout": 30},
         "match_expr": "stringListMember(glidein.GLIDEIN_Site, job.DESIRED_Sites)",
@@ -77,7 +77,7 @@ def soak_config(bootstrap_url: str, poll: float) -> dict[str, Any]:
         "request_ttl": 600,
     } for fe in FRONTENDS]
     return {
-        "factory": {"name": "soak", "bootstrap_url": bootstrap_url, "schedule": "* * * * *",
+        "factory": {"name": "soak", "bootstrap_url": bootstrap_url, "schedule": "*/2 * * * *",
                     "collector": "soak-collector.test:9618", "limits": {"max_pilots": 40, "max_idle": 24},
                     "retries": 3, "retry_delay": 10, "verify_timeout": 180, "verify_poll": 5},
         "entries": entries,
