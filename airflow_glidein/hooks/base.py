@@ -200,15 +200,23 @@ class PilotHook(BaseHook):
 
     def launch(self, spec: LaunchSpec) -> dict[str, list[str]]:
         """Idempotent: returns {"existing": ids, "created": ids} for the launch id."""
-        existing = self._list(spec.launch_id)
-        missing = spec.count - len(existing)
+        made = self._made(spec.launch_id)
+        existing = [i for i in made if i.state != P.P_TERMINATED]
+        missing = spec.count - len(made)
         created: list[P.ProviderInstance] = []
         if missing > 0:
-            had = {i.id for i in existing}
+            had = {i.id for i in made}
             created = [i for i in self._create(spec, missing, self.tags(spec)) if i.id not in had]
         else:
-            log.info("Launch %s already has %d of %d instances; creating none", spec.launch_id, len(existing), spec.count)
+            log.info("Launch %s already made %d of %d instances (%d since ended); creating none", spec.launch_id,
+                     len(made), spec.count, len(made) - len(existing))
         return {"existing": [i.id for i in existing], "created": [i.id for i in created]}
+
+    def _made(self, launch_id: str) -> list[P.ProviderInstance]:
+        """Every instance the launch id made that the provider still shows, ended ones included: a
+        retried launch whose first try's pilot already came and went must not make it again.
+        Default: the live ones (a provider that forgets ended instances cannot say more)."""
+        return self._list(launch_id)
 
     def terminate(self, ids: list[str], force: bool = False) -> Refusals:
         """One termination request for ``ids`` (``force``: the stronger variant); returns refusals."""
