@@ -10,7 +10,9 @@ more than ``requests`` calls into any window of ``per_seconds``, which is
 what the provider counts. A small guard (1% of the window, at most 1 s) is
 added, because the provider stamps a call when it arrives and network latency
 varies. The spent tokens are rows in the state store, so every worker
-process and every replica shares them.
+process and every replica shares them; taking one is atomic across them (a
+PostgreSQL advisory lock per endpoint, SQLite's write lock), and a token is
+stamped with the time read under that lock.
 
 Time goes through ``CLOCK`` (time and sleep), one seam for the budget, the
 hooks' backoff and their termination checks.
@@ -18,10 +20,11 @@ hooks' backoff and their termination checks.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 
-from sqlalchemy import Column, Float, Index, Integer, String, Table, delete, func, insert, select
+from sqlalchemy import Column, Float, Index, Integer, String, Table, delete, func, insert, select, text
 
 from airflow_glidein import metrics, state
 
@@ -79,8 +82,9 @@ class ApiBudget:
         waited = 0.0
         store = state.store(self.url)
         while True:
-            now = CLOCK.time()
             with store.begin() as conn:
+                self._lock(conn)
+                now = CLOCK.time()  # read under the lock: a token is stamped when it is really taken
                 conn.execute(delete(SPENT).where(SPENT.c.endpoint == self.endpoint,
                                                  SPENT.c.at <= now - self.hold))
                 used = conn.execute(select(func.count()).where(SPENT.c.endpoint == self.endpoint)).scalar_one()
@@ -104,6 +108,15 @@ class ApiBudget:
                          self.endpoint, used, self.per_seconds, wait)
             CLOCK.sleep(wait)
             waited += wait
+
+    def _lock(self, conn) -> None:
+        """Serialize takers of this endpoint's tokens until commit. Under PostgreSQL's READ COMMITTED,
+        delete-count-insert lets two workers both see a free token and both take it; SQLite's BEGIN
+        IMMEDIATE already holds the database's write lock."""
+        if conn.dialect.name == "postgresql":
+            key = int.from_bytes(hashlib.blake2b(f"glidein-api-budget:{self.endpoint}".encode(), digest_size=8)
+                                 .digest(), "big", signed=True)
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
 
     def used(self) -> int:
         """Tokens spent in the current window."""

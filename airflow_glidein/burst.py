@@ -1,7 +1,7 @@
 """Ad-hoc backfill bursts: a manual request for N pilots (or cores) with their own lifetime.
 
-A burst goes through the factory like a frontend's request (DESIGN.md
-"Bursts go through the factory too"): it is published on
+A burst goes through the factory like a frontend's request (docs/architecture.md,
+"Roles"): it is published on
 ``glidein_requests`` under its own key, holds its pilots for its lifetime
 (the request's TTL), and its pilots carry the burst's id and policy in their
 tags, so the factory reaps them by that policy like any others.

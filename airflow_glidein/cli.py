@@ -1,12 +1,17 @@
-"""``python -m airflow_glidein``: check a configuration, plan from a queue file, run the bootstrap service."""
+"""``python -m airflow_glidein``: check a configuration, plan from a queue file, run the bootstrap service.
+
+Log lines go to stderr; stdout carries only a command's output (``pubkey > factory.pub``).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 
 from airflow_glidein.config import Config, ConfigError, load_config
 
@@ -94,11 +99,22 @@ def cmd_serve_bootstrap(args: argparse.Namespace) -> int:
     import uvicorn
 
     from airflow_glidein.bootstrap.app import create_app
-
     from airflow_glidein.config import config_path
 
-    path = args.config or config_path()
+    try:
+        path = args.config or config_path()
+    except ConfigError as exc:
+        print(f"serve-bootstrap: no configuration file: name it, or set {exc.path} "
+              "(AIRFLOW__GLIDEIN__CONFIG_FILE)", file=sys.stderr)
+        return 1
     if _load(path) is None:
+        return 1
+    from airflow_glidein import state
+
+    try:  # a replica that cannot share the factory's store must not start; migrate before the first pilot
+        state.store()
+    except state.StateStoreError as exc:
+        print(exc, file=sys.stderr)
         return 1
     app = create_app(ui=False, config_file=path)
     print(f"glidein bootstrap service on http://{args.host}:{args.port}{args.prefix} (config {path})", flush=True)
@@ -113,14 +129,57 @@ def cmd_serve_bootstrap(args: argparse.Namespace) -> int:
 
 
 def cmd_pubkey(args: argparse.Namespace) -> int:
-    """The envelope signing key's public half, to bake into VM images, and its fingerprint to pin."""
+    """The envelope signing key's public half (or the previous key's), to bake into VM images."""
     from airflow_glidein import userdata
     from airflow_glidein.bootstrap import keys
     from airflow_glidein.state import store
 
-    pem = keys.public_pem(store())
+    try:
+        ring = keys.key_ring(store())
+    except keys.KeyUnavailable as exc:
+        print(f"pubkey: {exc}", file=sys.stderr)
+        return 1
+    if args.previous and ring.previous is None:
+        print("pubkey: no previous signing key is configured ([glidein] signing_key_previous_conn_id, or extra "
+              "previous_key of the signing key connection)", file=sys.stderr)
+        return 1
+    key = ring.previous if args.previous else ring.signing.public_key()
+    pem = userdata.public_pem(key)
     sys.stdout.write(pem)
-    print(f"# sha256 fingerprint (GLIDEIN_PUBKEY_SHA256): {userdata.fingerprint(pem)}", file=sys.stderr)
+    print(f"# key id {userdata.key_id(key)}; sha256 fingerprint (GLIDEIN_PUBKEY_SHA256): {userdata.fingerprint(pem)}",
+          file=sys.stderr)
+    if ring.previous is not None and not args.previous:
+        print(f"# the previous key, id {userdata.key_id(ring.previous)}, is still accepted: "
+              "`pubkey --previous > factory.pub.previous`", file=sys.stderr)
+    return 0
+
+
+def cmd_genkey(args: argparse.Namespace) -> int:
+    """A new signing key into a mode-0600 file (never over an existing one); its public half on stdout."""
+    from airflow_glidein import userdata
+
+    key = userdata.generate_key()
+    try:
+        fd = os.open(args.file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as exc:
+        print(f"genkey: cannot create {args.file}: {exc.strerror} (it never overwrites a file)", file=sys.stderr)
+        return 1
+    with os.fdopen(fd, "w") as f:
+        f.write(userdata.private_pem(key))
+    pem = userdata.public_pem(key)
+    sys.stdout.write(pem)
+    print(f"# {args.file}: the private key (mode 0600), for the signing key connection's password; key id "
+          f"{userdata.key_id(key)}, sha256 fingerprint {userdata.fingerprint(pem)}", file=sys.stderr)
+    return 0
+
+
+def cmd_migrate_state(args: argparse.Namespace) -> int:
+    """Bring the state store to the newest schema revision (tasks do it too, on first use)."""
+    from airflow_glidein import state
+
+    st = state.store(args.url)
+    print(f"glidein state store {st.engine.url.render_as_string(hide_password=True)}: revision {st.revision} "
+          f"(head {state.head()})")
     return 0
 
 
@@ -158,16 +217,56 @@ def cmd_sync_pools(args: argparse.Namespace) -> int:
     if cfg is None:
         return 1
     from airflow.models.pool import Pool
+    from sqlalchemy.exc import DBAPIError
 
     rows = []
     for endpoint, entries in sorted(cfg.endpoints().items()):
         slots = max(e.api_budget.concurrency for e in entries)
         names = ", ".join(e.name for e in entries)
-        Pool.create_or_update_pool(name=pool_name(endpoint), slots=slots, include_deferred=False,
-                                   description=f"airflow-glidein: calls to {endpoint} (entries {names})")
+        try:
+            Pool.create_or_update_pool(name=pool_name(endpoint), slots=slots, include_deferred=False,
+                                       description=f"airflow-glidein: calls to {endpoint} (entries {names})")
+        except DBAPIError as exc:  # the driver's own message: no SQL, no parameters
+            lines = str(exc.orig).strip().splitlines()
+            reason = lines[0][:200] if lines else type(exc.orig).__name__
+            print(f"sync-pools: cannot write Airflow's pools ({reason}): is Airflow's metadata database reachable "
+                  "and migrated? Run `airflow db migrate` first", file=sys.stderr)
+            return 1
         rows.append([pool_name(endpoint), slots, names])
     print(table(["pool", "slots", "entries"], rows))
     return 0
+
+
+@contextmanager
+def _logs_to_stderr() -> Iterator[None]:
+    """Airflow's logging writes to stdout; while a command runs, its log lines go to stderr instead."""
+    import airflow  # noqa: F401 - sets up Airflow's logging, so there is a handler to move
+    import structlog
+
+    moved = [h for h in logging.getLogger().handlers
+             if isinstance(h, logging.StreamHandler) and h.stream in (sys.stdout, sys.__stdout__)]
+    streams = [h.setStream(sys.stderr) for h in moved]
+    factory = structlog.get_config().get("logger_factory")
+    native = getattr(factory, "io", False) is None  # Airflow's structlog loggers: stdout unless told
+    if native:
+        factory.io = sys.stderr
+    try:
+        yield
+    finally:
+        for h, stream in zip(moved, streams):
+            h.setStream(stream)
+        if native:
+            factory.io = None
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = 0
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError("a TCP port is a number from 1 to 65535")
+    return port
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -185,19 +284,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("serve-bootstrap", help="run the bootstrap service on its own (without the Airflow API server)")
     p.add_argument("config", nargs="?", default=None, help="configuration file (default: [glidein] config_file)")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8081)
+    p.add_argument("--port", type=_port, default=8081)
     p.add_argument("--prefix", default="/glidein", help="URL prefix, as in the factory's bootstrap_url (default /glidein)")
-    p.set_defaults(func=cmd_serve_bootstrap)
+    p.set_defaults(func=cmd_serve_bootstrap, airflow=True)
     p = sub.add_parser("preflight", help="check credentials, providers, images, flavors, collector and bootstrap "
                                          "service before the first cycle (calls the providers)")
     p.add_argument("config", nargs="?", help="configuration file (default: [glidein] config_file)")
     p.add_argument("--entry", action="append", help="only this entry (repeatable)")
-    p.set_defaults(func=cmd_preflight)
+    p.set_defaults(func=cmd_preflight, airflow=True)
     p = sub.add_parser("sync-pools", help="create or resize one Airflow pool per provider API endpoint")
     p.add_argument("config", nargs="?", help="configuration file (default: [glidein] config_file)")
-    p.set_defaults(func=cmd_sync_pools)
+    p.set_defaults(func=cmd_sync_pools, airflow=True)
+    p = sub.add_parser("migrate-state", help="upgrade the glidein state store to the newest schema revision")
+    p.add_argument("--url", help="SQLAlchemy URL (default: the [glidein] state_conn_id connection)")
+    p.set_defaults(func=cmd_migrate_state, airflow=True)
     p = sub.add_parser("pubkey", help="print the envelope signing key's public PEM (bake it into the VM image)")
-    p.set_defaults(func=cmd_pubkey)
+    p.add_argument("--previous", action="store_true", help="the previous key's, still accepted during a rotation")
+    p.set_defaults(func=cmd_pubkey, airflow=True)
+    p = sub.add_parser("genkey", help="write a new signing key to FILE (mode 0600) and print its public PEM")
+    p.add_argument("file")
+    p.set_defaults(func=cmd_genkey)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    return args.func(args)
+    with _logs_to_stderr() if getattr(args, "airflow", False) else nullcontext():
+        return args.func(args)

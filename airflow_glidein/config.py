@@ -7,6 +7,7 @@ echoed back, so a secret pasted into the wrong field is not printed.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from functools import lru_cache
@@ -14,43 +15,33 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
-from airflow_glidein import classads
+from airflow_glidein import classads, middlewares
 
-MIDDLEWARES = ("ec2", "openstack", "opennebula", "htcondor_g")
-CLOUD_MIDDLEWARES = ("ec2", "openstack", "opennebula")
-
-CREDENTIAL_TYPES = (
-    "x509_proxy",
-    "ec2_key_pair",
-    "openstack_app_credential",
-    "openstack_password",
-    "opennebula_password",
-    "idtoken",
-    "scitoken",
-    "ssh_key",
-)
-# glideinWMS auth method names each credential type satisfies.
-AUTH_METHODS = {
-    "x509_proxy": {"grid_proxy"},
-    "ec2_key_pair": {"key_pair"},
-    "openstack_app_credential": {"app_credential"},
-    "openstack_password": {"username_password"},
-    "opennebula_password": {"username_password"},
-    "idtoken": {"idtoken"},
-    "scitoken": {"scitoken"},
-    "ssh_key": {"ssh_key"},
-}
-# What a pilot can authenticate to the pool with.
-PILOT_TYPES = ("idtoken", "scitoken", "x509_proxy")
-# Parameters, not secrets (glideinWMS: key_pair+vm_id+vm_type).
+# Middlewares and credential types (with the glideinWMS auth methods each satisfies) are described in
+# airflow_glidein.middlewares. Parameters, not secrets (glideinWMS: key_pair+vm_id+vm_type):
 AUTH_PARAMETERS = {"vm_id", "vm_type"}
 
 NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
 Name = Annotated[str, Field(pattern=NAME)]
-NonNeg = Annotated[int, Field(ge=0)]
-Pos = Annotated[int, Field(gt=0)]
+# Bounds no real site reaches, far inside what ClassAds, SQL and the planner's arithmetic hold.
+MAX_CORES = 1024  # per pilot
+MAX_GPUS = 256  # per pilot
+MAX_MEMORY_MB = 16 * 1024 * 1024  # 16 TiB per pilot
+MAX_COUNT = 10_000_000  # pilots, limits, batch sizes, API requests, retries
+MAX_SECONDS = 10 * 365 * 86400  # timeouts, lifetimes, windows: 10 years
+MAX_PRICE = 1_000_000.0  # per core-hour
+MAX_FACTOR = 1000.0  # ramp_up_attenuation, fraction_running
+Count = Annotated[int, Field(ge=0, le=MAX_COUNT)]
+PosCount = Annotated[int, Field(gt=0, le=MAX_COUNT)]
+Seconds = Annotated[int, Field(ge=0, le=MAX_SECONDS)]
+PosSeconds = Annotated[int, Field(gt=0, le=MAX_SECONDS)]
+# A field without a narrower bound (none here) still stays well inside a 64-bit integer.
+NonNeg = Seconds
+Pos = PosSeconds
+Factor = Annotated[float, Field(ge=1.0, le=MAX_FACTOR, allow_inf_nan=False)]
 
 
 class ConfigError(Exception):
@@ -77,34 +68,34 @@ ClassAdExpr = Annotated[str, AfterValidator(_check_classad)]
 class EntryLimits(Model):
     """Entry-wide limits; they hold across all frontends using the entry."""
 
-    max_pilots: NonNeg = 100  # pilots in any live state at this entry
-    max_idle: NonNeg = 20  # pilots booting or registered idle
-    max_per_cycle: NonNeg = 20  # launches per factory cycle
-    batch_size: Pos = 10  # instances per provider call (one launch id each)
+    max_pilots: Count = 100  # pilots in any live state at this entry
+    max_idle: Count = 20  # pilots booting or registered idle
+    max_per_cycle: Count = 20  # launches per factory cycle
+    batch_size: PosCount = 10  # instances per provider call (one launch id each)
 
 
 class PilotPolicy(Model):
-    boot_timeout: Pos = 900  # s to register with the collector
-    idle_timeout: Pos = 1200  # s a registered pilot may stay unclaimed
-    max_lifetime: Pos = 86400  # s from launch until the pilot is retired
-    retire_window: NonNeg = 3600  # s a retiring busy pilot may finish its jobs
-    min_idle_lifetime: NonNeg = 1800  # s of life a pilot needs left to count as capacity (glideinWMS #554)
+    boot_timeout: PosSeconds = 900  # s to register with the collector
+    idle_timeout: PosSeconds = 1200  # s a registered pilot may stay unclaimed
+    max_lifetime: PosSeconds = 86400  # s from launch until the pilot is retired
+    retire_window: Seconds = 3600  # s a retiring busy pilot may finish its jobs
+    min_idle_lifetime: Seconds = 1800  # s of life a pilot needs left to count as capacity (glideinWMS #554)
 
 
 class PolicyOverride(Model):
-    boot_timeout: Pos | None = None
-    idle_timeout: Pos | None = None
-    max_lifetime: Pos | None = None
-    retire_window: NonNeg | None = None
-    min_idle_lifetime: NonNeg | None = None  # a VO of long jobs raises it
+    boot_timeout: PosSeconds | None = None
+    idle_timeout: PosSeconds | None = None
+    max_lifetime: PosSeconds | None = None
+    retire_window: Seconds | None = None
+    min_idle_lifetime: Seconds | None = None  # a VO of long jobs raises it
 
 
 class ApiBudget(Model):
     """Provider calls allowed per window, shared by every worker (token bucket)."""
 
-    requests: Pos = 500
-    per_seconds: Pos = 300
-    concurrency: Pos = 4  # slots of the endpoint's Airflow pool: factory tasks calling it at once
+    requests: PosCount = 500
+    per_seconds: PosSeconds = 300
+    concurrency: PosCount = 4  # slots of the endpoint's Airflow pool: factory tasks calling it at once
 
 
 class UserDataEncryption(Model):
@@ -133,18 +124,18 @@ class UserDataEncryption(Model):
 
 class Entry(Model):
     name: Name
-    middleware: Literal["ec2", "openstack", "opennebula", "htcondor_g"]
+    middleware: str  # one of airflow_glidein.middlewares (built in, or installed)
     region: str | None = None
     endpoint: str | None = None  # names the API endpoint (budget, pool); the URL itself is in the connection
     image: str | None = None
     allow_vo_image: bool = False
     flavor: str | None = None  # EC2 instance type, Nova flavor, OpenNebula template
-    cores: Pos = 1
-    memory_mb: Pos = 2048
-    gpus: NonNeg = 0
+    cores: Annotated[int, Field(gt=0, le=MAX_CORES)] = 1
+    memory_mb: Annotated[int, Field(gt=0, le=MAX_MEMORY_MB)] = 2048
+    gpus: Annotated[int, Field(ge=0, le=MAX_GPUS)] = 0
     # cost of one core-hour (any one currency): with prices, a job matching several entries goes to the
     # cheaper and emptier first (HEPCloud's figure of merit); without, it counts equally (glideinWMS)
-    price: NonNeg | None = None
+    price: Annotated[float, Field(ge=0, le=MAX_PRICE, allow_inf_nan=False)] | None = None
     attrs: dict[str, str | int | float | bool] = {}
     requirements: ClassAdExpr | None = None  # over the job (TARGET), with the entry's ad as MY
     trust_domain: Name
@@ -152,21 +143,54 @@ class Entry(Model):
     limits: EntryLimits = EntryLimits()
     policy: PilotPolicy = PilotPolicy()
     api_budget: ApiBudget = ApiBudget()
-    options: dict[str, Any] = {}  # middleware-specific settings (subnet, network, key name, ...)
+    options: dict[str, Any] = {}  # middleware-specific settings (subnet, network, key name, ...), its schema
     encrypt_userdata: UserDataEncryption | None = None  # seal the envelope for the image's key
+
+    @field_validator("middleware")
+    @classmethod
+    def _known_middleware(cls, v: str) -> str:
+        middlewares.get(v)  # raises with the known ones
+        return v
+
+    @field_validator("options")
+    @classmethod
+    def _middleware_options(cls, v: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        if "middleware" not in info.data:
+            return v  # the middleware is already reported
+        # pydantic reports the schema's errors under this field (entries[x].options.subnt_id: unknown field);
+        # the hooks read the options with the schema's defaults filled in
+        schema = middlewares.get(info.data["middleware"]).options
+        return schema.model_validate(v).model_dump(exclude_none=True)
 
     @field_validator("auth_method")
     @classmethod
     def _known_auth(cls, v: str) -> str:
-        known = set().union(*AUTH_METHODS.values()) | AUTH_PARAMETERS
-        bad = [t for t in v.split("+") if t not in known]
-        if bad or not v:
-            raise ValueError(f"unknown auth method {'+'.join(bad) or '(empty)'}; known: {', '.join(sorted(known))}")
+        known = middlewares.auth_methods(installed=False) | AUTH_PARAMETERS
+        parts = v.split("+")
+        if not set(parts) <= known:  # perhaps a method of a credential type an installed middleware brings
+            known |= middlewares.auth_methods()
+        bad = [str(i) for i, t in enumerate(parts, 1) if t not in known]
+        if bad:  # never echoed: a secret pasted here must not reach a log
+            what = f"part {bad[0]} of {len(parts)} is not a known auth method" if len(bad) == 1 else \
+                f"parts {', '.join(bad)} of {len(parts)} are not known auth methods"
+            raise ValueError(f"{what} (parts are joined by '+'); known: {', '.join(sorted(known))}")
         return v
+
+    @field_validator("attrs")
+    @classmethod
+    def _classad_values(cls, attrs: dict[str, Any]) -> dict[str, Any]:
+        for i, (key, value) in enumerate(attrs.items(), 1):
+            if isinstance(value, bool):
+                continue
+            if isinstance(value, int) and not -(2**63) <= value < 2**63 or isinstance(value, float) \
+                    and not math.isfinite(value):
+                raise ValueError(f"attribute {_shown(key, i)} is a number no ClassAd holds "
+                                 "(a 64-bit integer, or a finite real)")
+        return attrs
 
     @model_validator(mode="after")
     def _cloud_needs_image(self) -> Entry:
-        if self.middleware in CLOUD_MIDDLEWARES:
+        if middlewares.get(self.middleware).vm:
             if not self.image:
                 raise ValueError(f"a {self.middleware} entry needs an image")
             if not self.flavor:
@@ -199,7 +223,7 @@ class DemandSource(Model):
     schedds: list[str] = []  # empty with a collector: every schedd it knows
     queue_file: str | None = None  # condor_q -json or condor_q -autocluster -json
     constraint: ClassAdExpr = "true"
-    timeout: Pos = 30
+    timeout: PosSeconds = 30
 
     @model_validator(mode="after")
     def _one_source(self) -> DemandSource:
@@ -209,26 +233,26 @@ class DemandSource(Model):
 
 
 class FrontendLimits(Model):
-    max_running: NonNeg = 10000  # this frontend's pilots in all entries
-    max_idle: NonNeg = 100  # this frontend's booting + idle pilots in all entries
-    max_running_per_entry: NonNeg = 10000
-    max_idle_per_entry: NonNeg = 100
+    max_running: Count = 10000  # this frontend's pilots in all entries
+    max_idle: Count = 100  # this frontend's booting + idle pilots in all entries
+    max_running_per_entry: Count = 10000
+    max_idle_per_entry: Count = 100
     # glideinWMS's curbs: each one reached halves what is added this cycle.
-    curb_idle_per_entry: NonNeg = 5  # booting + idle pilots at one entry
-    curb_idle: NonNeg = 20  # booting + idle pilots in all entries
-    curb_running: NonNeg = 9000  # pilots in all entries
-    reserve_idle: NonNeg = 5  # extra pilots for jobs idle 10 min or more (glideinWMS reserve)
+    curb_idle_per_entry: Count = 5  # booting + idle pilots at one entry
+    curb_idle: Count = 20  # booting + idle pilots in all entries
+    curb_running: Count = 9000  # pilots in all entries
+    reserve_idle: Count = 5  # extra pilots for jobs idle 10 min or more (glideinWMS reserve)
     # glideinWMS divides new requests by 3; our factory subtracts in-flight launches exactly, so 1 by default.
-    ramp_up_attenuation: float = Field(default=1.0, ge=1.0)
-    fraction_running: float = Field(default=1.15, ge=1.0)  # max running = (wanted + busy) x this + 1
+    ramp_up_attenuation: Factor = 1.0
+    fraction_running: Factor = 1.15  # max running = (wanted + busy) x this + 1
 
 
 class DemandWatch(Model):
     """Event-driven runs: the triggerer watches the demand and starts the frontend when it appears."""
 
-    threshold: Pos = 1  # matching idle jobs that start a run
-    poll: Pos = 30  # s between demand queries (each asks every schedd)
-    min_interval: NonNeg = 60  # s at least between two runs it starts
+    threshold: PosCount = 1  # matching idle jobs that start a run
+    poll: PosSeconds = 30  # s between demand queries (each asks every schedd)
+    min_interval: Seconds = 60  # s at least between two runs it starts
 
 
 class Frontend(Model):
@@ -238,40 +262,47 @@ class Frontend(Model):
     demand: DemandSource
     match_expr: ClassAdExpr = "true"  # over job.* and glidein.*
     start_expr: ClassAdExpr = "true"  # becomes the pilots' START expression
-    entries: list[str] = Field(min_length=1)
-    credentials: list[str] = Field(min_length=1)
+    entries: list[Name] = Field(min_length=1)
+    credentials: list[Name] = Field(min_length=1)
     vo_image: str | None = None
     limits: FrontendLimits = FrontendLimits()
     policy: PolicyOverride = PolicyOverride()
-    request_ttl: Pos = 1800  # s after which the factory ignores this frontend's last request
+    request_ttl: PosSeconds = 1800  # s after which the factory ignores this frontend's last request
 
 
 class Credential(Model):
     id: Name
-    type: Literal[CREDENTIAL_TYPES]  # type: ignore[valid-type]
+    type: str  # a credential type of airflow_glidein.middlewares
     conn_id: str = Field(min_length=1)
     trust_domain: Name
     purpose: Literal["provision", "pilot"]
     # s of lifetime the credential must have left to be chosen; None: the pilot's max_lifetime
     # (the factory lists and terminates, and the pilot authenticates, until the pilot retires)
-    min_lifetime: NonNeg | None = None
+    min_lifetime: Seconds | None = None
+
+    @field_validator("type")
+    @classmethod
+    def _known_type(cls, v: str) -> str:
+        middlewares.credential_type(v)  # raises with the known ones
+        return v
 
     @model_validator(mode="after")
     def _pilot_kind(self) -> Credential:
-        if self.purpose == "pilot" and self.type not in PILOT_TYPES:
-            raise ValueError(f"a {self.type} cannot join a pool; a pilot credential is one of {', '.join(PILOT_TYPES)}")
+        if self.purpose == "pilot" and not middlewares.credential_type(self.type).pilot:
+            raise ValueError(f"a {self.type} cannot join a pool; a pilot credential is one of "
+                             f"{', '.join(middlewares.pilot_credential_types())}")
         return self
 
     @property
     def auth_methods(self) -> set[str]:
-        return AUTH_METHODS[self.type]
+        return set(middlewares.credential_type(self.type).auth_methods)
 
 
 class GlobalLimits(Model):
     """Totals across all frontends and entries of this factory."""
 
-    max_pilots: NonNeg = 100000
-    max_idle: NonNeg = 1000
+    max_pilots: Count = 100000
+    max_idle: Count = 1000
 
 
 class Factory(Model):
@@ -280,10 +311,10 @@ class Factory(Model):
     schedule: str | None = "*/5 * * * *"
     collector: str | None = None  # where pilots register; None: registration is not observed
     limits: GlobalLimits = GlobalLimits()
-    retries: NonNeg = 3  # Airflow task retries of the glidein DAGs
-    retry_delay: NonNeg = 20  # s between them
-    verify_timeout: Pos = 120  # s the factory waits for terminated pilots to disappear
-    verify_poll: Pos = 15  # s between those checks (each lists the entry: API budget)
+    retries: Count = 3  # Airflow task retries of the glidein DAGs
+    retry_delay: Seconds = 20  # s between them
+    verify_timeout: PosSeconds = 120  # s the factory waits for terminated pilots to disappear
+    verify_poll: PosSeconds = 15  # s between those checks (each lists the entry: API budget)
 
 
 class Config(Model):
@@ -308,6 +339,14 @@ class Config(Model):
                 seen.add(name)
         entries = {e.name: e for e in self.entries}
         creds = {c.id for c in self.credentials}
+        for entry in self.entries:
+            takes = middlewares.get(entry.middleware).provision_types
+            for c in self.credentials:
+                # usable there by trust domain and auth method, so the factory would provision with it
+                if (c.purpose == "provision" and c.trust_domain == entry.trust_domain
+                        and entry.auth_tokens & c.auth_methods and c.type not in takes):
+                    problems.append(f"credential {c.id!r} ({c.type}) cannot provision on entry {entry.name!r}: "
+                                    f"the {entry.middleware} middleware takes {', '.join(takes)}")
         for fe in self.frontends:
             for name in fe.entries:
                 if name not in entries:
@@ -350,23 +389,34 @@ class Config(Model):
         return entry.policy.model_copy(update=overrides)
 
 
+_NAME = re.compile(NAME)
 _BRANCH = re.compile(r"^(str|int|float|bool|none|list|dict)$|\[")  # pydantic's union/validator tags
 
 
+def _shown(name: Any, position: int) -> str:
+    """A user's name as an error may print it: only a plain name, else its position (values are never echoed)."""
+    return name if isinstance(name, str) and _NAME.match(name) else f"(key {position})"
+
+
 def _loc(data: Any, loc: tuple) -> str:
-    """A readable field path, naming list items by name: entries[aws-east].limits.max_pilots."""
+    """A readable field path, naming list items by name: entries[aws-east].limits.max_pilots.
+
+    A list item whose name is not a valid name is named by its index, and a
+    key that is not a plain name by its position: the text may be a pasted secret.
+    """
     parts: list[str] = []
     node = data
     for item in loc:
         if isinstance(item, int):
             child = node[item] if isinstance(node, list) and 0 <= item < len(node) else None
             name = (child.get("name") or child.get("id")) if isinstance(child, dict) else None
-            parts.append(f"[{name}]" if isinstance(name, str) else f"[{item}]")
+            parts.append(f"[{name}]" if isinstance(name, str) and _NAME.match(name) else f"[{item}]")
             node = child
         elif isinstance(item, str) and _BRANCH.search(item) and not (isinstance(node, dict) and item in node):
             continue
         else:
-            parts.append(f".{item}")
+            keys = list(node) if isinstance(node, dict) else []
+            parts.append(f".{_shown(item, keys.index(item) + 1 if item in keys else 0)}")
             node = node.get(item) if isinstance(node, dict) else None
     return "".join(parts).lstrip(".") or "(top level)"
 

@@ -2,28 +2,14 @@
 
 from __future__ import annotations
 
-from airflow_glidein import __version__
+from airflow_glidein import __version__, middlewares
+from airflow_glidein.middlewares import form_hidden as _hide
+from airflow_glidein.middlewares import form_text as _text
 
 
-_STD = ["description", "host", "port", "login", "password", "schema", "extra"]
-
-
-def _hide(*shown: str) -> list[str]:
-    return [f for f in _STD if f not in shown and f != "description"]
-
-
-def _text(label: str, description: str, secret: bool = False, multiline: bool = False) -> dict:
-    schema: dict = {"type": ["string", "null"]}
-    if multiline:
-        schema["format"] = "multiline"
-    elif secret:
-        schema["format"] = "password"
-    return {"label": label, "description": description, "schema": schema}
-
-
-# Credential kinds Airflow has no connection type for (EC2 keys use the Amazon
-# provider's ``aws``). Secret extra fields have names Airflow hides (proxy,
-# private_key, passphrase); see airflow_glidein/material.py for the layout.
+# Credential kinds every middleware may meet, which Airflow has no connection type for (EC2 keys use the
+# Amazon provider's ``aws``); each middleware brings its own forms (airflow_glidein.middlewares). Secret extra
+# fields have names Airflow hides (proxy, private_key, passphrase); see airflow_glidein/material.py for the layout.
 CREDENTIAL_CONNECTION_TYPES = [
     {
         "connection-type": "glidein_x509",
@@ -59,42 +45,12 @@ CREDENTIAL_CONNECTION_TYPES = [
             "relabeling": {"login": "Key pair name at the provider"},
         },
     },
-    {
-        "connection-type": "glidein_openstack",
-        "hook-class-name": "airflow_glidein.secrets.OpenStackCredentialHook",
-        "hook-name": "Glidein OpenStack credential",
-        "conn-fields": {
-            "auth_type": {"label": "Auth type", "schema": {"type": ["string", "null"],
-                          "enum": ["application_credential", "password"], "default": "application_credential"}},
-            "project_name": _text("Project name", "Password auth: the project to scope to"),
-            "project_id": _text("Project id", "Password auth: instead of the project name"),
-            "user_domain_name": _text("User domain", "Password auth (default: Default)"),
-            "project_domain_name": _text("Project domain", "Password auth (default: Default)"),
-            "region_name": _text("Region", "Optional"),
-            "expires_at": _text("Expires at", "Optional: the application credential's expiry (ISO 8601)"),
-        },
-        "ui-field-behaviour": {
-            "hidden-fields": _hide("host", "login", "password", "extra"),
-            "relabeling": {"host": "Auth URL (Keystone)", "login": "Application credential id or user name",
-                           "password": "Secret or password"},
-            "placeholders": {"host": "https://keystone.example.org:5000/v3"},
-        },
-    },
-    {
-        "connection-type": "glidein_opennebula",
-        "hook-class-name": "airflow_glidein.secrets.OpenNebulaCredentialHook",
-        "hook-name": "Glidein OpenNebula user",
-        "conn-fields": {},
-        "ui-field-behaviour": {
-            "hidden-fields": _hide("host", "login", "password"),
-            "relabeling": {"host": "XML-RPC endpoint", "login": "User", "password": "Password or token"},
-            "placeholders": {"host": "https://one.example.org:2633/RPC2"},
-        },
-    },
 ]
 
 
 def get_provider_info() -> dict:
+    """Our provider metadata; the middlewares installed beside us add their hook modules and connection forms."""
+    described = middlewares.all_middlewares()
     return {
         "package-name": "airflow-glidein",
         "name": "Glidein (HTCondor pilots on clouds and grids)",
@@ -110,9 +66,8 @@ def get_provider_info() -> dict:
         ],
         "hooks": [
             {"integration-name": "HTCondor glideins",
-             "python-modules": ["airflow_glidein.hooks.ec2", "airflow_glidein.hooks.htcondor", "airflow_glidein.secrets",
-                                "airflow_glidein.hooks.openstack", "airflow_glidein.hooks.opennebula",
-                                "airflow_glidein.hooks.htcondor_g"]},
+             "python-modules": ["airflow_glidein.hooks.htcondor", "airflow_glidein.secrets",
+                                *dict.fromkeys(m.hook.rpartition(".")[0] for m in described)]},
         ],
         "connection-types": [
             {
@@ -129,5 +84,6 @@ def get_provider_info() -> dict:
                 },
             },
             *CREDENTIAL_CONNECTION_TYPES,
+            *(dict(form) for m in described for form in m.connection_forms),
         ],
     }

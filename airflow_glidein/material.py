@@ -22,6 +22,9 @@ ssh_key                    glidein_ssh        login=key pair name, extra.private
 
 Any of them may carry extra.expires_at (ISO 8601 or epoch seconds) for
 material whose expiry cannot be read from it (an application credential).
+Which connection types may hold which credential type, and which reader
+below reads it, is declared in ``airflow_glidein.middlewares`` (an installed
+middleware may bring kinds of its own).
 """
 
 from __future__ import annotations
@@ -29,7 +32,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -38,16 +40,6 @@ from typing import Any
 
 CLOCK_SKEW = 300  # s a not-before in the future is tolerated (clocks differ)
 
-CONN_TYPES = {
-    "x509_proxy": ("glidein_x509", "generic"),
-    "ec2_key_pair": ("aws",),
-    "openstack_app_credential": ("glidein_openstack", "generic"),
-    "openstack_password": ("glidein_openstack", "generic"),
-    "opennebula_password": ("glidein_opennebula", "generic"),
-    "idtoken": ("glidein_token", "generic"),
-    "scitoken": ("glidein_token", "generic"),
-    "ssh_key": ("glidein_ssh", "generic"),
-}
 # extra keys whose values are secret (besides the password field)
 SECRET_EXTRA = ("proxy", "token", "private_key", "passphrase", "aws_secret_access_key", "aws_session_token",
                 "application_credential_secret", "password")
@@ -89,11 +81,13 @@ class Invalid(ValueError):
 
 def inspect(cred_type: str, conn: ConnFields, now: float) -> Validity:
     """Read what can be read from a credential; never raises."""
+    from airflow_glidein.middlewares import credential_type  # it imports the readers below
+
     try:
-        allowed = CONN_TYPES[cred_type]
-        if conn.conn_type not in allowed:
-            raise Invalid(f"connection type is {conn.conn_type!r}; a {cred_type} needs {' or '.join(allowed)}")
-        expires, info = READERS[cred_type](conn, now)
+        kind = credential_type(cred_type)
+        if conn.conn_type not in kind.conn_types:
+            raise Invalid(f"connection type is {conn.conn_type!r}; a {cred_type} needs {' or '.join(kind.conn_types)}")
+        expires, info = kind.read(conn, now)
         declared = _declared_expiry(conn)
         if declared is not None and (expires is None or declared < expires):
             expires = declared
@@ -133,7 +127,7 @@ def secret_values(conn: ConnFields) -> list[str]:
 # -- readers: (expiry epoch or None, info) or raise Invalid -----------------
 
 
-def _x509_proxy(conn: ConnFields, now: float) -> tuple[float | None, dict]:
+def read_x509_proxy(conn: ConnFields, now: float) -> tuple[float | None, dict]:
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
 
@@ -167,6 +161,8 @@ def _x509_proxy(conn: ConnFields, now: float) -> tuple[float | None, dict]:
 
 def decode_jwt(token: str) -> tuple[dict, dict]:
     """A JWT's header and claims, without verifying its signature (we only read dates and names)."""
+    import json  # here, not at the top: the configuration imports this module and stays cheap
+
     parts = token.strip().split(".")
     if len(parts) != 3 or not all(parts[:2]):
         raise Invalid("not a JWT (expected header.claims.signature)")
@@ -179,7 +175,7 @@ def decode_jwt(token: str) -> tuple[dict, dict]:
     return header, claims
 
 
-def _token(conn: ConnFields, now: float) -> tuple[float | None, dict]:
+def read_token(conn: ConnFields, now: float) -> tuple[float | None, dict]:
     token = (conn.password or "").strip() or conn.get("token")
     if not token:
         raise Invalid("no token in the connection (password field)")
@@ -195,7 +191,7 @@ def _token(conn: ConnFields, now: float) -> tuple[float | None, dict]:
     return (float(exp) if exp is not None else None), info
 
 
-def _ssh_key(conn: ConnFields, now: float) -> tuple[float | None, dict]:
+def read_ssh_key(conn: ConnFields, now: float) -> tuple[float | None, dict]:
     from cryptography.hazmat.primitives import serialization
 
     text = conn.get("private_key") or (conn.password or "").strip()
@@ -217,7 +213,7 @@ def _ssh_key(conn: ConnFields, now: float) -> tuple[float | None, dict]:
     return None, {"key_name": conn.login, "fingerprint": f"SHA256:{digest}"}
 
 
-def _aws(conn: ConnFields, now: float) -> tuple[float | None, dict]:
+def read_aws(conn: ConnFields, now: float) -> tuple[float | None, dict]:
     key_id = conn.login or conn.get("aws_access_key_id")
     secret = conn.password or conn.get("aws_secret_access_key")
     if bool(key_id) != bool(secret):
@@ -234,7 +230,7 @@ def _url(conn: ConnFields, what: str) -> str:
     return host
 
 
-def _openstack(kind: str):
+def read_openstack(kind: str):
     def read(conn: ConnFields, now: float) -> tuple[float | None, dict]:
         url = _url(conn, "Keystone auth")
         declared = conn.get("auth_type")
@@ -254,23 +250,11 @@ def _openstack(kind: str):
     return read
 
 
-def _opennebula(conn: ConnFields, now: float) -> tuple[float | None, dict]:
+def read_opennebula(conn: ConnFields, now: float) -> tuple[float | None, dict]:
     url = _url(conn, "XML-RPC endpoint")
     if not conn.login or not conn.password:
         raise Invalid("login (user) and password are both required")
     return None, {"endpoint": url, "user": conn.login}
-
-
-READERS = {
-    "x509_proxy": _x509_proxy,
-    "ec2_key_pair": _aws,
-    "openstack_app_credential": _openstack("openstack_app_credential"),
-    "openstack_password": _openstack("openstack_password"),
-    "opennebula_password": _opennebula,
-    "idtoken": _token,
-    "scitoken": _token,
-    "ssh_key": _ssh_key,
-}
 
 
 # -- what the middleware hooks take -----------------------------------------

@@ -13,7 +13,7 @@ import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from sqlalchemy import Column, Float, Integer, String, Table, Text, delete, select
+from sqlalchemy import Column, Float, Integer, PrimaryKeyConstraint, String, Table, Text, delete, select
 from sqlalchemy.dialects import postgresql, sqlite
 
 from airflow_glidein.state import METADATA, StateStore
@@ -21,7 +21,7 @@ from airflow_glidein.state import METADATA, StateStore
 PILOTS = Table(
     "glidein_pilots",
     METADATA,
-    Column("id", String(128), primary_key=True),
+    Column("id", String(128), nullable=False),  # the provider's id: unique only within an entry's endpoint
     Column("entry", String(64), nullable=False, index=True),
     Column("frontend", String(64)),
     Column("burst", String(128)),  # the burst a pilot serves (tag), or NULL
@@ -37,6 +37,7 @@ PILOTS = Table(
     Column("policy", Text),  # JSON of the pilot's own policy from its tags (bursts), or NULL
     Column("memory", Text, nullable=False, default="{}"),
     Column("updated", Float, nullable=False),
+    PrimaryKeyConstraint("entry", "id", name="glidein_pilots_pkey"),
 )
 
 ENTRY_HEALTH = Table(
@@ -52,12 +53,12 @@ ENTRY_HEALTH = Table(
 _JSON_COLS = ("startd", "memory", "policy")
 
 
-def _upsert(store: StateStore, table: Table, rows: list[dict[str, Any]], key: str) -> None:
+def _upsert(store: StateStore, table: Table, rows: list[dict[str, Any]], key: list[str]) -> None:
     if not rows:
         return
     dialect = store.engine.dialect.name
     ins = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
-    stmt = ins.on_conflict_do_update(index_elements=[key], set_={c: ins.excluded[c] for c in rows[0] if c != key})
+    stmt = ins.on_conflict_do_update(index_elements=key, set_={c: ins.excluded[c] for c in rows[0] if c not in key})
     with store.begin() as conn:
         for chunk in range(0, len(rows), 500):
             conn.execute(stmt, rows[chunk : chunk + 500])
@@ -81,7 +82,7 @@ def _decode(row: Mapping[str, Any]) -> dict[str, Any]:
 
 def save_pilots(store: StateStore, rows: Iterable[Mapping[str, Any]]) -> None:
     cols = {c.name for c in PILOTS.columns}
-    _upsert(store, PILOTS, [_encode({k: v for k, v in r.items() if k in cols}) for r in rows], "id")
+    _upsert(store, PILOTS, [_encode({k: v for k, v in r.items() if k in cols}) for r in rows], ["entry", "id"])
 
 
 def load_pilots(store: StateStore, entries: Iterable[str] | None = None) -> dict[str, dict[str, Any]]:
@@ -130,4 +131,4 @@ def load_health(store: StateStore) -> dict[str, dict[str, Any]]:
 
 
 def save_health(store: StateStore, rows: Iterable[Mapping[str, Any]]) -> None:
-    _upsert(store, ENTRY_HEALTH, [dict(r) for r in rows], "entry")
+    _upsert(store, ENTRY_HEALTH, [dict(r) for r in rows], ["entry"])

@@ -1,4 +1,4 @@
-"""Pilot records and states (DESIGN.md's state machine).
+"""Pilot records and states (docs/architecture.md, "Pilot identity").
 
 A pilot is one provisioned resource; its id is the provider's id qualified by
 entry. Its state comes from what the provider and the collector say now.

@@ -29,7 +29,14 @@ class Check:
 
 
 def run(config: Config, entries: list[str] | None = None, now: float | None = None) -> list[Check]:
-    """Every check, in order: credentials (of the chosen entries' trust domains), entries, factory."""
+    """Every check, in order: credentials (of the chosen entries' trust domains), entries, factory.
+
+    A state store that cannot serve the factory (unreadable, unreachable, or a SQLite file under a
+    distributed executor) is the one check: no cycle could run, so nothing else is asked.
+    """
+    store = _state_store()
+    if not store.ok:
+        return [store]
     now = time.time() if now is None else now
     chosen = [config.entry(n) for n in entries] if entries else list(config.entries)
     domains = {e.trust_domain for e in chosen}
@@ -41,7 +48,18 @@ def run(config: Config, entries: list[str] | None = None, now: float | None = No
     if config.factory.collector:
         out.append(_collector(config.factory.collector))
     out.append(_bootstrap(config.factory.bootstrap_url))
-    return out
+    return [store, *out]
+
+
+def _state_store() -> Check:
+    from airflow_glidein import state
+
+    try:
+        st = state.store()
+    except state.StateStoreError as exc:
+        return Check("factory", "state store", False, str(exc))
+    return Check("factory", "state store", True, f"{st.engine.url.render_as_string(hide_password=True)}, "
+                                                 f"schema revision {st.revision}")
 
 
 def _entry(config: Config, entry, validity) -> list[Check]:
@@ -76,14 +94,22 @@ def _bootstrap(url: str) -> Check:
     from airflow_glidein.bootstrap import keys
     from airflow_glidein.state import store
 
+    from airflow_glidein import userdata
+
     what = f"bootstrap service {url}"
+    try:
+        ring = keys.key_ring(store())
+    except keys.KeyUnavailable as exc:
+        return Check("factory", what, False, f"the factory cannot sign: {exc}")
     try:
         with urllib.request.urlopen(f"{url.rstrip('/')}/bootstrap/pubkey.pem", timeout=10) as resp:
             served = resp.read().decode()
     except Exception as exc:
         return Check("factory", what, False, f"not reachable from here: {type(exc).__name__}: {exc}")
-    if served.strip() != keys.public_pem(store()).strip():
+    if served.strip() != userdata.public_pem(ring.signing).strip():
         return Check("factory", what, False, "it signs with another key than this factory's: it does not share "
                                               "the factory's state store (GLIDEIN_STATE_URL), so no token it is "
                                               "asked to exchange would be found")
-    return Check("factory", what, True, "answers, same signing key and state store")
+    ids = list(ring.accepted())
+    previous = f"; previous key id {ids[1]} still accepted" if len(ids) > 1 else ""
+    return Check("factory", what, True, f"answers, same signing key and state store (key id {ids[0]}{previous})")

@@ -9,7 +9,10 @@ names) or, for the hooks and the bootstrap exchange, the fields themselves,
 which never go to XCom.
 
 The ``CredentialHook`` classes give each custom connection type its form in
-the Airflow UI and a "Test" button that reads and checks the material.
+the Airflow UI and a "Test" button that reads and checks the material; which
+credential types a connection type holds is read from
+``airflow_glidein.middlewares``, so a middleware that brings a connection
+type only subclasses ``CredentialHook`` with its ``conn_type``.
 """
 
 from __future__ import annotations
@@ -17,13 +20,13 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 from functools import cached_property
-from typing import Any, ClassVar
+from typing import Any
 
 from airflow.sdk import BaseHook
 from airflow.sdk.exceptions import AirflowNotFoundException
 from airflow.sdk.log import mask_secret
 
-from airflow_glidein import material
+from airflow_glidein import material, middlewares
 from airflow_glidein.config import Config, Credential
 from airflow_glidein.material import ConnFields, Validity
 
@@ -76,13 +79,13 @@ def pilot_payload(config: Config, cred_id: str) -> str:
 
 
 class CredentialHook(BaseHook):
-    """Reads and checks one credential connection; subclasses name the connection type."""
+    """Reads and checks one credential connection; subclasses name the connection type, whose first
+    credential type (in airflow_glidein.middlewares) is the one read unless ``cred_type`` says otherwise."""
 
     conn_name_attr = "glidein_credential_conn_id"
     default_conn_name = "glidein_credential_default"
     conn_type = ""
     hook_name = "Glidein credential"
-    cred_types: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, glidein_credential_conn_id: str = default_conn_name, cred_type: str | None = None,
                  **kwargs: Any) -> None:
@@ -95,7 +98,7 @@ class CredentialHook(BaseHook):
         return read_conn(self.conn_id)
 
     def kind(self) -> str:
-        return self.cred_type or self.cred_types[0]
+        return self.cred_type or middlewares.credential_types_for(self.conn_type)[0]
 
     def validity(self, now: float | None = None) -> Validity:
         return material.inspect(self.kind(), self.fields, time.time() if now is None else now)
@@ -111,31 +114,27 @@ class CredentialHook(BaseHook):
 class X509ProxyHook(CredentialHook):
     conn_type = "glidein_x509"
     hook_name = "Glidein x509 proxy"
-    cred_types = ("x509_proxy",)
 
 
 class TokenHook(CredentialHook):
     conn_type = "glidein_token"
     hook_name = "Glidein bearer token (IDTOKEN, SciToken)"
-    cred_types = ("idtoken", "scitoken")
 
 
 class SSHKeyHook(CredentialHook):
     conn_type = "glidein_ssh"
     hook_name = "Glidein SSH key pair"
-    cred_types = ("ssh_key",)
 
 
 class OpenStackCredentialHook(CredentialHook):
     conn_type = "glidein_openstack"
     hook_name = "Glidein OpenStack credential"
-    cred_types = ("openstack_app_credential", "openstack_password")
 
     def kind(self) -> str:
         if self.cred_type:
             return self.cred_type
         declared = self.fields.get("auth_type")
-        return {v: k for k, v in material.OPENSTACK_AUTH.items()}.get(declared, self.cred_types[0])
+        return {v: k for k, v in material.OPENSTACK_AUTH.items()}.get(declared) or super().kind()
 
     def connect_args(self) -> dict[str, Any]:
         """openstacksdk ``connect()`` arguments (for the OpenStack pilot hook)."""
@@ -145,7 +144,6 @@ class OpenStackCredentialHook(CredentialHook):
 class OpenNebulaCredentialHook(CredentialHook):
     conn_type = "glidein_opennebula"
     hook_name = "Glidein OpenNebula user"
-    cred_types = ("opennebula_password",)
 
     def session(self) -> tuple[str, str]:
         """pyone ``OneServer`` endpoint and session (for the OpenNebula pilot hook)."""

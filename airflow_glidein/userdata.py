@@ -4,14 +4,19 @@ It names the launch, says where to fetch the startup script (and its
 SHA-256), carries a short-lived bootstrap token and the pilot policy, and is
 signed by the factory with Ed25519. It never carries a long-lived secret (the
 provider, and anyone on the VM, can read UserData). Each middleware caps its
-size; a too-large envelope is refused here with a clear error instead of by
-the provider.
+size (``airflow_glidein.middlewares``); a too-large envelope is refused here
+with a clear error instead of by the provider.
 
 Format (three lines, so a POSIX sh wrapper reads it with sed and base64)::
 
     #glidein-envelope v1
     <base64 of the body: sorted "key=value" lines>
     <base64 of the Ed25519 signature over the body bytes>
+
+The signed body names the signing key (``key_id``: the first 16 hex digits
+of SHA-256 over its raw 32-byte public key), so an image that carries the
+current and the previous factory key during a rotation checks the envelope
+with the one it names.
 
 Sealed (an entry with ``encrypt_userdata``): the header reads
 ``#glidein-envelope v1 sealed`` and the signed body holds, besides
@@ -50,16 +55,17 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
 
+from airflow_glidein import middlewares
+
 VERSION = 1
 HEADER = "#glidein-envelope"
 SEALED = "sealed"  # the header's third word for an encrypted envelope
 SEAL_ALG = "x25519-pbkdf2-sha256-chacha20"
 CLEAR_FIELDS = ("bootstrap_url",)  # what a sealed envelope keeps readable (the wrapper's failure log needs it)
-# Raw bytes before any transport encoding. EC2: 16 KB before base64; Nova: 64 KB;
-# OpenNebula puts it base64-encoded into a CONTEXT variable (we keep the same cap).
-MAX_BYTES = {"ec2": 16384, "openstack": 65535, "opennebula": 65535, "htcondor_g": 65535}
 INT_FIELDS = {"v", "issued", "token_expires", "boot_timeout", "idle_timeout", "max_lifetime", "retire_window"}
+KEY_ID_HEX = 16  # hex digits of a signing key's id
 _KEY = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+_KEY_ID_LINE = re.compile(rb"^key_id=([0-9a-f]{%d})$" % KEY_ID_HEX, re.M)
 _BAD_VALUE = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -100,6 +106,27 @@ def private_pem(key: Ed25519PrivateKey) -> str:
 def public_pem(key: Ed25519PrivateKey | Ed25519PublicKey) -> str:
     pub = key.public_key() if isinstance(key, Ed25519PrivateKey) else key
     return pub.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+
+
+def public_key_from_text(text: str) -> Ed25519PublicKey:
+    """A verifying key from its public PEM, or the public half of a private key (PEM or seed); never echoed."""
+    text = text.strip()
+    if not text.startswith("-----BEGIN PUBLIC KEY-----"):
+        return private_key_from_text(text).public_key()
+    try:
+        return load_public_pem(text)
+    except ValueError:
+        raise EnvelopeError("the public key is not an Ed25519 PEM public key") from None
+
+
+def key_id(key: Ed25519PrivateKey | Ed25519PublicKey) -> str:
+    """The envelope's name for a signing key: the first 16 hex digits of SHA-256 over its raw public key.
+
+    The wrapper computes the same from a baked PEM (``ed25519_verify.py keyid``,
+    or ``openssl pkey -pubin -outform DER | tail -c 32 | sha256sum``).
+    """
+    pub = key.public_key() if isinstance(key, Ed25519PrivateKey) else key
+    return hashlib.sha256(pub.public_bytes_raw()).hexdigest()[:KEY_ID_HEX]
 
 
 def fingerprint(pem: str) -> str:
@@ -249,17 +276,19 @@ def build(middleware: str, payload: Mapping[str, Any], key: Ed25519PrivateKey,
     """The signed UserData text for ``middleware``; raises UserDataTooLarge past its limit.
 
     With ``seal_to`` the body is encrypted for that image key and ``clear``
-    (e.g. a log-only token) is signed alongside it in the clear.
+    (e.g. a log-only token) is signed alongside it in the clear. The signed
+    body names ``key``'s id, whatever ``payload`` says.
     """
-    body = encode_body({"v": VERSION, **payload})
+    signer = {"key_id": key_id(key)}
+    body = encode_body({"v": VERSION, **payload, **signer})
     header = f"{HEADER} v{VERSION}"
     if seal_to is not None:
         kept = {k: payload[k] for k in CLEAR_FIELDS if k in payload}
-        body = encode_body({"v": VERSION, **kept, **(clear or {}), **seal(body, seal_to)})
+        body = encode_body({"v": VERSION, **kept, **(clear or {}), **seal(body, seal_to), **signer})
         header += f" {SEALED}"
     sig = key.sign(body)
     text = f"{header}\n{base64.b64encode(body).decode()}\n{base64.b64encode(sig).decode()}\n"
-    limit = MAX_BYTES[middleware]
+    limit = middlewares.get(middleware).userdata_max_bytes  # raw bytes, before the transport's encoding
     size = len(text.encode())
     if size > limit:
         sealed = (" (encrypted: the body is base64-encoded twice, about 16/9 of it plus 450 bytes)"
@@ -287,6 +316,12 @@ def split(text: str) -> tuple[bytes, bytes]:
         raise EnvelopeError("envelope body or signature is not base64") from None
 
 
+def signer_id(body: bytes) -> str | None:
+    """The key id a (not yet verified) body names, if it names a well-formed one."""
+    found = _KEY_ID_LINE.search(body)
+    return found.group(1).decode() if found else None
+
+
 def parse(text: str, public_key: Ed25519PublicKey | None = None,
           image_key: X25519PrivateKey | None = None) -> dict[str, Any]:
     """The envelope's fields; with ``public_key``, only if the signature verifies.
@@ -296,6 +331,9 @@ def parse(text: str, public_key: Ed25519PublicKey | None = None,
     """
     body, sig = split(text)
     if public_key is not None:
+        named, ours = signer_id(body), key_id(public_key)
+        if named is not None and named != ours:
+            raise EnvelopeError(f"the envelope is signed with factory key id {named}, not with key id {ours}")
         try:
             public_key.verify(sig, body)
         except InvalidSignature:

@@ -145,7 +145,7 @@ class InventoryOperator(GlideinBaseOperator):
         Where one pass lists a whole scope (an EC2 region, an OpenNebula user's
         pool), it also shows pilots of entries removed from the configuration:
         they are listed under the scope's first entry (whose hook and
-        connection reach them) and handled as orphans (DESIGN.md: drained
+        connection reach them) and handled as orphans (docs/architecture.md: drained
         unless idle or past their lifetime). Elsewhere they are out of sight;
         they end themselves at their idle timeout or lifetime.
         """

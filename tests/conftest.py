@@ -1,4 +1,5 @@
-"""Test session setup: a throwaway AIRFLOW_HOME with SQLite, moto's EC2 server on 127.0.0.1.
+"""Test session setup: a throwaway AIRFLOW_HOME with SQLite, moto's EC2 server on 127.0.0.1 (and behind
+the EC2-compatible proxy of tests/servers/ec2_compat.py).
 
 Environment must be set before Airflow is imported, so it happens at import
 of this module, which pytest loads first.
@@ -6,7 +7,6 @@ of this module, which pytest loads first.
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -29,9 +29,11 @@ os.environ.update({
 
 import pytest  # noqa: E402
 
-from tests.helpers import POOL_TOKEN, MotoEC2, migrate_db  # noqa: E402
+from tests.helpers import MotoEC2, migrate_db  # noqa: E402
+from tests.servers.ec2_compat import EC2CompatProxy  # noqa: E402
+from tests.servers.common import pool_token_connection  # noqa: E402
 
-pytest_plugins = ["tests.servers.fixtures"]  # Nova/Keystone and OpenNebula servers, simulated clock
+pytest_plugins = ["tests.servers.fixtures", "tests.pg"]  # Nova/Keystone and OpenNebula servers, simulated clock; PostgreSQL
 
 
 @pytest.fixture(scope="session")
@@ -65,15 +67,38 @@ def state_store(tmp_path, monkeypatch):
     return url
 
 
+def _aws_connections(monkeypatch, conn_json: str) -> None:
+    for conn_id in ("glidein_aws_demo", "glidein_aws_test", "glidein_aws_other"):
+        monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", conn_json)
+    pool_token_connection(monkeypatch)
+
+
 @pytest.fixture
 def ec2(moto_server, monkeypatch):
     """A clean moto EC2 and the Airflow connections that point at it."""
     moto_server.reset()
-    for conn_id in ("glidein_aws_demo", "glidein_aws_test", "glidein_aws_other"):
-        monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", moto_server.connection_json())
-    monkeypatch.setenv("AIRFLOW_CONN_GLIDEIN_CMS_POOL_TOKEN",
-                       json.dumps({"conn_type": "generic", "password": POOL_TOKEN}))
+    _aws_connections(monkeypatch, moto_server.connection_json())
     return moto_server
+
+
+@pytest.fixture(scope="session")
+def ec2_compat_server(moto_server):
+    proxy = EC2CompatProxy(moto_server).start()
+    yield proxy
+    proxy.stop()
+
+
+@pytest.fixture
+def ec2_compat(ec2_compat_server, monkeypatch):
+    """Instead of ``ec2``: the same clean moto and connections, reached through the EC2-compatible proxy.
+
+    Switches start at AWS's semantics without lag (ClientToken honoured); a test sets
+    ``ec2_compat.set(lag=..., client_token=..., tags=..., ...)`` and may hand it ``sim_clock``.
+    ``instances()`` reads what moto really holds.
+    """
+    ec2_compat_server.reset()
+    _aws_connections(monkeypatch, ec2_compat_server.connection_json())
+    return ec2_compat_server
 
 
 @pytest.fixture(scope="session")

@@ -283,7 +283,7 @@ def test_a_startd_that_cannot_be_retired_does_not_stop_the_others(ec2, pool, tmp
 
 
 def test_pilots_of_a_removed_entry_are_drained_unless_idle(ec2, pool, tmp_path, monkeypatch):
-    """DESIGN.md: never an automatic "remove everything" (glideinWMS #282); a pilot of an entry taken out
+    """docs/architecture.md: never an automatic "remove everything" (glideinWMS #282); a pilot of an entry taken out
     of the configuration is an orphan: drained (startd shutdown, jobs finish) unless idle or never registered."""
     clock = Clock(monkeypatch)
     cfg = example_config()

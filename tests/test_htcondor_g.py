@@ -110,6 +110,7 @@ def test_a_grid_job_left_in_removed_state_is_forced(schedd, tmp_path):
 
 
 def test_a_bad_grid_resource_is_a_clear_error(schedd, tmp_path):
-    with pytest.raises(ValueError, match="osg-ce: options.grid_resource must start with ec2, condor, arc or batch"):
+    """The entry's options schema (airflow_glidein.middlewares) refuses it when the configuration loads."""
+    with pytest.raises(ValueError, match=r"options.grid_resource\n  Value error, must start with ec2, condor, arc or batch"):
         pilot_hook(entry(tmp_path, "gt2 gatekeeper.example.org"), FACTORY, "glidein_grid_test").launch(spec())
     assert schedd.submits == []

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
 import zipfile
 from importlib.metadata import entry_points
+from pathlib import Path
 
 import pytest
 
@@ -29,6 +31,8 @@ def test_wheel_maps_operators_and_sensors_into_the_package(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     assert "airflow_glidein/operators/factory.py" in names
     assert "airflow_glidein/sensors/__init__.py" in names
+    assert {"airflow_glidein/migrations/env.py", "airflow_glidein/migrations/script.py.mako",
+            "airflow_glidein/migrations/versions/0001_initial.py"} <= names  # the state store migrates itself
     assert not any(n.startswith(("operators/", "sensors/", "tests/", "dags/")) for n in names)
 
 
@@ -87,8 +91,31 @@ def test_bad_config_is_a_dag_import_error_naming_the_field(airflow_db, tmp_path,
 
 
 @pytest.mark.parametrize("module", ["airflow_glidein.config", "airflow_glidein.planning", "airflow_glidein.provisioning",
-                                    "airflow_glidein.demand", "airflow_glidein.pilots", "airflow_glidein.credentials"])
+                                    "airflow_glidein.demand", "airflow_glidein.pilots", "airflow_glidein.credentials",
+                                    "airflow_glidein.middlewares"])
 def test_engine_modules_do_not_import_airflow(module):
     code = f"import sys, {module}; print(any(m == 'airflow' or m.startswith('airflow.') for m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+# Built from pieces so that this file does not name them itself.
+_OUTSIDE = ("DESIGN" + ".md", "ANCHORS" + ".md", "../" + "shared", "/work/" + "shared")
+_GENERATED = {".git", ".venv", "__pycache__", ".pytest_cache", "build", "dist", ".demo", "test-output"}
+
+
+def test_the_repository_stands_alone():
+    """The project's design is docs/architecture.md; no file points at documents users do not have."""
+    assert (REPO / "docs" / "architecture.md").is_file()
+    assert "docs/architecture.md" in (REPO / "README.md").read_text()
+    offenders = []
+    for folder, dirs, files in os.walk(REPO):
+        dirs[:] = [d for d in dirs if d not in _GENERATED and not d.endswith(".egg-info")]
+        for name in files:
+            path = Path(folder, name)
+            try:
+                text = path.read_text(errors="ignore")
+            except OSError:
+                continue
+            offenders += [f"{path.relative_to(REPO)}: {bad}" for bad in _OUTSIDE if bad in text]
+    assert not offenders, offenders

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import importlib.util
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -28,7 +31,7 @@ def test_round_trip_is_signed_small_and_typed():
     text = U.build("ec2", PAYLOAD, key)
     assert text.startswith("#glidein-envelope v1\n") and len(text) < 1024
     got = U.parse(text, key.public_key())
-    assert got == {"v": 1, **PAYLOAD}
+    assert got == {"v": 1, **PAYLOAD, "key_id": U.key_id(key)}
     assert isinstance(got["token_expires"], int)
 
 
@@ -39,8 +42,14 @@ def test_a_changed_body_or_another_key_does_not_verify():
     tampered = "\n".join([head, base64.b64encode(forged).decode(), sig])
     with pytest.raises(U.EnvelopeError, match="signature does not verify"):
         U.parse(tampered, key.public_key())
-    with pytest.raises(U.EnvelopeError, match="signature does not verify"):
+    with pytest.raises(U.EnvelopeError, match="signed with factory key id [0-9a-f]{16}, not with key id"):
         U.parse(U.build("ec2", PAYLOAD, U.generate_key()), key.public_key())
+    # another key's signature over a body that names our key id
+    forged = U.encode_body({"v": 1, **PAYLOAD, "key_id": U.key_id(key)})
+    text = "\n".join([head, base64.b64encode(forged).decode(),
+                      base64.b64encode(U.generate_key().sign(forged)).decode()])
+    with pytest.raises(U.EnvelopeError, match="signature does not verify"):
+        U.parse(text, key.public_key())
 
 
 @pytest.mark.parametrize("middleware,limit", [("ec2", 16384), ("openstack", 65535), ("opennebula", 65535)])
@@ -91,3 +100,31 @@ def test_vm_python_verifier_agrees_with_cryptography():
         bad = bytearray(good)
         bad[7] ^= 4
         assert not v.verify(pub, msg, bytes(bad))
+
+
+def test_the_envelope_names_its_signing_key_and_a_payload_cannot_override_it():
+    key, other = U.generate_key(), U.generate_key()
+    kid = U.key_id(key)
+    assert len(kid) == 16 and kid == hashlib.sha256(key.public_key().public_bytes_raw()).hexdigest()[:16]
+    text = U.build("ec2", {**PAYLOAD, "key_id": U.key_id(other)}, key)
+    assert U.parse(text)["key_id"] == kid
+    with pytest.raises(U.EnvelopeError) as exc:
+        U.parse(text, other.public_key())
+    assert str(exc.value) == f"the envelope is signed with factory key id {kid}, not with key id {U.key_id(other)}"
+
+
+def test_vm_python_verifier_computes_the_key_id_and_reads_only_the_pem_block(tmp_path):
+    v = verifier()
+    key = U.generate_key()
+    pub = tmp_path / "factory.pub"
+    # text around the PEM block (a log line a redirect caught) is ignored, as openssl ignores it
+    pub.write_text("2026-01-01T00:00:00Z [warning] something\n" + U.public_pem(key) + "# trailing note\n")
+    assert v.key_id(v.read_public(str(pub))) == U.key_id(key)
+    out = subprocess.run([sys.executable, str(PILOT / "ed25519_verify.py"), "keyid", str(pub)],
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout == U.key_id(key) + "\n"
+    pub.write_text("not a key\n")
+    bad = subprocess.run([sys.executable, str(PILOT / "ed25519_verify.py"), "keyid", str(pub)],
+                         capture_output=True, text=True)
+    assert bad.returncode == 1 and bad.stdout == "" and "not an Ed25519 public key in PEM" in bad.stderr
+    assert "Traceback" not in bad.stderr

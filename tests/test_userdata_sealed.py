@@ -54,9 +54,10 @@ def with_outer(text: str, change) -> str:
 def test_round_trip_hides_the_token_and_keeps_url_and_log_token_clear():
     text, sign, image = sealed()
     assert text.startswith("#glidein-envelope v1 sealed\n") and U.is_sealed(text)
-    assert U.parse(text, sign.public_key(), image) == {"v": 1, **PAYLOAD}
+    assert U.parse(text, sign.public_key(), image) == {"v": 1, **PAYLOAD, "key_id": U.key_id(sign)}
     outer = U.parse(text, sign.public_key())  # without the image key: only what is in the clear
     assert outer["bootstrap_url"] == PAYLOAD["bootstrap_url"] and outer["log_token"] == "L" * 43
+    assert outer["key_id"] == U.key_id(sign)  # the wrapper picks its key before anything is decrypted
     assert outer["recipient"] == U.image_fingerprint(image) and outer["sealed"] == U.SEAL_ALG
     assert "token" not in outer and "launch_id" not in outer
     decoded = base64.b64decode(text.splitlines()[1])
@@ -79,9 +80,10 @@ def test_any_change_to_the_signed_outer_body_fails_the_signature_before_decrypti
     tampered = with_outer(text, flip)
     with pytest.raises(U.EnvelopeError, match="signature does not verify"):
         U.parse(tampered, sign.public_key(), image)
-    # re-signed by someone else: still refused
+    # re-signed by someone else: still refused, naming the key it was signed with
     forged = U.build("ec2", PAYLOAD, U.generate_key(), seal_to=image.public_key())
-    with pytest.raises(U.EnvelopeError, match="signature does not verify"):
+    with pytest.raises(U.EnvelopeError, match=f"signed with factory key id [0-9a-f]{{16}}, not with key id "
+                                              f"{U.key_id(sign)}"):
         U.parse(forged, sign.public_key(), image)
 
 
@@ -195,4 +197,4 @@ def test_openssl_command_line_opens_what_the_factory_seals(tmp_path):
     (tmp_path / "pass").write_text((tmp_path / "ss").read_bytes().hex() + "\n")
     body = run("openssl", "enc", "-d", "-chacha20", "-pbkdf2", "-iter", "1", "-md", "sha256", "-pass", "file:pass",
                "-in", "ct.bin")
-    assert U.decode_body(body) == {"v": 1, **PAYLOAD}
+    assert U.decode_body(body) == {"v": 1, **PAYLOAD, "key_id": U.key_id(sign)}

@@ -23,6 +23,7 @@ from anyio import to_thread
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 
+from airflow_glidein import userdata
 from airflow_glidein.bootstrap import keys, tokens
 from airflow_glidein.bootstrap.launches import startup_script
 from airflow_glidein.bootstrap.logs import LogRefused, LogStore, check_name
@@ -151,9 +152,26 @@ def create_app(*, ui: bool, config_file: str | None = None, state_url: str | Non
     def get_startup() -> Response:
         return Response(startup_script(), media_type="text/x-shellscript")
 
+    def pem(pick) -> Response:
+        try:
+            ring = keys.key_ring(svc.store)
+        except keys.KeyUnavailable as exc:
+            log.error("Cannot serve the factory's public key: %s", exc)
+            return PlainTextResponse("error=the factory's signing key is unavailable now; try again\n", status_code=503)
+        key = pick(ring)
+        if key is None:
+            return PlainTextResponse("error=no such factory key (neither the current nor the previous one)\n",
+                                     status_code=404)
+        return Response(userdata.public_pem(key), media_type="application/x-pem-file")
+
     @app.get("/bootstrap/pubkey.pem")
     def get_pubkey() -> Response:
-        return Response(keys.public_pem(svc.store), media_type="application/x-pem-file")
+        return pem(lambda ring: ring.signing.public_key())
+
+    @app.get("/bootstrap/pubkeys/{key_id}.pem")
+    def get_pubkey_by_id(key_id: str) -> Response:
+        """The current or the previous key by its id: images that pin fingerprints fetch the one an envelope names."""
+        return pem(lambda ring: ring.accepted().get(key_id))
 
     @app.post("/bootstrap/exchange")
     def post_exchange(instance_id: Annotated[str, Query(max_length=255)],

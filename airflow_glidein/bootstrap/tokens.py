@@ -1,6 +1,6 @@
 """Launches, bootstrap tokens and pilot bindings in the shared state store.
 
-DESIGN.md "Pilot identity in a batch": one batch shares one UserData, so a
+docs/architecture.md, "Tokens": one batch shares one UserData, so a
 launch's bootstrap token is good for as many exchanges as the launch has
 VMs, each bound on first use to a distinct instance id that the caller
 checks against the provider's listing for that launch. The bindings live in

@@ -17,7 +17,6 @@ variant). What all middlewares need is here, once:
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import logging
 import random
@@ -31,7 +30,7 @@ from typing import Any, ClassVar, TypeVar
 from airflow.sdk import BaseHook
 
 from airflow_glidein import budget as B
-from airflow_glidein import metrics
+from airflow_glidein import metrics, middlewares
 from airflow_glidein import pilots as P
 from airflow_glidein.config import Entry
 
@@ -317,6 +316,5 @@ class PilotHook(BaseHook):
 
 
 def pilot_hook(entry: Entry, factory: str, conn_id: str, **kwargs: Any) -> PilotHook:
-    """The hook for an entry's middleware (modules load only when used)."""
-    module = importlib.import_module(f"airflow_glidein.hooks.{entry.middleware}")
-    return module.HOOK(entry=entry, factory=factory, conn_id=conn_id, **kwargs)
+    """The hook for an entry's middleware, as its description names it (modules load only when used)."""
+    return middlewares.get(entry.middleware).hook_class()(entry=entry, factory=factory, conn_id=conn_id, **kwargs)

@@ -207,6 +207,3 @@ def _instance(raw: dict) -> P.ProviderInstance:
         tags=tags,
         detail=raw.get("StateReason", {}).get("Message", ""),
     )
-
-
-HOOK = EC2PilotHook

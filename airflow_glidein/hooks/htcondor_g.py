@@ -66,11 +66,7 @@ class HTCondorGPilotHook(PilotHook):
 
     @property
     def grid_resource(self) -> str:
-        value = str(self.entry.options.get("grid_resource") or "").strip()
-        if value.split(" ", 1)[0] not in ("ec2", "condor", "arc", "batch"):
-            raise ValueError(f"Entry {self.entry.name}: options.grid_resource must start with ec2, condor, arc "
-                             f"or batch (got {value.split(' ', 1)[0]!r})")
-        return value
+        return self.entry.options["grid_resource"]  # required and checked by the entry's options schema
 
     # -- credentials as files ------------------------------------------------
     def _secret_file(self, name: str, content: str) -> str:
@@ -219,6 +215,3 @@ def _instance(ad: classad2.ClassAd) -> P.ProviderInstance:
         tags={tag: str(ad[attr]) for tag, attr in ATTR.items() if attr in ad},
         detail=detail,
     )
-
-
-HOOK = HTCondorGPilotHook

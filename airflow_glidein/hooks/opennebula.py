@@ -19,7 +19,14 @@ pool filter string needs oned on MySQL. Terminate is refused while a VM is
 in PROLOG or BOOT; the refusal is reported and the VM tried again; a guest
 that ignores the shutdown is ended with terminate-hard (the force step).
 Transport failures reach pyone as requests or xmlrpc errors, not
-OneException; throttling (HTTP 429/503 from a proxy) backs off.
+OneException; throttling backs off: HTTP 429/503 from a proxy in front of
+oned, and oned's own answer under load, which is in-band. Its XML-RPC server
+has no rate limit (connections past MAX_CONN wait in the kernel's backlog);
+what it refuses is a write (a leader-only method) while its HA zone cannot
+serve one, e.g. when a loaded leader missed heartbeats: an INTERNAL failure
+"Cannot process request, oned cluster in election mode" (or "... is
+replicating log", "... no leader found"), answered before the call executes,
+so trying again later never makes a VM twice.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import logging
+import re
 import xmlrpc.client
 from functools import cached_property
 from typing import Any
@@ -48,6 +56,10 @@ LCM_PENDING = {0, 1, 2, 9}  # LCM_INIT, PROLOG, BOOT, PROLOG_MIGRATE
 LCM_RUNNING = {3, 4, 17, 18, 20, 24, 25, 26, 27, 28, 53, 54, 55, 56, 62, 63, 64}  # running, migrating, hotplug...
 LCM_TERMINATING = {10, 11, 12, 13, 15, 23}  # EPILOG_STOP, EPILOG, SHUTDOWN, CANCEL, CLEANUP_*
 THROTTLE_STATUS = (429, 503)
+# oned's in-band "not now" (RequestXRPC): a zone that cannot take writes at the moment. Not "zone disabled",
+# which an operator set and which no backoff outlasts.
+OVERLOADED = re.compile(r"Cannot process request, (oned cluster in election mode|oned cluster is replicating log"
+                        r"|no leader found)")
 
 
 class OpenNebulaPilotHook(PilotHook):
@@ -76,11 +88,15 @@ class OpenNebulaPilotHook(PilotHook):
         return self.api_call(lambda: fn(*args), f"one.{method}")
 
     def _throttled(self, outcome: Any) -> float | None:
+        import pyone
+
         if isinstance(outcome, xmlrpc.client.ProtocolError) and outcome.errcode in THROTTLE_STATUS:
             try:
                 return float((outcome.headers or {}).get("Retry-After", 0))
             except ValueError:
                 return 0.0
+        if isinstance(outcome, pyone.OneInternalException) and OVERLOADED.search(str(outcome)):
+            return 0.0  # oned gives no hint: the base class's full-jitter backoff decides
         return None
 
     # -- the VM template -----------------------------------------------------
@@ -240,6 +256,3 @@ def _state_name(enum: Any, value: int) -> str:
         return enum(value).name
     except ValueError:
         return str(value)
-
-
-HOOK = OpenNebulaPilotHook

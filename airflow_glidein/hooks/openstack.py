@@ -327,6 +327,3 @@ def _instance(server: dict) -> P.ProviderInstance:
         tags={k: v for k, v in meta.items() if k.startswith("glidein:")},
         detail=detail.strip(),
     )
-
-
-HOOK = OpenStackPilotHook

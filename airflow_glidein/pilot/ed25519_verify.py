@@ -3,7 +3,10 @@
 
 For VM images that have python3 but no openssl 1.1.1+. Usage:
     ed25519_verify.py PUBKEY.pem MESSAGE_FILE SIGNATURE_FILE
-Exit 0 and "Signature Verified Successfully" if it verifies, 1 otherwise.
+        exit 0 and "Signature Verified Successfully" if it verifies, 1 otherwise
+    ed25519_verify.py keyid PUBKEY.pem
+        the key id an envelope names its signing key by: the first 16 hex digits of
+        SHA-256 over the raw 32-byte public key
 Verification needs no secret, so plain (not constant-time) arithmetic is fine.
 """
 
@@ -79,22 +82,45 @@ def verify(public, message, signature):
 
 
 def public_from_pem(text):
-    body = "".join(line for line in text.splitlines() if line and not line.startswith("-----"))
-    der = base64.b64decode(body)
+    """The raw key inside the PEM block (text around it is ignored, as openssl does)."""
+    lines = [line.strip() for line in text.splitlines()]
+    try:
+        body = "".join(lines[lines.index("-----BEGIN PUBLIC KEY-----") + 1:lines.index("-----END PUBLIC KEY-----")])
+        der = base64.b64decode(body, validate=True)
+    except ValueError:  # no PEM block, or not base64 inside it
+        der = b""
     if len(der) != 44 or not der.startswith(SPKI_PREFIX):
         raise ValueError("not an Ed25519 public key in PEM")
     return der[12:]
 
 
+def key_id(public):
+    return hashlib.sha256(public).hexdigest()[:16]
+
+
+def read_public(path):
+    with open(path) as f:
+        return public_from_pem(f.read())
+
+
 def main(argv):
-    if len(argv) != 4:
-        print(__doc__, file=sys.stderr)
-        return 2
-    with open(argv[1]) as f:
-        public = public_from_pem(f.read())
-    with open(argv[2], "rb") as f:
+    try:
+        if len(argv) == 3 and argv[1] == "keyid":
+            print(key_id(read_public(argv[2])))
+            return 0
+        if len(argv) != 4:
+            print(__doc__, file=sys.stderr)
+            return 2
+        return check(read_public(argv[1]), argv[2], argv[3])
+    except (OSError, ValueError) as exc:
+        print(f"ed25519_verify.py: {exc}", file=sys.stderr)
+        return 1
+
+
+def check(public, message_file, signature_file):
+    with open(message_file, "rb") as f:
         message = f.read()
-    with open(argv[3], "rb") as f:
+    with open(signature_file, "rb") as f:
         signature = f.read()
     if verify(public, message, signature):
         print("Signature Verified Successfully")

@@ -17,8 +17,11 @@
 #   GLIDEIN_CONFIG_DRIVE_DIR        a mounted OpenStack config drive (default: find label config-2, mount it)
 #   GLIDEIN_OPENSTACK_METADATA_URL  (default http://169.254.169.254/openstack/latest)
 #   GLIDEIN_ONE_CONTEXT             OpenNebula context.sh (default: the CONTEXT CD-ROM's, mounted)
-#   GLIDEIN_PUBKEY_FILE             the factory's public key (default /etc/glidein/factory.pub)
-#   GLIDEIN_PUBKEY_SHA256           or: fetch it from the bootstrap service, pinned by this fingerprint
+#   GLIDEIN_PUBKEY_FILE             the factory's public key (default /etc/glidein/factory.pub); during a key
+#                                   rotation also FILE.previous and GLIDEIN_PUBKEY_DIR/*.pub (default FILE.d):
+#                                   the envelope names its key id and the wrapper checks it with that key
+#   GLIDEIN_PUBKEY_SHA256           or: fetch it from the bootstrap service, pinned by these fingerprints
+#                                   (space-separated: the current and the previous key's)
 #   GLIDEIN_VERIFIER                auto | openssl | python3
 #   GLIDEIN_USERDATA_KEY            the image's X25519 private key, for sealed envelopes (default /etc/glidein/userdata.key)
 #   GLIDEIN_DECRYPTER               auto | openssl | python3 (default: as the verifier)
@@ -45,6 +48,8 @@ export GLIDEIN_LIB GLIDEIN_WORKDIR GLIDEIN_LOG
 IMDS=${GLIDEIN_IMDS_URL:-http://169.254.169.254}
 OS_MD=${GLIDEIN_OPENSTACK_METADATA_URL:-http://169.254.169.254/openstack/latest}
 PUBKEY=${GLIDEIN_PUBKEY_FILE:-/etc/glidein/factory.pub}
+PUBKEY_DIR=${GLIDEIN_PUBKEY_DIR:-$PUBKEY.d}
+KEY_ID=""
 UDKEY=${GLIDEIN_USERDATA_KEY:-/etc/glidein/userdata.key}
 UD=$WORK/userdata
 BODY=$WORK/envelope
@@ -189,8 +194,54 @@ tool_name() {
     if [ "$1" = openssl ]; then echo "openssl ($(openssl version | cut -d' ' -f1-2))"; else echo "$1"; fi
 }
 
+# key_id TOOL FILE: the id an envelope names a factory key by: the first 16 hex digits of SHA-256
+# over the raw 32-byte Ed25519 public key (airflow_glidein/userdata.py); nothing if FILE is no such key.
+key_id() {
+    case "$1" in
+        openssl)
+            openssl pkey -pubin -in "$2" -outform DER 2>>"$GLIDEIN_LOG" | tail -c 32 >"$WORK/key.raw"
+            [ -s "$WORK/key.raw" ] && sha256 "$WORK/key.raw" | cut -c 1-16
+            rm -f "$WORK/key.raw" ;;
+        python3) python3 "$HERE/ed25519_verify.py" keyid "$2" 2>>"$GLIDEIN_LOG" ;;
+    esac
+}
+
+# hex16 VALUE: succeeds when VALUE is 16 lower-case hex digits (a key id).
+hex16() {
+    case "$1" in *[!0-9a-f]*) return 1 ;; esac
+    [ ${#1} -eq 16 ]
+}
+
+# has_pubkey: succeeds when the image carries a factory key (current, previous or in the directory).
+has_pubkey() {
+    for f in "$PUBKEY" "$PUBKEY.previous" "$PUBKEY_DIR"/*.pub; do
+        [ -f "$f" ] && return 0
+    done
+    return 1
+}
+
+# pick_pubkey TOOL: point PUBKEY at the carried factory key whose id the envelope names, or stop naming both ids.
+pick_pubkey() {
+    have=""
+    for f in "$PUBKEY" "$PUBKEY.previous" "$PUBKEY_DIR"/*.pub; do
+        [ -f "$f" ] || continue
+        id=$(key_id "$1" "$f")
+        if [ -n "$id" ] && [ "$id" = "$KEY_ID" ]; then
+            PUBKEY=$f
+            return 0
+        fi
+        have="$have${have:+, }${id:-no Ed25519 key} ($f)"
+    done
+    fail "the envelope is signed with factory key id $KEY_ID, but this image carries key id ${have:-none} (read with $(tool_name "$1")): bake the factory's current key (python -m airflow_glidein pubkey) into it; refusing to run anything"
+}
+
 verify_signature() {
     verifier=$(pick_tool "${GLIDEIN_VERIFIER:-auto}" "verify the envelope") || exit 1
+    if [ -n "$KEY_ID" ]; then
+        pick_pubkey "$verifier"
+    else
+        glidein_log "the envelope names no key id (a factory from before key rotation): checking it with $PUBKEY"
+    fi
     case "$verifier" in
         openssl)
             openssl pkeyutl -verify -pubin -inkey "$PUBKEY" -rawin -in "$SIGNED" -sigfile "$WORK/envelope.sig" \
@@ -200,7 +251,7 @@ verify_signature() {
     esac
     ok=$?
     [ $ok -eq 0 ] || fail "envelope signature does not verify with the factory key $PUBKEY (checked with $verifier); refusing to run anything"
-    glidein_log "envelope signature verified with $(tool_name "$verifier")"
+    glidein_log "envelope signature verified with $(tool_name "$verifier"), factory key ${KEY_ID:+id $KEY_ID }$PUBKEY"
 }
 
 # -- a sealed envelope: X25519 + PBKDF2-HMAC-SHA256 + ChaCha20 (see airflow_glidein/userdata.py) ----
@@ -255,13 +306,21 @@ sed -n 3p "$UD" | b64d >"$WORK/envelope.sig" 2>>"$GLIDEIN_LOG" || fail "envelope
 IID=${GLIDEIN_INSTANCE_ID:-$(cat "$WORK/instance-id" 2>/dev/null)}
 safe_id "$IID" || { IID=""; fail "no usable instance id (got '$(cat "$WORK/instance-id" 2>/dev/null)')"; }
 
-if [ ! -f "$PUBKEY" ]; then
-    pin=${GLIDEIN_PUBKEY_SHA256:-}
-    [ -n "$pin" ] || fail "no factory public key: bake it into $PUBKEY or set GLIDEIN_PUBKEY_SHA256"
+KEY_ID=$(val key_id "$SIGNED")
+[ -z "$KEY_ID" ] || hex16 "$KEY_ID" || fail "the envelope's key id is not 16 hex digits; refusing to run anything"
+if ! has_pubkey; then
+    pins=${GLIDEIN_PUBKEY_SHA256:-}
+    [ -n "$pins" ] || fail "no factory public key: bake it into $PUBKEY or set GLIDEIN_PUBKEY_SHA256"
     url=$(val bootstrap_url "$SIGNED")
+    path=pubkey.pem
+    [ -n "$KEY_ID" ] && path=pubkeys/$KEY_ID.pem
     PUBKEY=$WORK/factory.pub
-    [ "$(http GET "$url/bootstrap/pubkey.pem" "$PUBKEY")" = 200 ] || fail "cannot fetch the factory public key from $url"
-    [ "$(sha256 "$PUBKEY")" = "$pin" ] || fail "the public key served by $url does not match the pinned fingerprint $pin"
+    [ "$(http GET "$url/bootstrap/$path" "$PUBKEY")" = 200 ] || fail "cannot fetch the factory public key from $url/bootstrap/$path"
+    got=$(sha256 "$PUBKEY")
+    case " $pins " in
+        *" $got "*) glidein_log "factory public key fetched from $url, its fingerprint $got is pinned" ;;
+        *) fail "the public key served by $url does not match the pinned fingerprint $pins" ;;
+    esac
 fi
 verify_signature
 

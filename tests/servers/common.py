@@ -118,8 +118,9 @@ class TestServer:
         self.calls: list[Call] = []
         self.throttle = Throttle()
         self.lock = threading.RLock()
-        handler_class.owner = self
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler_class)
+        # a handler class per server: two servers of one kind each answer for themselves
+        handler = type(handler_class.__name__, (handler_class,), {"owner": self})
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
         self.base = f"http://127.0.0.1:{self.port}"
@@ -134,15 +135,16 @@ class TestServer:
         self.httpd.shutdown()
         self.httpd.server_close()
 
-    def log_call(self, method: str, path: str, query: str = "") -> tuple[Call, float | None]:
-        """Record a request and decide on throttling; returns (call, retry_after or None)."""
+    def log_call(self, method: str, path: str, query: str = "", throttled: bool = True) -> tuple[Call, float | None]:
+        """Record a request and decide on throttling (unless the call is exempt: ``throttled=False``);
+        returns (call, retry_after or None)."""
         with self.lock:
             if hasattr(self.clock, "advance"):
                 self.clock.advance()
             now = self.clock.time()
             call = Call(now, method, path, query=query)
             self.calls.append(call)
-            return call, self.throttle.admit(now)
+            return call, self.throttle.admit(now) if throttled else None
 
     def max_in_window(self, window: float, match=lambda c: True) -> int:
         """The most calls (matching ``match``) the server saw in any window of ``window`` seconds."""
@@ -158,6 +160,16 @@ def max_in_window(times: list[float], window: float) -> int:
             lo += 1
         best = max(best, hi - lo + 1)
     return best
+
+
+def pool_token_connection(monkeypatch) -> None:
+    """The pilot credential every test config names (the Airflow connection glidein_cms_pool_token)."""
+    import json
+
+    from tests.helpers import POOL_TOKEN
+
+    monkeypatch.setenv("AIRFLOW_CONN_GLIDEIN_CMS_POOL_TOKEN",
+                       json.dumps({"conn_type": "generic", "password": POOL_TOKEN}))
 
 
 _KEY = None

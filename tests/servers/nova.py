@@ -18,6 +18,11 @@ Switches for the quirks the seed reports:
   soft_delete            deferred delete (reclaim_instance_interval > 0)
   error_next             the next N servers made end in ERROR (No valid host)
   throttle.set(n, w)     429 with Retry-After beyond n calls in any w seconds
+  lag                    servers made less than ``lag`` s ago (by ``clock``) are missing from
+                         /servers and /servers/detail, and GET of one answers 404, as an API
+                         whose listing lags its writes does
+  ids_from(seed)         server ids from a seeded UUID sequence: two servers given the same seed
+                         hand out the same ids (None: random uuid4, Nova's)
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import random
 import re
 import time
 import uuid
@@ -67,6 +73,8 @@ class NovaServer(TestServer):
         self.lose_create_responses = 0
         self.soft_delete = False
         self.error_next = 0
+        self.lag = 0.0
+        self._ids: random.Random | None = None
         self._stuck: dict[str, float] = {}
 
     # -- test controls ------------------------------------------------------
@@ -84,6 +92,21 @@ class NovaServer(TestServer):
             self.lose_create_responses = 0
             self.soft_delete = False
             self.error_next = 0
+            self.lag = 0.0
+            self._ids = None
+
+    def ids_from(self, seed: int | None) -> None:
+        with self.lock:
+            self._ids = None if seed is None else random.Random(seed)
+
+    def _new_id(self) -> str:
+        if self._ids is None:
+            return str(uuid.uuid4())
+        return str(uuid.UUID(int=self._ids.getrandbits(128), version=4))
+
+    def listed(self, s: dict) -> bool:
+        """False while the API's listing has not caught up with this server (``lag``)."""
+        return self.clock.time() - s["created"] >= self.lag
 
     def stuck(self, ids, deletes: float = math.inf) -> None:
         with self.lock:
@@ -198,7 +221,7 @@ class NovaServer(TestServer):
         reservation = "r-" + uuid.uuid4().hex[:8]
         made = []
         for i in range(n):
-            sid = str(uuid.uuid4())
+            sid = self._new_id()
             error = self.error_next > 0
             self.error_next -= int(error)
             self.servers[sid] = {
@@ -217,7 +240,7 @@ class NovaServer(TestServer):
                                 "adminPass": "not-a-real-password"}}
 
     def query(self, qs: dict[str, list[str]], mv: tuple[int, int]) -> list[dict]:
-        out = list(self.servers.values())
+        out = [s for s in self.servers.values() if self.listed(s)]
         if "name" in qs:
             rx = re.compile(qs["name"][0])
             out = [s for s in out if rx.search(s["name"])]
@@ -395,7 +418,7 @@ class _Handler(QuickHandler):
             m = re.fullmatch(r"/servers/([^/]+)", rest)
             if m and method == "GET":
                 s = srv.servers.get(m.group(1))
-                if s is None:
+                if s is None or not srv.listed(s):
                     return self._send(404, _err("itemNotFound", 404, f"Instance {m.group(1)} could not be found."))
                 return self._send(200, {"server": srv._view(s)})
             if m and method == "DELETE":

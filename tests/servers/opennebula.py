@@ -14,11 +14,23 @@ template names); attributes the VM template does not know go to the
 VM's USER_TEMPLATE; terminate and terminate-hard are refused while a VM is
 in PROLOG or BOOT ("not available for state"); DONE VMs leave the
 "all but DONE" listing and stay visible through one.vm.info; a pool filter
-string is refused (oned on SQLite). Switches:
+string is refused (oned on SQLite). VM ids count from 0 after every reset, as a
+fresh oned does, so two servers hand out the same ids. Switches:
   boot_state            LCM state new VMs stay in (RUNNING by default; BOOT, PROLOG)
   ignore_terminate(ids) these VMs accept terminate and keep running (guest ignores ACPI)
   lose_instantiate_responses  the next N instantiates make their VM, then drop the connection
   throttle.set(n, w)    HTTP 503 (``throttle_status``) with Retry-After beyond n calls in w seconds
+                        (or ``throttle.random(share, seed)``: a seeded share of calls)
+  overload              answer the throttled calls in-band instead, as oned does: its XML-RPC
+                        server has no rate limit (connections beyond MAX_CONN + MAX_CONN_BACKLOG
+                        wait or are refused by the kernel), and the refusal a client reads is the
+                        one a loaded HA zone gives writes (leader-only methods) when the leader
+                        misses heartbeats: [false, "[one.x] Cannot process request, oned cluster
+                        in election mode", 0x2000] ("election"; also "replicating": "... oned
+                        cluster is replicating log", "no_leader": "... no leader found"), refused
+                        before it executes; info and pool calls are still answered
+  lag                   VMs made less than ``lag`` s ago (by ``clock``) are missing from the pool
+                        listings, and one.vm.info answers them as unknown ids (NO_EXISTS)
 """
 
 from __future__ import annotations
@@ -39,6 +51,11 @@ SYSTEM_ATTRS = {"NAME", "CPU", "VCPU", "MEMORY", "DISK", "NIC", "NIC_ALIAS", "NI
                 "SCHED_DS_REQUIREMENTS", "SCHED_DS_RANK", "TOPOLOGY", "NUMA_NODE", "CPU_MODEL", "TEMPLATE_ID",
                 "VMID", "MEMORY_MAX", "VCPU_MAX", "SECURITY_GROUP_RULE", "AUTOMATIC_REQUIREMENTS"}
 AUTH, NO_EXISTS, ACTION, INTERNAL = 0x0100, 0x0400, 0x0800, 0x2000
+# oned's in-band refusals of leader-only (writing) methods while its HA zone cannot serve them
+OVERLOAD = {"election": "Cannot process request, oned cluster in election mode",
+            "replicating": "Cannot process request, oned cluster is replicating log",
+            "no_leader": "Cannot process request, no leader found"}
+LEADER_ONLY = {"one.template.instantiate", "one.vm.action"}  # the writes of this subset
 
 
 def _tmpl_xml(tag: str, attrs: dict) -> str:
@@ -145,15 +162,17 @@ class OneServer(TestServer):
         }
         self.images = {"12": "alma9-glidein", "13": "alma9-glidein-gpu"}
         self.vms: dict[int, dict] = {}
-        self.next_id = 100
         self.throttle_status = 503
         self.reset()
 
     def reset(self) -> None:
         with self.lock:
             self.vms.clear()
+            self.next_id = 0
             self.calls.clear()
             self.throttle.set(None)
+            self.overload: str | None = None
+            self.lag = 0.0
             self.boot_state = "RUNNING"
             self.lose_instantiate_responses = 0
             self._ignore: set[int] = set()
@@ -169,6 +188,10 @@ class OneServer(TestServer):
         with self.lock:
             for i in ids:
                 self.vms[int(i)]["STATE"], self.vms[int(i)]["LCM_STATE"] = STATES["ACTIVE"], LCM[lcm]
+
+    def listed(self, vm: dict) -> bool:
+        """False while the pool listing has not caught up with this VM (``lag``)."""
+        return self.clock.time() - vm["CREATED"] >= self.lag
 
     def live(self) -> list[dict]:
         with self.lock:
@@ -257,6 +280,7 @@ class OneServer(TestServer):
         self.vms[vid] = {
             "ID": vid, "NAME": name, "STATE": STATES["HOLD"] if hold else STATES["ACTIVE"],
             "LCM_STATE": 0 if hold else LCM[lcm], "STIME": int(self.clock.time()), "ETIME": 0,
+            "CREATED": self.clock.time(),
             "TEMPLATE": system, "USER_TEMPLATE": {k: v for k, v in merged.items() if k not in SYSTEM_ATTRS},
         }
         return [True, vid, 0]
@@ -264,7 +288,7 @@ class OneServer(TestServer):
     def pool(self, flt: int, start: int, end: int, state: int, filter_str: str = "", extended: bool = True) -> list:
         if filter_str:
             return [False, "[one.vmpool.info] Filtering the pool by attribute needs oned on MySQL", INTERNAL]
-        vms = sorted(self.vms.values(), key=lambda v: v["ID"])
+        vms = sorted((v for v in self.vms.values() if self.listed(v)), key=lambda v: v["ID"])
         if state == -1:
             vms = [v for v in vms if v["STATE"] != STATES["DONE"]]
         elif state >= 0:
@@ -314,7 +338,7 @@ class OneServer(TestServer):
                 return self.pool(*[int(a) for a in args[:4]], *(args[4:5]), extended=method.endswith("extended"))
             if method == "one.vm.info":
                 vm = self.vms.get(int(args[0]))
-                if vm is None:
+                if vm is None or not self.listed(vm):
                     return [False, f"[one.vm.info] Error getting virtual machine [{args[0]}].", NO_EXISTS]
                 return [True, self.vm_xml(vm), 0]
             if method == "one.vm.action":
@@ -334,8 +358,10 @@ class _Handler(QuickHandler):
         raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         params, method = xmlrpc.client.loads(raw)
         what = f"{method} {params[1]}" if method == "one.vm.action" and len(params) > 1 else method
-        call, retry_after = srv.log_call("POST", what)
-        if retry_after is not None:
+        call, retry_after = srv.log_call("POST", what, throttled=not srv.overload or method in LEADER_ONLY)
+        if retry_after is not None and srv.overload:
+            result = [False, f"[{method}] {OVERLOAD[srv.overload]}", INTERNAL]
+        elif retry_after is not None:
             call.status = srv.throttle_status
             body = b"Too many requests"
             self.send_response(srv.throttle_status)
@@ -344,7 +370,8 @@ class _Handler(QuickHandler):
             self.end_headers()
             self.wfile.write(body)
             return
-        result = srv.dispatch(method, params)
+        else:
+            result = srv.dispatch(method, params)
         if method == "one.template.instantiate" and result[0] and srv.lose_instantiate_responses > 0:
             srv.lose_instantiate_responses -= 1
             call.status = -1

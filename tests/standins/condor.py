@@ -27,6 +27,10 @@ What it covers:
   is closed, as an unresponsive daemon does), or refuse GroupBy queries (an
   old schedd).
 
+Job ids are per schedd, as in HTCondor: every schedd numbers its clusters from
+1, so two schedds (in one pool or in two) hand out the same ``cluster.proc``
+ids; each is reached at an address of its own, whatever its name.
+
 The frontend queries schedds from forked children (see demand.collect): a
 child sees the pool as it was at the fork, and its queries are recorded in a
 file (``ScheddState.queries``) so that tests can read what was asked.
@@ -50,6 +54,7 @@ import htcondor2
 IDLE, RUNNING, REMOVED, COMPLETED, HELD = 1, 2, 3, 4, 5
 DEFAULT_SIGNIFICANT = ["RequestCpus", "RequestMemory", "RequestDisk", "RequestGPUs", "Requirements", "JobUniverse"]
 _POOLS: dict[str, Pool] = {}  # collector address -> pool, so Collector("host:port") finds its pool
+_PORTS = itertools.count(9619)  # each schedd its own address, across pools: Schedd(location) finds that one
 
 
 def _true(value: Any) -> bool:
@@ -111,7 +116,7 @@ class ScheddState(_Faulty):
     def __init__(self, pool: Pool, name: str, significant: list[str] | None = None):
         super().__init__(pool)
         self.name = name
-        self.address = f"<127.0.0.1:{9618 + len(pool.schedds) + 1}?sock=schedd_{name}>"
+        self.address = f"<127.0.0.1:{next(_PORTS)}?sock=schedd_{name}>"
         self.significant = list(significant or DEFAULT_SIGNIFICANT)
         self.jobs: dict[tuple[int, int], classad2.ClassAd] = {}
         self.submits: list[dict[str, Any]] = []  # {"cluster", "count", "description": htcondor2.Submit}
