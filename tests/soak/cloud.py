@@ -5,8 +5,10 @@ server with its time, action and region, so the soak checks the API budget where
 count it. The VM simulator reads and terminates instances through moto's backend directly: what a
 hypervisor does is not an API call of ours.
 
-The lagging proxy of the "listings lag" work plugs in at ``endpoint_url``: put it between the
-product and ``self.url`` there (the VM simulator keeps reading moto itself).
+The product reaches moto through the EC2-compatible proxy (tests/servers/ec2_compat.py) when the
+soak turns it on: listings lag and a share of calls is throttled (RequestLimitExceeded), as on real
+EC2; the calls are then counted at the proxy, throttled ones included. The VM simulator keeps
+reading moto itself: a hypervisor sees no listing lag.
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ class CallLog:
 
     def __init__(self, app) -> None:
         self.app = app
-        self.calls: list[tuple[float, str, str]] = []
+        self.calls: list[tuple[float, str, str]] = []  # what reached moto
+        self.proxied: list[tuple[float, str, str]] = []  # what the proxy answered, when there is one
+        self.counted = self.calls  # the calls the product made
         self.lock = threading.Lock()
 
     def __call__(self, environ, start_response):
@@ -45,8 +49,13 @@ class CallLog:
         return self.app(environ, start_response)
 
     def of(self, region: str | None = None, action: str | None = None) -> list[float]:
+        """Times of the product's calls (at the proxy when there is one)."""
         with self.lock:
-            return [t for t, r, a in self.calls if (region is None or r == region) and (action is None or a == action)]
+            return [t for t, r, a in self.counted if (region is None or r == region) and (action is None or a == action)]
+
+    def reached_moto(self, action: str) -> list[float]:
+        with self.lock:
+            return [t for t, _, a in self.calls if a == action]
 
 
 class _Quiet(WSGIRequestHandler):
@@ -58,6 +67,7 @@ class Cloud(ThreadedMotoServer):
     def __init__(self) -> None:
         super().__init__(ip_address="127.0.0.1", port=0, verbose=False)
         self.log = CallLog(DomainDispatcherApplication(create_backend_app))
+        self.proxy = None
 
     def _server_entry(self) -> None:
         self._server = make_server(self._ip_address, self._port, self.log, True, request_handler=_Quiet)
@@ -69,9 +79,31 @@ class Cloud(ThreadedMotoServer):
         host, port = self.get_host_and_port()
         self.url = f"http://{host}:{port}"
 
+    def behind_proxy(self, lag: float, throttle: float) -> None:
+        """The product's endpoint becomes the EC2-compatible proxy with these switches."""
+        from tests.servers.ec2_compat import EC2CompatProxy
+
+        log = self.log
+
+        class CountedProxy(EC2CompatProxy):
+            def handle(self, params, headers):
+                m = _REGION.search(headers.get("Authorization") or headers.get("authorization") or "")
+                with log.lock:
+                    log.proxied.append((time.time(), m.group(1) if m else "?", params.get("Action", "?")))
+                return super().handle(params, headers)
+
+        self.proxy = CountedProxy(self).start()
+        self.proxy.set(lag=lag, throttle=throttle, seed=18)
+        log.counted = log.proxied  # the budget is what the product sent, throttled calls included
+
     @property
     def endpoint_url(self) -> str:
-        return self.url
+        return self.proxy.url if self.proxy else self.url
+
+    def stop(self) -> None:
+        if self.proxy:
+            self.proxy.stop()
+        super().stop()
 
     @staticmethod
     def backend(region: str):

@@ -26,16 +26,20 @@ from tests.soak.pool import PoolService
 from tests.soak.topology import FRONTENDS, REGIONS, Topology
 from tests.soak.vmsim import LIVE, VMSimulator
 
-try:  # the shared fixture, once it has landed
-    from tests.pg import ThrowawayPostgres
-except ImportError:
-    from tests.soak._pg import ThrowawayPostgres
+from tests.pg import ThrowawayPostgres
 
+EC2_LAG = 5.0  # s a new instance is missing from listings at the proxy
+EC2_THROTTLE = 0.10  # share of EC2 calls answered RequestLimitExceeded
 GOAL_FIRST_LAUNCH = 15.0  # s from a burst of idle jobs to the first RunInstances (watcher polling every 5 s)
 WATCH_POLL = 5.0
 JOB_RUNTIME = 40  # s a synthetic job runs
 ACTIVE_TI = ("running", "queued", "scheduled", "up_for_retry", "up_for_reschedule", "deferred", "restarting")
 GLIDEIN_DAGS = ["glidein_factory"] + [f"glidein_frontend_{fe}" for fe in FRONTENDS]
+
+
+def dsn(url: str) -> str:
+    """A SQLAlchemy URL as libpq takes it (no driver name)."""
+    return url.replace("+psycopg2", "")
 
 
 @dataclass
@@ -86,6 +90,7 @@ class Soak:
         self.pg.start()
         self.cloud = Cloud()
         self.cloud.start()
+        self.cloud.behind_proxy(lag=EC2_LAG, throttle=EC2_THROTTLE)
         self.pool = PoolService().start()
         for fe in FRONTENDS:
             self.pool.pool.add_schedd(f"schedd-{fe}")
@@ -110,7 +115,7 @@ class Soak:
 
         for attempt in range(30):
             try:
-                conn = psycopg2.connect(self.pg.url("airflow"))
+                conn = psycopg2.connect(dsn(self.pg.url("airflow")))
                 break
             except psycopg2.OperationalError:
                 time.sleep(1)
@@ -124,7 +129,7 @@ class Soak:
     def state_sql(self, query: str, *args: Any) -> list[tuple]:
         import psycopg2
 
-        conn = psycopg2.connect(self.pg.url("glidein_state"))
+        conn = psycopg2.connect(dsn(self.pg.url("glidein_state")))
         try:
             with conn.cursor() as cur:
                 cur.execute(query, args)
@@ -174,7 +179,7 @@ class Soak:
         last_add, next_fault, hold = t0, None, p.hold
         while True:
             now = time.time() - t0
-            if next_fault is None and now >= p.rise and self.cloud.log.of(action="RunInstances"):
+            if next_fault is None and now >= p.rise and self.cloud.log.reached_moto("RunInstances"):
                 next_fault = now
             if pending and next_fault is not None and now >= next_fault:
                 self.fault(pending.pop(0))
@@ -223,7 +228,7 @@ class Soak:
     def check(self) -> None:
         instances = self.all_instances()
         self.figures["instances launched"] = len(instances)
-        self.figures["pilots booted"] = len(self.sim.vms)
+        self.figures["pilots booted"] = sum(1 for vm in self.sim.vms.values() if vm.booted)
         self.figures["jobs completed"] = len(self.pool.finished)
 
         # 0 duplicate instances for any launch id
@@ -237,8 +242,8 @@ class Soak:
         self.expect(not self.live_instances(), f"instances left running: {self.live_instances()}")
 
         # every pilot's logs present
-        missing = [f"{vm.entry}/{iid}" for iid, vm in self.sim.vms.items()
-                   if not (self.top.pilot_logs / vm.entry / iid / "glidein.log").exists()]
+        missing = [f"{vm.entry}/{iid}" for iid, vm in self.sim.vms.items() if vm.booted
+                   and not (self.top.pilot_logs / vm.entry / iid / "glidein.log").exists()]
         self.expect(not missing, f"pilots without logs: {missing}")
         uploaded = sum(1 for _ in self.top.pilot_logs.glob("*/*/glidein.log")) if self.top.pilot_logs.exists() else 0
         self.figures["pilots with logs"] = uploaded
@@ -262,6 +267,9 @@ class Soak:
             worst = max_in_window(calls, 60)
             self.figures[f"EC2 calls {region} (max in any 60 s; budget 120)"] = f"{len(calls)} ({worst})"
             self.expect(worst <= 120, f"{region}: {worst} calls in one 60 s window, budget 120")
+
+        if self.cloud.proxy:
+            self.figures["EC2 calls throttled at the proxy"] = sum(c.status == 503 for c in self.cloud.proxy.calls)
 
         # no task instance left running or queued
         active = self.sql("SELECT t.dag_id, t.run_id, t.task_id, t.map_index, t.state FROM task_instance t JOIN "
@@ -321,7 +329,7 @@ class Soak:
 
         watched = [t for t in (event(f"glidein_demand_{fe}") for fe in FRONTENDS) if t]
         requested = event("glidein_requests")
-        launches = [t for t in self.cloud.log.of(action="RunInstances") if t >= t0]
+        launches = [t for t in self.cloud.log.reached_moto("RunInstances") if t >= t0]
         if not (watched and requested and launches):
             return {"incomplete": float("nan")}
         first = min(launches)
@@ -341,7 +349,8 @@ class Soak:
     def report(self) -> None:
         steps = self.latency()
         print("\n== soak figures ==")
-        print(f"scenario: {self.plan.minutes} min; faults at (s after the burst): "
+        print(f"scenario: {self.plan.minutes} min; EC2 behind the proxy: {EC2_LAG:.0f} s listing lag, "
+              f"{EC2_THROTTLE:.0%} of calls throttled; faults at (s after the burst): "
               + ", ".join(f"{k} {v - self.t0:.0f}" for k, v in self.faults_at.items()))
         print(f"burst of idle jobs -> first RunInstances (goal {GOAL_FIRST_LAUNCH:.0f} s, watcher poll {WATCH_POLL:.0f} s):")
         for k, v in steps.items():

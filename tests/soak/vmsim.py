@@ -51,12 +51,13 @@ class VM:
 
 class VMSimulator:
     def __init__(self, cloud: Cloud, regions: list[str], root: Path, pubkey: str, pool_url: str,
-                 poll: float = 1.0, shutdown_grace: float = 60.0) -> None:
+                 poll: float = 1.0, shutdown_grace: float = 60.0, boot_delay: float = 10.0) -> None:
         self.cloud, self.regions, self.root = cloud, regions, root
         self.pubkey = root / "factory.pub"
         root.mkdir(parents=True, exist_ok=True)
         self.pubkey.write_text(pubkey)
         self.pool_url, self.poll, self.shutdown_grace = pool_url, poll, shutdown_grace
+        self.boot_delay = boot_delay  # s from "running" to the wrapper's start (firmware, kernel, systemd)
         self.vms: dict[str, VM] = {}
         self.terminated_at: dict[str, float] = {}  # instance id -> when the simulator first saw it gone
         self._stop = threading.Event()
@@ -91,6 +92,9 @@ class VMSimulator:
             self._stop.wait(self.poll)
 
     def _boot(self, vm: VM, data: bytes) -> None:
+        if self._stop.wait(self.boot_delay) or vm.shut_down is not None:
+            vm.done.set()  # terminated before its OS came up: nothing ran, nothing to upload
+            return
         vm.root.mkdir(parents=True)
         bin_dir = vm.root / "bin"
         bin_dir.mkdir()
