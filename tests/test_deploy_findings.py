@@ -7,11 +7,15 @@
 - A submit_pilots task killed with its worker is retried; its launch id counted only the live
   instances it had made, so a pilot of the first try that had already ended (its VM booted, failed
   and powered off in between) was made again: 3 instances for a launch of 2.
+- After PostgreSQL restarted, an API server's state store handed out a pooled connection that had
+  died with it: the next token exchange answered 500 and its pilot gave up.
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import shutil
+import tempfile
 
 from airflow_glidein import demand
 from airflow_glidein.config import Entry
@@ -43,3 +47,27 @@ def test_a_retried_launch_does_not_remake_a_pilot_that_already_ended(ec2):
     assert again == {"existing": first["created"][1:], "created": []}
     made = [i for i in ec2.instances(live_only=False) if i["TagMap"].get("glidein:launch") == "r1.cms.0"]
     assert len(made) == 2
+
+
+def test_the_state_store_survives_a_postgresql_restart():
+    from sqlalchemy import text
+
+    from airflow_glidein.state import StateStore
+    from tests.pg import ThrowawayPostgres, binaries
+
+    if binaries() is None:
+        import pytest
+
+        pytest.skip("no PostgreSQL binaries installed")
+    base = tempfile.mkdtemp(prefix="glidein-pg-restart-")
+    pg = ThrowawayPostgres(base).start()
+    try:
+        st = StateStore(pg.create_database("glidein_state"))
+        with st.begin() as conn:
+            assert conn.execute(text("SELECT 1")).scalar_one() == 1  # a connection now in the pool
+        pg.restart()
+        with st.begin() as conn:  # the pooled one died with the server
+            assert conn.execute(text("SELECT 1")).scalar_one() == 1
+    finally:
+        pg.stop("immediate")
+        shutil.rmtree(base, ignore_errors=True)
