@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench check-config clean
+.PHONY: demo test bench soak soak-ci check-config clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,12 @@ test: $(STAMP)  ## the whole test suite
 
 bench: $(STAMP)  ## benchmarks with their goals (slow)
 	$(BIN)/python bench/run_all.py
+
+soak: $(STAMP)  ## the deployment as local processes under faults, about 20 minutes (needs haproxy, PostgreSQL binaries, Redis)
+	$(BIN)/python -m tests.soak --minutes 20
+
+soak-ci: $(STAMP)  ## the soak's short form that CI runs (under 10 minutes)
+	$(BIN)/python -m tests.soak --minutes 3
 
 check-config: $(STAMP)
 	$(BIN)/python -m airflow_glidein check-config examples/glidein.yaml

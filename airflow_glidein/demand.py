@@ -404,12 +404,21 @@ def run_isolated(calls: Mapping[str, Callable[[], Any]], timeout: float) -> dict
     """
     ctx = multiprocessing.get_context("fork")
     started = {}
-    for name, fn in calls.items():
-        reader, writer = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=_child, args=(fn, writer), daemon=True, name=f"glidein-query-{name}")
-        proc.start()
-        writer.close()
-        started[name] = (proc, reader)
+    # A Celery worker's pool process, and the task process Airflow forks from it, is marked daemonic,
+    # and multiprocessing then refuses to start children. Ours are killed and joined below, so the
+    # mark's purpose (no orphans) holds: lift it while they start.
+    me = multiprocessing.current_process()
+    daemonic = me._config.pop("daemon", None)
+    try:
+        for name, fn in calls.items():
+            reader, writer = ctx.Pipe(duplex=False)
+            proc = ctx.Process(target=_child, args=(fn, writer), daemon=True, name=f"glidein-query-{name}")
+            proc.start()
+            writer.close()
+            started[name] = (proc, reader)
+    finally:
+        if daemonic is not None:
+            me._config["daemon"] = daemonic
     pending = {reader: name for name, (_, reader) in started.items()}
     results: dict[str, tuple[bool, Any]] = {}
     deadline = time.monotonic() + timeout

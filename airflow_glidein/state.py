@@ -161,6 +161,8 @@ def engine(url: str) -> Engine:
     if u.get_backend_name() == "sqlite":
         _private_file(u.database)
         kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
+    else:  # a pooled connection may have died with a database restart: test it before use, as Airflow does
+        kwargs["pool_pre_ping"] = True
     eng = create_engine(u, **kwargs)
     if eng.dialect.name == "sqlite":
         event.listen(eng, "connect", _sqlite_pragmas)

@@ -277,14 +277,16 @@ class PilotHook(BaseHook):
     def launch(self, spec: LaunchSpec, record: LaunchLog | None = None) -> dict[str, list[str]]:
         """Idempotent: returns {"existing": ids, "created": ids} for the launch id.
 
-        What the launch already has is what the provider lists under its id
-        plus what ``record`` recorded at create (a listing lags behind a create).
+        What the launch already has is what the provider shows under its id
+        (ended instances too, where it still shows them: a pilot that already
+        came and went is not made again) plus what ``record`` recorded at
+        create (a listing lags behind a create).
         If an earlier create call has no known outcome and the listing holds
         less than it asked for, it may yet show up: nothing is created until
         the entry's ``listing_grace`` has passed (``LaunchPending``), except
         where the provider makes a repeated call idempotent.
         """
-        listed = {i.id for i in self._list(spec.launch_id)}
+        listed = {i.id for i in self._made(spec.launch_id)}  # ended ones too: a pilot that came and went
         known = listed | (record.known() if record is not None else set())
         have = self._settle(spec, record, known) if record is not None else len(known)
         missing = spec.count - have
@@ -331,6 +333,12 @@ class PilotHook(BaseHook):
             f"launch {spec.launch_id} at {self.entry.name}: an earlier create call ({int(waited)} s ago) has no "
             f"known outcome and {len(known)} of its {last['expected']} instances are listed; listings lag, so "
             f"nothing is created again before listing_grace ({grace} s) has passed")
+
+    def _made(self, launch_id: str) -> list[P.ProviderInstance]:
+        """Every instance the launch id made that the provider still shows, ended ones included: a
+        retried launch whose first try's pilot already came and went must not make it again.
+        Default: the live ones (a provider that forgets ended instances cannot say more)."""
+        return self._list(launch_id)
 
     def terminate(self, ids: list[str], force: bool = False) -> Refusals:
         """One termination request for ``ids`` (``force``: the stronger variant); returns refusals."""

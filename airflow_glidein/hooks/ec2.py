@@ -100,6 +100,11 @@ class EC2PilotHook(PilotHook):
     def _list(self, launch_id: str | None = None) -> list[P.ProviderInstance]:
         return self._describe(Filters=self._filters(launch_id), PaginationConfig={"PageSize": 1000})
 
+    def _made(self, launch_id: str) -> list[P.ProviderInstance]:
+        # EC2 keeps terminated instances listed for about an hour: count them too
+        filters = [f for f in self._filters(launch_id) if f["Name"] != "instance-state-name"]
+        return self._describe(Filters=filters, PaginationConfig={"PageSize": 1000})
+
     def listing_scope(self) -> tuple:
         return ("ec2", self.entry.region)
 
