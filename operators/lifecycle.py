@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk.exceptions import AirflowException
 
 from airflow_glidein import lifecycle as L
-from airflow_glidein import metrics, pilotdb, report, state
+from airflow_glidein import history, metrics, pilotdb, report, state
 from airflow_glidein import pilots as P
 from airflow_glidein.assets import GLIDEIN_STATUS
 from airflow_glidein.config import Config, Entry
@@ -317,6 +317,7 @@ class FactoryReportOperator(GlideinBaseOperator):
                     rows.append({"id": iid, "entry": item["entry"], "frontend": batch["frontend"],
                                  "launch": batch["launch_id"], "state": P.REQUESTED, "launched": now})
         counts = pilot_counts(rows)
+        history.record_factory(store, counts, now, history.configured_days())  # the Pilots page's charts
         backoff = {e: {"until": h["until"], "failures": h["failures"], "reason": h["reason"]}
                    for e, h in pilotdb.load_health(store).items() if h["until"] > now}
         stuck = sorted(r["id"] for r in rows if r["state"] == P.STUCK)

@@ -1,0 +1,68 @@
+"""The Pilots page's history: samples, means per bucket, hourly roll-up and the horizon (worked by hand)."""
+
+from __future__ import annotations
+
+from sqlalchemy import func, select
+
+from airflow_glidein import history, state
+from airflow_glidein.history import HISTORY, HOUR, RAW_SECONDS
+
+DAY = 86400
+
+
+def rows(store, step=None) -> int:
+    q = select(func.count()).select_from(HISTORY)
+    if step is not None:
+        q = q.where(HISTORY.c.step == step)
+    with store.begin() as conn:
+        return conn.execute(q).scalar()
+
+
+def test_a_missing_state_in_a_sample_counts_as_zero(state_store):
+    store = state.store()
+    t0 = 100 * HOUR
+    history.record_factory(store, {"A": {"cms": {"busy": 10, "idle": 2, "total": 12}}}, t0 + 10)
+    history.record_factory(store, {"A": {"cms": {"busy": 20, "total": 20}}, "B": {"cms": {"busy": 4}}}, t0 + 310)
+    # one bucket of 600 s holds both samples: busy (10 + 20) / 2 = 15, idle (2 + 0) / 2 = 1
+    s = history.series(store, ("pilots",), t0, 600, by_state=True)
+    assert s == {"busy": {t0: 15.0 + 2.0}, "idle": {t0: 1.0}}  # B's 4 busy in one sample of two: +2
+    assert history.series(store, ("pilots",), t0, 600, entry="A", by_state=True) == {"busy": {t0: 15.0},
+                                                                                    "idle": {t0: 1.0}}
+    assert history.sample_times(store, t0, 300) == [t0, t0 + 300]
+
+
+def test_frontend_values_are_means_per_frontend_then_summed(state_store):
+    store = state.store()
+    t0 = 200 * HOUR
+
+    def req(level: int, jobs: float) -> dict:
+        return {"entries": {"A": {"idle": level, "max_running": 2 * level, "why": {"idle_jobs": jobs}}}}
+
+    history.record_request(store, "cms", req(4, 40), t0 + 1)
+    history.record_request(store, "cms", req(6, 60), t0 + 61)
+    history.record_request(store, "atlas", req(10, 100), t0 + 121)  # one sample of atlas in the bucket
+    s = history.series(store, history.REQUEST_KINDS, t0, 600)
+    # cms: level (4 + 6) / 2 = 5, atlas: 10 / 1 = 10 -> 15; idle jobs 50 + 100 = 150
+    assert s["level"] == {t0: 15.0} and s["idle_jobs"] == {t0: 150.0} and s["max_running"] == {t0: 30.0}
+    assert history.series(store, ("level",), t0, 600, frontend="cms") == {"level": {t0: 5.0}}
+
+
+def test_old_samples_become_hourly_sums_with_the_same_means_and_the_horizon_drops_older(state_store):
+    store = state.store()
+    now = 1000 * HOUR + 1800
+    old = now - RAW_SECONDS - 2 * HOUR  # a whole hour past the raw window
+    start = old - old % HOUR
+    for i, busy in enumerate((3, 5, 7, 9)):  # four samples in one hour: busy mean 6; idle only in the first
+        counts = {"A": {"cms": {"busy": busy, **({"idle": 8} if i == 0 else {})}}}
+        history.record_factory(store, counts, start + 60 + i * 600, days=30)
+    before = history.series(store, ("pilots",), start, HOUR, by_state=True)
+    assert before == {"busy": {start: 6.0}, "idle": {start: 2.0}}
+    history.record_factory(store, {}, now, days=30)  # the next report prunes
+    assert rows(store, step=0) == 1  # only the new sample is raw
+    assert rows(store, step=HOUR) == 9  # busy sum 24 and idle sum 8 for A/cms and its 3 totals; the marker 4
+    after = history.series(store, ("pilots",), start, HOUR, by_state=True)
+    now_bucket = now - now % HOUR
+    assert after == {"busy": {start: 6.0, now_bucket: 0.0}, "idle": {start: 2.0, now_bucket: 0.0}}
+    # past the horizon it is gone
+    history.prune(store, start + 31 * DAY, days=30)
+    assert history.series(store, ("pilots",), 0, HOUR, by_state=True) == {}
