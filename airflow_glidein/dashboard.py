@@ -301,6 +301,10 @@ def render(data: dict[str, Any]) -> str:
     out += _render_requests(data["requests"])
     out += _render_status(data["status"])
     out.append("<h3>Stuck, orphan, lost and failed pilots</h3>")
+    bad = {s: sum(c.get(s, 0) for c in data["counts"].values()) for s in TROUBLE}
+    if sum(bad.values()) > len(data["trouble"]):  # the first few here; each state's link filters the table
+        out.append(f"<p>The first {len(data['trouble'])} of "
+                   + ", ".join(_a(view.query(state=s), f"{n} {s}") for s, n in bad.items() if n) + "</p>")
     out.append(_pilot_table(data["trouble"]) if data["trouble"] else "<p class='muted'>None.</p>")
     total = sum(sum(c.values()) for c in data["counts"].values())
     out.append(f"<h3>All pilots <span class='muted'>({total}{' matching' if view != View() else ''})</span></h3>")

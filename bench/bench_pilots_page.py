@@ -114,11 +114,17 @@ def main() -> int:
     if args.postgres:
         from sqlalchemy import create_engine, text
 
+        try:
+            import psycopg2  # noqa: F401
+        except ImportError:
+            print("--postgres needs the psycopg2 driver (pip install psycopg2-binary)", file=sys.stderr)
+            return 2
+
         name = f"glidein_gwms_bench_{uuid.uuid4().hex[:8]}"
-        admin = create_engine("postgresql://postgres@127.0.0.1:5432/postgres", isolation_level="AUTOCOMMIT")
+        admin = create_engine("postgresql+psycopg2://postgres@127.0.0.1:5432/postgres", isolation_level="AUTOCOMMIT")
         with admin.connect() as c:
             c.execute(text(f"CREATE DATABASE {name}"))
-        os.environ["GLIDEIN_STATE_URL"] = f"postgresql://postgres@127.0.0.1:5432/{name}"
+        os.environ["GLIDEIN_STATE_URL"] = f"postgresql+psycopg2://postgres@127.0.0.1:5432/{name}"
     else:
         os.environ["GLIDEIN_STATE_URL"] = f"sqlite:///{Path(tmp) / 'state.db'}"
     try:

@@ -66,3 +66,27 @@ def test_old_samples_become_hourly_sums_with_the_same_means_and_the_horizon_drop
     # past the horizon it is gone
     history.prune(store, start + 31 * DAY, days=30)
     assert history.series(store, ("pilots",), 0, HOUR, by_state=True) == {}
+
+
+def test_the_factory_report_and_the_frontend_publish_record_samples(ec2, airflow_db, tmp_path, monkeypatch):
+    """DAG test: a frontend run and two factory runs leave the samples the charts draw."""
+    from tests.helpers import example_config, run_dag, write_config, xcom
+
+    cfg = example_config()
+    cfg["factory"].update(retry_delay=0, verify_timeout=1, verify_poll=1)
+    write_config(tmp_path, cfg, monkeypatch)
+    fe = run_dag("glidein_frontend_cms")
+    levels = {e: p["idle"] for e, p in xcom(fe, "plan_pilots")["entries"].items()}
+    run_dag("glidein_factory")  # launches: its report counts them as requested
+    run_dag("glidein_factory")  # its inventory lists them booting
+    store = state.store()
+    h = HISTORY.c
+    with store.begin() as conn:
+        pilots = conn.execute(select(h.t, h.state, h.value).where(
+            h.kind == "pilots", h.entry == history.ALL, h.frontend == history.ALL).order_by(h.t)).all()
+        asked = dict(conn.execute(select(h.entry, h.value).where(h.kind == "level", h.frontend == "cms")).all())
+        samples = conn.execute(select(func.count()).where(h.kind == history.FACTORY_SAMPLE)).scalar()
+    launched = len(ec2.instances("us-east-1")) + len(ec2.instances("us-west-2"))
+    assert samples == 2 and launched == 15
+    assert [(s, v) for _, s, v in pilots] == [("requested", launched), ("booting", launched)]
+    assert asked == {**levels, history.ALL: sum(levels.values())}
