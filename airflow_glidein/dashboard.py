@@ -307,7 +307,8 @@ def render(data: dict[str, Any]) -> str:
                    + ", ".join(_a(view.query(state=s), f"{n} {s}") for s, n in bad.items() if n) + "</p>")
     out.append(_pilot_table(data["trouble"]) if data["trouble"] else "<p class='muted'>None.</p>")
     total = sum(sum(c.values()) for c in data["counts"].values())
-    out.append(f"<h3>All pilots <span class='muted'>({total}{' matching' if view != View() else ''})</span></h3>")
+    filtered = view.entry or view.frontend or view.state
+    out.append(f"<h3>All pilots <span class='muted'>({total}{' matching' if filtered else ''})</span></h3>")
     page = data["page"]
     out.append(_pages(view, page))
     out.append(_pilot_table(page["pilots"]) if page["pilots"] else "<p class='muted'>No pilots.</p>")

@@ -351,6 +351,10 @@ def _safe_name(text: str) -> str:
     return name[:63]
 
 
+def _conn_id(text: str) -> str:
+    return "glidein_" + re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
+
+
 def _cron(seconds: int) -> str:
     minutes = max(1, math.ceil(seconds / 60))
     return "* * * * *" if minutes == 1 else f"*/{minutes} * * * *" if minutes < 60 else "0 * * * *"
@@ -368,10 +372,11 @@ class _Importer:
         conf_d = Path(factory_xml).parent / "config.d"  # glideinWMS merges these, sorted by name
         if conf_d.is_dir():
             self.factories += [parse_xml(p) for p in sorted(conf_d.glob("*.xml"))]
-        self.sources = [str(frontend_xml), str(factory_xml)] + [str(p) for p in sorted(conf_d.glob("*.xml"))
-                                                                 if conf_d.is_dir()]
+        self.sources = [str(frontend_xml), str(factory_xml)] + [str(p) for p in sorted(conf_d.glob("*.xml"))]
         self.notes: list[Note] = []
         self.connections: dict[str, str] = {}
+        self.mapped: dict[int, dict[str, Any] | None] = {}
+        self.fe_name = _safe_name(self.fe.get("frontend_name") or "frontend")
 
     def note(self, node: Node, what: str, why: str, lost: bool = True) -> None:
         self.notes.append(Note(node.file, node.line, what, why, lost))
@@ -581,20 +586,20 @@ class _Importer:
 
     def run(self) -> Imported:
         fe = self.fe
-        fe_name = _safe_name(fe.get("frontend_name") or "frontend")
         entries = self.entries()
         pool = next((c.get("node") for c in fe.all("collectors", "collector")
                      if c.get("node") and not _bool(c.get("secondary"), False)), None)
         if not pool:
             self.note(fe, "collectors", "no pool collector: registration is not observed and demand needs schedds")
-        factory = self.factory(fe_name, pool)
+        factory = self.factory(pool)
         credentials: dict[str, dict] = {}
         frontends = []
         groups = fe.all("groups", "group")
         for g in groups:
-            out = self.group(fe_name, g, entries, credentials, pool, many=len(groups) > 1)
+            out = self.group(g, entries, credentials, pool, many=len(groups) > 1)
             if out:
                 frontends.append(out)
+        self.unpassed(fe)
         used = {n for f in frontends for n in f["entries"]}
         for e in entries:
             if e["name"] not in used:
@@ -603,9 +608,9 @@ class _Importer:
         clean = [{k: e[k] for k in ENTRY_FIELDS if k in e} for e in entries]
         config = {"factory": factory, "entries": clean, "frontends": frontends,
                   "credentials": list(credentials.values())}
-        return Imported(config, self.notes, self.connections, self.sources)
+        return Imported(config, list(dict.fromkeys(self.notes)), self.connections, self.sources)
 
-    def factory(self, fe_name: str, pool: str | None) -> dict[str, Any]:
+    def factory(self, pool: str | None) -> dict[str, Any]:
         fa, fe = self.factories[0], self.fe
         cfg = fe.child("config")
         notes = self.notes
@@ -614,7 +619,7 @@ class _Importer:
         self.note(fa, "factory.bootstrap_url", f"set to your Airflow API server's URL + /glidein (written: "
                   f"{BOOTSTRAP_PLACEHOLDER})", lost=False)
         return {
-            "name": _safe_name(fa.get("factory_name") or fa.get("glidein_name") or f"{fe_name}-factory"),
+            "name": _safe_name(fa.get("factory_name") or fa.get("glidein_name") or f"{self.fe_name}-factory"),
             "bootstrap_url": BOOTSTRAP_PLACEHOLDER,
             "schedule": _cron(_int(fa, "loop_delay", LOOP_DELAY, notes)),
             "collector": pool,
@@ -627,9 +632,9 @@ class _Importer:
             },
         }
 
-    def group(self, fe_name: str, g: Node, entries: list[dict], credentials: dict[str, dict], pool: str | None,
+    def group(self, g: Node, entries: list[dict], credentials: dict[str, dict], pool: str | None,
               many: bool) -> dict[str, Any] | None:
-        fe, gname = self.fe, g.get("name") or "group"
+        fe, fe_name, gname = self.fe, self.fe_name, g.get("name") or "group"
         name = _safe_name(f"{fe_name}-{gname}")
         if not _bool(g.get("enabled")):
             self.note(g, f"group {gname}", "disabled (enabled=\"False\"): not imported", lost=False)
@@ -653,7 +658,7 @@ class _Importer:
             constraint = "true"
         schedds = [s.get("fullname") for m in (fm, gm) if m is not None for s in m.all("job", "schedds", "schedd")
                    if s.get("fullname")]
-        creds = self.group_credentials(fe_name, gname, g)
+        creds = self.group_credentials(g)
         chosen = self.select_entries(gname, g, fm, gm, entries, creds)
         if not chosen:
             self.note(g, f"group {gname}", "no factory entry is usable by it: not imported")
@@ -666,8 +671,7 @@ class _Importer:
         domains = sorted({e["trust_domain"] for e in chosen})
         pilot_ids = []
         for td in domains:
-            pid = _safe_name(f"{fe_name}-pool-token-{td}")
-            conn = f"glidein_{_safe_name(fe_name).lower().replace('-', '_').replace('.', '_')}_pool_token"
+            pid, conn = _safe_name(f"{fe_name}-pool-token-{td}"), _conn_id(f"{fe_name}-pool-token")
             credentials.setdefault(pid, {"id": pid, "type": "idtoken", "conn_id": conn, "trust_domain": td,
                                          "purpose": "pilot"})
             self.connections.setdefault(conn, "glidein_token: the pool's IDTOKEN for pilots (glideinWMS's frontend "
@@ -693,13 +697,17 @@ class _Importer:
         if vo_images:
             out["vo_image"] = vo_images[0]
         out["limits"] = self.limits(gname, g, chosen, many)
-        for a in g.all("attrs", "attr") + fe.all("attrs", "attr"):
-            if a.get("name") not in HARMLESS_ATTRS | {"GLIDECLIENT_Start", "GLIDECLIENT_Group_Start"}:
-                self.note(a, f"group {gname} attr {a.get('name')}", "frontend attributes are not passed to pilots "
-                          "here (an entry's attrs are what a pilot advertises)")
-        for f in g.all("files", "file") + fe.all("files", "file"):
-            self.note(f, f"group {gname} file {f.get('absfname')}", "custom pilot scripts are not run by our pilots")
+        self.unpassed(g)
         return out
+
+    def unpassed(self, node: Node) -> None:
+        """Attributes for pilots and custom scripts of the frontend or a group: nothing here carries them."""
+        for a in node.all("attrs", "attr"):
+            if a.get("name") not in HARMLESS_ATTRS | {"GLIDECLIENT_Start", "GLIDECLIENT_Group_Start"}:
+                self.note(a, f"attr {a.get('name')}", "frontend attributes are not passed to pilots here (an "
+                          "entry's attrs are what a pilot advertises)")
+        for f in node.all("files", "file"):
+            self.note(f, f"file {f.get('absfname')}", "custom pilot scripts are not run by our pilots")
 
     def start_expr(self, gname: str, fm: Node | None, gm: Node | None, g: Node) -> str:
         """glideinWMS's START: global and group start_expr, and GLIDECLIENT_(Group_)Start attributes, ANDed."""
@@ -716,38 +724,40 @@ class _Importer:
             return "true"
         return start
 
-    def group_credentials(self, fe_name: str, gname: str, g: Node) -> list[dict[str, Any]]:
+    def group_credentials(self, g: Node) -> list[dict[str, Any]]:
         """The group's credentials then the frontend's (glideinWMS's order), mapped to ours."""
-        out = []
-        for c in g.all("security", "credentials", "credential") + self.fe.all("security", "credentials", "credential"):
-            tokens = (c.get("type") or "grid_proxy").split("+")
-            base = [t for t in tokens if t not in PARAMETERS]
-            label = c.get("name") or os.path.basename(c.get("absfname") or c.get("generator") or "credential")
-            if len(base) != 1 or base[0] not in CREDENTIAL_TYPES:
-                self.note(c, f"group {gname} credential {label}", f"type {c.get('type')} has no equivalent here "
-                          "(ours: grid_proxy, key_pair, scitoken, idtoken): not imported")
-                continue
+        nodes = g.all("security", "credentials", "credential") + self.fe.all("security", "credentials", "credential")
+        return [c for c in map(self.credential, nodes) if c]
+
+    def credential(self, c: Node) -> dict[str, Any] | None:
+        """One credential as ours (mapped, and its notes written, once however many groups use it)."""
+        if id(c) in self.mapped:
+            return self.mapped[id(c)]
+        tokens = (c.get("type") or "grid_proxy").split("+")
+        base = [t for t in tokens if t not in PARAMETERS]
+        label = c.get("name") or os.path.basename(c.get("absfname") or c.get("generator") or "credential")
+        out = None
+        if len(base) != 1 or base[0] not in CREDENTIAL_TYPES:
+            self.note(c, f"credential {label}", f"type {c.get('type')} has no equivalent here (ours: grid_proxy, "
+                      "key_pair, scitoken, idtoken): not imported")
+        else:
             if c.get("generator") or c.get("creation_script") or c.get("pool_idx_list"):
-                self.note(c, f"credential {label}", "generated or pooled credentials: one connection stands for it",
-                          lost=False)
-            ours = CREDENTIAL_TYPES[base[0]]
-            cid = _safe_name(f"{fe_name}-{label}")
-            conn = "glidein_" + re.sub(r"[^a-z0-9]+", "_", cid.lower()).strip("_")
-            vm = {k: c.get(k) for k in PARAMETERS if c.get(k)}
+                self.note(c, f"credential {label}", "generated or pooled: one connection stands for it", lost=False)
             for k in PARAMETERS:
                 if c.get(f"{k}_fname"):
                     self.note(c, f"credential {label} {k}_fname", f"read {k} from the file and set it in the "
                               "configuration", lost=False)
-            out.append({"id": cid, "type": ours, "conn_id": conn,
-                        "trust_domain": _safe_name(c.get("trust_domain") or CREDENTIAL_TRUST_DOMAIN),
-                        "purpose": "provision", "_node": c, "_vm": vm, "_tokens": set(tokens)})
-            self.connections.setdefault(conn, {
-                "x509_proxy": f"glidein_x509: the proxy now in {c.get('absfname')}",
-                "ec2_key_pair": f"aws: access key id (now in {c.get('absfname')}) and secret key (now in "
-                                f"{c.get('keyabsfname')})",
-                "scitoken": f"glidein_token: the token now in {c.get('absfname')}",
-                "idtoken": f"glidein_token: the token now in {c.get('absfname')}",
-            }[ours])
+            ours, cid = CREDENTIAL_TYPES[base[0]], _safe_name(f"{self.fe_name}-{label}")
+            out = {"id": cid, "type": ours, "conn_id": _conn_id(cid),
+                   "trust_domain": _safe_name(c.get("trust_domain") or CREDENTIAL_TRUST_DOMAIN),
+                   "purpose": "provision", "_node": c, "_vm": {k: c.get(k) for k in PARAMETERS if c.get(k)},
+                   "_tokens": set(tokens)}
+            where = f"now in {c.get('absfname')}"
+            self.connections[out["conn_id"]] = {
+                "x509_proxy": f"glidein_x509: the proxy {where}",
+                "ec2_key_pair": f"aws: access key id ({where}) and secret key (now in {c.get('keyabsfname')})",
+            }.get(ours, f"glidein_token: the token {where}")
+        self.mapped[id(c)] = out
         return out
 
     @staticmethod
