@@ -531,7 +531,7 @@ class _Importer:
                 self.note(a, f"entry {name} submit_attr {attr_name}", "uses $ expansion: not translated")
             elif attr_name in simple:
                 opts[simple[attr_name]] = value
-            elif attr_name == "ec2_security_group_ids":
+            elif attr_name == "ec2_security_ids":  # HTCondor's group ids (ec2_security_groups: names)
                 opts["security_group_ids"] = [v.strip() for v in value.split(",") if v.strip()]
             elif attr_name == "ec2_spot_price":
                 opts["spot"] = True

@@ -16,12 +16,14 @@ RRD files: fine recent data, coarser older data, a fixed horizon.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from sqlalchemy import Column, Float, Index, Integer, String, Table, cast, delete, func, insert, literal, select
+from sqlalchemy.exc import SQLAlchemyError
 
 from airflow_glidein.state import METADATA, StateStore
 
@@ -39,6 +41,7 @@ HISTORY = Table(
     Index("ix_glidein_history_step_t", "step", "t"),
 )
 
+log = logging.getLogger(__name__)
 FACTORY_SAMPLE, FRONTEND_SAMPLE = "factory_sample", "frontend_sample"
 ALL = "*"  # the entry or frontend of a total (our names never hold a *)
 REQUEST_KINDS = ("idle_jobs", "level", "max_running")
@@ -62,17 +65,27 @@ def _row(now: float, kind: str, entry: str, frontend: str, state: str, value: fl
 
 
 def record_factory(store: StateStore, counts: Mapping[str, Mapping[str, Mapping[str, int]]], now: float,
-                   days: float = DEFAULT_DAYS) -> None:
-    """One factory report (``pilots.counts``); then prune."""
-    with store.begin() as conn:
-        conn.execute(insert(HISTORY), factory_rows(counts, now))
-    prune(store, now, days)
+                   days: float = DEFAULT_DAYS) -> bool:
+    """One factory report (``pilots.counts``), then prune; False (logged) if the store refused it."""
+    return _record(store, factory_rows(counts, now), lambda: prune(store, now, days))
 
 
-def record_request(store: StateStore, frontend: str, request: Mapping[str, Any], now: float) -> None:
-    """One published frontend request."""
-    with store.begin() as conn:
-        conn.execute(insert(HISTORY), request_rows(frontend, request, now))
+def record_request(store: StateStore, frontend: str, request: Mapping[str, Any], now: float) -> bool:
+    """One published frontend request; False (logged) if the store refused it."""
+    return _record(store, request_rows(frontend, request, now))
+
+
+def _record(store: StateStore, rows: list[dict[str, Any]], then: Callable[[], None] | None = None) -> bool:
+    """Charts are a view: a sample the store refuses is logged and lost, never a failed cycle or request."""
+    try:
+        with store.begin() as conn:
+            conn.execute(insert(HISTORY), rows)
+        if then:
+            then()
+        return True
+    except SQLAlchemyError as exc:
+        log.warning("History sample not recorded (the Pilots page's charts will miss it): %s", exc)
+        return False
 
 
 def factory_rows(counts: Mapping[str, Mapping[str, Mapping[str, int]]], now: float) -> list[dict[str, Any]]:

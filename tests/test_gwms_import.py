@@ -72,7 +72,8 @@ def test_entries_credentials_and_limits_carry_glideinwms_values(imported):
     assert (ec2.image, ec2.allow_vo_image, ec2.flavor, ec2.cores, ec2.memory_mb) == (
         "ami-0123456789abcdef0", True, "m5.xlarge", 4, 15000)
     assert ec2.limits.model_dump() == {"max_pilots": 200, "max_idle": 50, "max_per_cycle": 20, "batch_size": 5}
-    assert ec2.options == {"key_name": "hepcloud", "spot": True, "spot_max_price": 0.1}
+    assert ec2.options == {"key_name": "hepcloud", "spot": True, "spot_max_price": 0.1, "subnet_id": "subnet-0abc",
+                           "security_group_ids": ["sg-1", "sg-2"]}
     assert (ec2.policy.max_lifetime, ec2.policy.retire_window) == (79200, 86400 - 79200)
     assert (ec2.trust_domain, ec2.auth_method) == ("HEPCloud_AWS", "key_pair+vm_id")
     assert ec2.attrs["GLIDEIN_Supported_VOs"] == "CMS,Fermilab" and ec2.attrs["GLIDEIN_CPUS"] == 4

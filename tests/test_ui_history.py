@@ -90,3 +90,12 @@ def test_the_factory_report_and_the_frontend_publish_record_samples(ec2, airflow
     assert samples == 2 and launched == 15
     assert [(s, v) for _, s, v in pilots] == [("requested", launched), ("booting", launched)]
     assert asked == {**levels, history.ALL: sum(levels.values())}
+
+
+def test_a_sample_the_store_refuses_is_logged_not_raised(state_store, caplog):
+    store = state.store()
+    with store.begin() as conn:
+        conn.exec_driver_sql("DROP TABLE glidein_history")  # e.g. a deployment whose migration has not run
+    assert history.record_request(store, "cms", {"entries": {"A": {"idle": 1}}}, 1000.0) is False
+    assert history.record_factory(store, {"A": {"cms": {"busy": 1}}}, 1000.0) is False
+    assert "History sample not recorded" in caplog.text
