@@ -20,7 +20,6 @@ from __future__ import annotations
 import html
 import json
 import time
-from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 from typing import Any

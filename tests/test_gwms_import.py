@@ -207,7 +207,7 @@ def test_defaults_and_config_d(tmp_path, capsys):
     # the second credential takes the frontend's default trust domain "OSG", which no entry has (the factory's
     # default is "grid"): it is named as unused rather than silently matched
     assert [c.trust_domain for c in cfg.credentials if c.purpose == "provision"] == ["grid"]
-    assert f"frontend.xml:5: credential fe-q: usable on none of group main's entries" in err
+    assert "frontend.xml:5: credential fe-q: usable on none of group main's entries" in err
     assert "no GLIDEIN_CPUS" in err  # the pilot size planning assumes is named
 
 

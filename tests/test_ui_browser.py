@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import shutil
 import time
-from pathlib import Path
 
 import pytest
 
@@ -42,7 +41,7 @@ def test_pilots_page_shows_the_pilots_of_a_finished_run(ec2, tmp_path, monkeypat
     cfg = example_config()
     cfg["factory"].update(retry_delay=0, verify_timeout=1, verify_poll=1)
     write_config(tmp_path, cfg, monkeypatch)
-    fe = run_dag("glidein_frontend_cms")
+    run_dag("glidein_frontend_cms")
     run_dag("glidein_factory")
     fa = run_dag("glidein_factory")  # the second cycle's inventory puts the launched pilots in the table
     assert str(fa.state) == "success"
@@ -59,8 +58,8 @@ def test_pilots_page_shows_the_pilots_of_a_finished_run(ec2, tmp_path, monkeypat
     ids = [i["InstanceId"] for i in ec2.instances("us-east-1")]
     assert all(i in body for i in ids)
     # links to the DAG runs that made them, and to their logs
-    assert page.locator(f"a[href*='/dags/glidein_frontend_cms/runs/']").count() >= 10
-    assert page.locator(f"a[href*='/dags/glidein_factory/runs/']").count() >= 15
+    assert page.locator("a[href*='/dags/glidein_frontend_cms/runs/']").count() >= 10
+    assert page.locator("a[href*='/dags/glidein_factory/runs/']").count() >= 15
     assert page.locator("a:text('logs')").count() == 15
     page.screenshot(path=str(OUT / "pilots-page.png"), full_page=True)
 
