@@ -109,7 +109,7 @@ def request_rows(frontend: str, request: Mapping[str, Any], now: float) -> list[
         values = {"idle_jobs": (plan.get("why") or {}).get("idle_jobs", 0), "level": plan.get("idle", 0),
                   "max_running": plan.get("max_running", 0)}
         for kind, v in values.items():
-            if v:
+            if isinstance(v, (int, float)) and v:  # a burst has no idle jobs ("-")
                 sums[(kind, entry)] += v
                 sums[(kind, ALL)] += v
     return [*(_row(now, kind, e, frontend, "", v) for (kind, e), v in sums.items()),

@@ -41,9 +41,11 @@ def test_frontend_values_are_means_per_frontend_then_summed(state_store):
     history.record_request(store, "cms", req(4, 40), t0 + 1)
     history.record_request(store, "cms", req(6, 60), t0 + 61)
     history.record_request(store, "atlas", req(10, 100), t0 + 121)  # one sample of atlas in the bucket
+    burst = {"entries": {"A": {"idle": 3, "max_running": 3, "why": {"idle_jobs": "-"}}}}  # a burst counts no jobs
+    history.record_request(store, "burst-b1", burst, t0 + 181)
     s = history.series(store, history.REQUEST_KINDS, t0, 600)
-    # cms: level (4 + 6) / 2 = 5, atlas: 10 / 1 = 10 -> 15; idle jobs 50 + 100 = 150
-    assert s["level"] == {t0: 15.0} and s["idle_jobs"] == {t0: 150.0} and s["max_running"] == {t0: 30.0}
+    # cms: level (4 + 6) / 2 = 5, atlas: 10 / 1 = 10, the burst 3 -> 18; idle jobs 50 + 100 = 150
+    assert s["level"] == {t0: 18.0} and s["idle_jobs"] == {t0: 150.0} and s["max_running"] == {t0: 33.0}
     assert history.series(store, ("level",), t0, 600, frontend="cms") == {"level": {t0: 5.0}}
 
 
