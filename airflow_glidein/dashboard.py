@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import html
 import json
+import threading
 import time
 from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
@@ -111,15 +112,17 @@ class View:
 # -- reads ------------------------------------------------------------------------------------
 
 _indexed: set[str] = set()
+_index_lock = threading.Lock()
 
 
 def page_store() -> state.StateStore:
     """The state store with the page's indexes (created once per store where missing)."""
     st = state.store()
-    if st.url not in _indexed:
-        for ix in PAGE_INDEXES:
-            ix.create(st.engine, checkfirst=True)
-        _indexed.add(st.url)
+    with _index_lock:
+        if st.url not in _indexed:
+            for ix in PAGE_INDEXES:
+                ix.create(st.engine, checkfirst=True)
+            _indexed.add(st.url)
     return st
 
 
