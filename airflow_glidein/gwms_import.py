@@ -788,9 +788,10 @@ class _Importer:
             if not classads.is_true(ad.eval("__query")):
                 continue
             if not any(self.usable(c, e) for c in creds):
+                domains = ", ".join(sorted({c["trust_domain"] for c in creds})) or "none"
                 self.note(e["_node"], f"entry {e['name']}", f"selected by group {gname}, but none of its credentials "
-                          f"is of trust domain {e['trust_domain']!r} with auth method {e['auth_method']!r}: "
-                          "left out of the group (glideinWMS would skip it too)", lost=False)
+                          f"(trust domains: {domains}) is of trust domain {e['trust_domain']!r} with auth method "
+                          f"{e['auth_method']!r}: left out of the group (glideinWMS would skip it too)", lost=False)
                 continue
             self.entry_image(e, [c for c in creds if self.usable(c, e)])
             chosen.append(e)
