@@ -48,8 +48,8 @@ def fill_pilots(store, n: int, entries: list[str], frontends: list[str], now: fl
         rows.append({"id": f"i-{i:017x}", "entry": entry, "frontend": fe, "launch": f"run-{i // 500}-{entry}",
                      "request": f"scheduled__{i // 1000}", "factory_run": f"scheduled__{i // 1000}",
                      "launched": now - (i % 86400), "state": st, "provider_state": "running",
-                     "detail": "3 terminate attempts" if st == "stuck" else "",
-                     "memory": "{}", "updated": now})
+                     "detail": "still listed after terminate" if st == "stuck" else "",
+                     "memory": '{"terminate_attempts": 3}' if st == "stuck" else "{}", "updated": now})
     with store.begin() as conn:
         for k in range(0, n, 5000):
             conn.execute(insert(PILOTS), rows[k:k + 5000])
