@@ -189,8 +189,12 @@ def cmd_import_gwms(args: argparse.Namespace) -> int:
         return 1
     text = gwms_import.to_yaml(result)
     if args.output:
-        with open(args.output, "w") as fh:
-            fh.write(text)
+        try:
+            with open(args.output, "w") as fh:
+                fh.write(text)
+        except OSError as exc:
+            print(f"{args.output}: cannot write the file: {exc.strerror}", file=sys.stderr)
+            return 1
     else:
         sys.stdout.write(text)
     for title, lost in (("to check", False), ("not translated", True)):
