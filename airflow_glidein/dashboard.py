@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import html
 import json
-import threading
 import time
 from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
@@ -49,6 +48,7 @@ LABELS = {"idle_jobs": "idle jobs", "level": "requested idle pilots", "max_runni
 RANGES = {"6h": (6 * 3600, 300), "24h": (86400, 900), "7d": (7 * 86400, 3600), "30d": (30 * 86400, 6 * 3600)}
 PAGE_SIZE, MAX_PAGE_SIZE, TROUBLE_ROWS = 100, 500, 20
 # Each filter of the pilot table is a range scan ending in (entry, id): pages cost the same at any depth.
+# Declared on the pilot table here, for the page; the state store's schema creates them.
 PAGE_INDEXES = (
     Index("ix_glidein_pilots_entry_id", PILOTS.c.entry, PILOTS.c.id),
     Index("ix_glidein_pilots_state_entry_id", PILOTS.c.state, PILOTS.c.entry, PILOTS.c.id),
@@ -110,21 +110,6 @@ class View:
 
 
 # -- reads ------------------------------------------------------------------------------------
-
-_indexed: set[str] = set()
-_index_lock = threading.Lock()
-
-
-def page_store() -> state.StateStore:
-    """The state store with the page's indexes (created once per store where missing)."""
-    st = state.store()
-    with _index_lock:
-        if st.url not in _indexed:
-            for ix in PAGE_INDEXES:
-                ix.create(st.engine, checkfirst=True)
-            _indexed.add(st.url)
-    return st
-
 
 def _filtered(q: Any, view: View) -> Any:
     for col in ("entry", "frontend", "state"):
@@ -223,7 +208,7 @@ def snapshot(view: View | None = None, now: float | None = None) -> dict[str, An
     """Everything the page shows, as data (also served as JSON)."""
     view = view or View()
     status_events = _latest_events(GLIDEIN_STATUS.name, limit=1)
-    return gather(get_config(), page_store(), view, time.time() if now is None else now,
+    return gather(get_config(), state.store(), view, time.time() if now is None else now,
                   _latest_events(GLIDEIN_REQUESTS.name), status_events[0]["extra"] if status_events else {})
 
 
@@ -489,7 +474,7 @@ def create() -> FastAPI:
         """The page as JSON; ``parts=page``: only the table's page (a script paging through every pilot)."""
         view = View.from_query(request.query_params)
         if parts == "page":
-            out = {"factory": get_config().factory.name, "page": pilot_page(page_store(), view)}
+            out = {"factory": get_config().factory.name, "page": pilot_page(state.store(), view)}
         else:
             out = snapshot(view)
         out["view"] = asdict(view)

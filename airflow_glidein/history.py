@@ -25,6 +25,7 @@ from typing import Any
 from sqlalchemy import Column, Float, Index, Integer, String, Table, cast, delete, func, insert, literal, select
 from sqlalchemy.exc import SQLAlchemyError
 
+from airflow_glidein import state
 from airflow_glidein.state import METADATA, StateStore
 
 HISTORY = Table(
@@ -64,24 +65,33 @@ def _row(now: float, kind: str, entry: str, frontend: str, state: str, value: fl
     return {"t": now, "step": 0, "kind": kind, "entry": entry, "frontend": frontend, "state": state, "value": value}
 
 
-def record_factory(store: StateStore, counts: Mapping[str, Mapping[str, Mapping[str, int]]], now: float,
-                   days: float = DEFAULT_DAYS) -> bool:
-    """One factory report (``pilots.counts``), then prune; False (logged) if the store refused it."""
-    return _record(store, factory_rows(counts, now), lambda: prune(store, now, days))
+def record_factory(counts: Mapping[str, Mapping[str, Mapping[str, int]]], now: float,
+                   store: StateStore | None = None, days: float | None = None) -> bool:
+    """One factory report (``pilots.counts``), then prune past ``days`` (default ``[glidein] history_days``)."""
+    return _record(lambda: factory_rows(counts, now), store,
+                   lambda st: prune(st, now, configured_days() if days is None else days))
 
 
-def record_request(store: StateStore, frontend: str, request: Mapping[str, Any], now: float) -> bool:
-    """One published frontend request; False (logged) if the store refused it."""
-    return _record(store, request_rows(frontend, request, now))
+def record_request(frontend: str, request: Mapping[str, Any], now: float, store: StateStore | None = None) -> bool:
+    """One published frontend request."""
+    return _record(lambda: request_rows(frontend, request, now), store)
 
 
-def _record(store: StateStore, rows: list[dict[str, Any]], then: Callable[[], None] | None = None) -> bool:
-    """Charts are a view: a sample the store refuses is logged and lost, never a failed cycle or request."""
+def _record(rows: Callable[[], list[dict[str, Any]]], store: StateStore | None,
+            then: Callable[[StateStore], None] | None = None) -> bool:
+    """Charts are a view: a sample the store cannot take is logged and lost (False), never a failed cycle or an
+    unpublished request."""
+    data = rows()
+    try:
+        store = store or state.store()
+    except Exception as exc:  # the store cannot be opened: as credential rotation, go on without it
+        log.warning("History sample not recorded, the state store is unavailable: %s", exc)
+        return False
     try:
         with store.begin() as conn:
-            conn.execute(insert(HISTORY), rows)
+            conn.execute(insert(HISTORY), data)
         if then:
-            then()
+            then(store)
         return True
     except SQLAlchemyError as exc:
         log.warning("History sample not recorded (the Pilots page's charts will miss it): %s", exc)

@@ -141,10 +141,10 @@ def main() -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from airflow_glidein import dashboard
-    from airflow_glidein.dashboard import View, gather, render
+    from airflow_glidein import state
+    from airflow_glidein.dashboard import View, gather, render  # declares the page's indexes before the store is made
 
-    store = dashboard.page_store()
+    store = state.store()
     now = time.time()
     t0 = time.perf_counter()
     fill_pilots(store, args.pilots, ENTRIES, FRONTENDS, now)

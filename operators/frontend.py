@@ -208,7 +208,7 @@ class PublishRequestOperator(GlideinBaseOperator):
         if request.pop("dry_run", False):
             raise AirflowSkipException(f"dry run: not publishing {levels}")
         context["outlet_events"][GLIDEIN_REQUESTS].extra = request
-        history.record_request(state.store(), request_key(fe.name, request.get("burst")), request, self.now())
+        history.record_request(request_key(fe.name, request.get("burst")), request, self.now())  # the charts
         who = f"Burst {request['burst']} of frontend {fe.name}" if request.get("burst") else f"Frontend {fe.name}"
         self.log.info("%s requests idle pilot levels %s", who, levels)
         return {"cycle": request["cycle"], "levels": levels, "skipped": request["skipped"]}

@@ -317,7 +317,7 @@ class FactoryReportOperator(GlideinBaseOperator):
                     rows.append({"id": iid, "entry": item["entry"], "frontend": batch["frontend"],
                                  "launch": batch["launch_id"], "state": P.REQUESTED, "launched": now})
         counts = pilot_counts(rows)
-        history.record_factory(store, counts, now, history.configured_days())  # the Pilots page's charts
+        history.record_factory(counts, now, store)  # the Pilots page's charts
         backoff = {e: {"until": h["until"], "failures": h["failures"], "reason": h["reason"]}
                    for e, h in pilotdb.load_health(store).items() if h["until"] > now}
         stuck = sorted(r["id"] for r in rows if r["state"] == P.STUCK)

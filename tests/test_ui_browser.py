@@ -85,18 +85,18 @@ def test_pilots_page_charts_and_paging_through_100000_pilots(tmp_path, monkeypat
     through the page's JSON, page by page."""
     import httpx
 
-    from airflow_glidein import dashboard, history
+    from airflow_glidein import dashboard, history, state  # noqa: F401 - dashboard declares the page's indexes
     from bench.bench_pilots_page import fill_history, fill_pilots
 
     write_config(tmp_path, example_config(), monkeypatch)
     east, west = "aws-us-east-1", "aws-us-west-2"
-    store = dashboard.page_store()
+    store = state.store()
     now = time.time()
     rows = fill_pilots(store, 100_000, [east, west], ["cms"], now)
     fill_history(store, [east, west], ["cms"], now - 900, days=2, step=900)  # two days of 15-minute samples
-    history.record_factory(store, {east: {"cms": {"busy": 321, "idle": 12, "stuck": 3}}, west: {"cms": {"busy": 100}}},
+    history.record_factory({east: {"cms": {"busy": 321, "idle": 12, "stuck": 3}}, west: {"cms": {"busy": 100}}},
                            now)  # the newest sample, alone in its bucket: the legends show it
-    history.record_request(store, "cms", {"entries": {east: {"idle": 40, "max_running": 500,
+    history.record_request("cms", {"entries": {east: {"idle": 40, "max_running": 500,
                                                              "why": {"idle_jobs": 640}}}}, now)
     order = sorted((r["entry"], r["id"]) for r in rows)
     OUT.mkdir(exist_ok=True)

@@ -21,8 +21,8 @@ def rows(store, step=None) -> int:
 def test_a_missing_state_in_a_sample_counts_as_zero(state_store):
     store = state.store()
     t0 = 100 * HOUR
-    history.record_factory(store, {"A": {"cms": {"busy": 10, "idle": 2, "total": 12}}}, t0 + 10)
-    history.record_factory(store, {"A": {"cms": {"busy": 20, "total": 20}}, "B": {"cms": {"busy": 4}}}, t0 + 310)
+    history.record_factory({"A": {"cms": {"busy": 10, "idle": 2, "total": 12}}}, t0 + 10)
+    history.record_factory({"A": {"cms": {"busy": 20, "total": 20}}, "B": {"cms": {"busy": 4}}}, t0 + 310)
     # one bucket of 600 s holds both samples: busy (10 + 20) / 2 = 15, idle (2 + 0) / 2 = 1
     s = history.series(store, ("pilots",), t0, 600, by_state=True)
     assert s == {"busy": {t0: 15.0 + 2.0}, "idle": {t0: 1.0}}  # B's 4 busy in one sample of two: +2
@@ -38,11 +38,11 @@ def test_frontend_values_are_means_per_frontend_then_summed(state_store):
     def req(level: int, jobs: float) -> dict:
         return {"entries": {"A": {"idle": level, "max_running": 2 * level, "why": {"idle_jobs": jobs}}}}
 
-    history.record_request(store, "cms", req(4, 40), t0 + 1)
-    history.record_request(store, "cms", req(6, 60), t0 + 61)
-    history.record_request(store, "atlas", req(10, 100), t0 + 121)  # one sample of atlas in the bucket
+    history.record_request("cms", req(4, 40), t0 + 1)
+    history.record_request("cms", req(6, 60), t0 + 61)
+    history.record_request("atlas", req(10, 100), t0 + 121)  # one sample of atlas in the bucket
     burst = {"entries": {"A": {"idle": 3, "max_running": 3, "why": {"idle_jobs": "-"}}}}  # a burst counts no jobs
-    history.record_request(store, "burst-b1", burst, t0 + 181)
+    history.record_request("burst-b1", burst, t0 + 181)
     s = history.series(store, history.REQUEST_KINDS, t0, 600)
     # cms: level (4 + 6) / 2 = 5, atlas: 10 / 1 = 10, the burst 3 -> 18; idle jobs 50 + 100 = 150
     assert s["level"] == {t0: 18.0} and s["idle_jobs"] == {t0: 150.0} and s["max_running"] == {t0: 33.0}
@@ -56,10 +56,10 @@ def test_old_samples_become_hourly_sums_with_the_same_means_and_the_horizon_drop
     start = old - old % HOUR
     for i, busy in enumerate((3, 5, 7, 9)):  # four samples in one hour: busy mean 6; idle only in the first
         counts = {"A": {"cms": {"busy": busy, **({"idle": 8} if i == 0 else {})}}}
-        history.record_factory(store, counts, start + 60 + i * 600, days=30)
+        history.record_factory(counts, start + 60 + i * 600, days=30)
     before = history.series(store, ("pilots",), start, HOUR, by_state=True)
     assert before == {"busy": {start: 6.0}, "idle": {start: 2.0}}
-    history.record_factory(store, {}, now, days=30)  # the next report prunes
+    history.record_factory({}, now, days=30)  # the next report prunes
     assert rows(store, step=0) == 1  # only the new sample is raw
     assert rows(store, step=HOUR) == 9  # busy sum 24 and idle sum 8 for A/cms and its 3 totals; the marker 4
     after = history.series(store, ("pilots",), start, HOUR, by_state=True)
@@ -98,6 +98,15 @@ def test_a_sample_the_store_refuses_is_logged_not_raised(state_store, caplog):
     store = state.store()
     with store.begin() as conn:
         conn.exec_driver_sql("DROP TABLE glidein_history")  # e.g. a deployment whose migration has not run
-    assert history.record_request(store, "cms", {"entries": {"A": {"idle": 1}}}, 1000.0) is False
-    assert history.record_factory(store, {"A": {"cms": {"busy": 1}}}, 1000.0) is False
+    assert history.record_request("cms", {"entries": {"A": {"idle": 1}}}, 1000.0) is False
+    assert history.record_factory({"A": {"cms": {"busy": 1}}}, 1000.0) is False
     assert "History sample not recorded" in caplog.text
+
+
+def test_a_store_that_cannot_be_opened_loses_the_sample_not_the_request(monkeypatch, caplog):
+    def unreachable(*_a, **_k):
+        raise RuntimeError("state store connection glidein_state: could not connect")
+
+    monkeypatch.setattr(state, "store", unreachable)
+    assert history.record_request("cms", {"entries": {"A": {"idle": 1}}}, 1000.0) is False
+    assert "the state store is unavailable: state store connection glidein_state" in caplog.text

@@ -9,7 +9,7 @@ from collections import Counter
 
 import pytest
 
-from airflow_glidein import dashboard
+from airflow_glidein import dashboard, state
 from airflow_glidein.dashboard import View, page_query, pilot_counts, pilot_page, trouble
 from bench.bench_pilots_page import fill_pilots
 
@@ -20,7 +20,7 @@ VIEWS = [View(), View(state="busy"), View(frontend="cms"), View(entry="site-b"),
 
 @pytest.fixture
 def pilots(state_store):
-    store = dashboard.page_store()
+    store = state.store()
     rows = fill_pilots(store, 2345, ENTRIES, FRONTENDS, time.time())
     return store, rows
 
