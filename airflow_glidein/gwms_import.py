@@ -456,6 +456,10 @@ class _Importer:
         if unknown:
             self.note(e, f"entry {name}", f"auth method {'+'.join(unknown)} has no equivalent here: not imported")
             return None
+        if entry["middleware"] == "htcondor_g" and "key_pair" in auth.split("+"):
+            self.note(e, f"entry {name}", "a batch (BOSCO) entry's key_pair is an SSH key, which the htcondor_g "
+                      "middleware does not pass (it submits with a proxy or a token): not imported")
+            return None
         entry.update(self.pilot_size(e, name, attr_nodes, attrs))
         entry["attrs"] = attrs
         start = attrs.pop("GLIDEIN_Entry_Start", None)

@@ -185,9 +185,11 @@ def test_defaults_and_config_d(tmp_path, capsys):
         '<groups><group name="main"/></groups><collectors><collector node="cm:9618"/></collectors></frontend>\n')
     (tmp_path / "glideinWMS.xml").write_text('<glidein factory_name="f"><entries>\n'
                                              '<entry name="CE1" gatekeeper="ce1 ce1:9619"/>\n</entries></glidein>\n')
-    (tmp_path / "config.d" / "sites.xml").write_text('<glidein><entries>\n'
-                                                     '<entry name="CE2" gatekeeper="ce2 ce2:9619" gridtype="nordugrid"/>'
-                                                     '\n</entries></glidein>\n')
+    (tmp_path / "config.d" / "sites.xml").write_text(
+        '<glidein><entries>\n<entry name="CE2" gatekeeper="ce2 ce2:9619" gridtype="nordugrid"/>\n'
+        '<entry name="HPC" gatekeeper="vo@login.hpc.edu" gridtype="batch slurm"/>\n'
+        '<entry name="BOSCO" gatekeeper="vo@login.hpc.edu" gridtype="batch slurm" auth_method="key_pair"/>\n'
+        '</entries></glidein>\n')
     out = tmp_path / "glidein.yaml"
     assert cli.main(["import-gwms", "--frontend", str(tmp_path / "frontend.xml"),
                      "--factory", str(tmp_path / "glideinWMS.xml"), "-o", str(out)]) == 0
@@ -202,6 +204,9 @@ def test_defaults_and_config_d(tmp_path, capsys):
     assert fe.schedule == "* * * * *"  # loop_delay 60
     ce1, ce2 = cfg.entry("CE1"), cfg.entry("CE2")
     assert (ce1.options["grid_resource"], ce2.options["grid_resource"]) == ("condor ce1 ce1:9619", "arc ce2 ce2:9619")
+    assert cfg.entry("HPC").options["grid_resource"] == "batch slurm vo@login.hpc.edu"
+    assert "BOSCO" not in {e.name for e in cfg.entries}  # its key_pair is an SSH key: named, not imported
+    assert "sites.xml:4: entry BOSCO: a batch (BOSCO) entry's key_pair is an SSH key" in err
     assert ce1.limits.model_dump() == {"max_pilots": 10000, "max_idle": 2000, "max_per_cycle": 100, "batch_size": 10}
     assert (ce1.trust_domain, ce1.auth_method) == ("grid", "grid_proxy")  # the factory's defaults
     # the second credential takes the frontend's default trust domain "OSG", which no entry has (the factory's
