@@ -201,7 +201,7 @@ def charts(store: state.StateStore, view: View, now: float) -> dict[str, Any]:
     return {"since": since, "until": now, "bucket": bucket,
             "pilots": pilots, "times": history.sample_times(store, since, bucket, by_state=True),
             "requests": history.series(store, history.REQUEST_KINDS, since, bucket, entry, frontend),
-            "request_times": history.sample_times(store, since, bucket, by_state=False)}
+            "request_times": history.sample_times(store, since, bucket, by_state=False, frontend=frontend)}
 
 
 def snapshot(view: View | None = None, now: float | None = None) -> dict[str, Any]:

@@ -181,11 +181,14 @@ def series(store: StateStore, kinds: tuple[str, ...], since: float, bucket: floa
     return out
 
 
-def sample_times(store: StateStore, since: float, bucket: float, by_state: bool = True) -> list[float]:
-    """Bucket starts that hold at least one sample (the charts' x values)."""
+def sample_times(store: StateStore, since: float, bucket: float, by_state: bool = True,
+                 frontend: str | None = None) -> list[float]:
+    """Bucket starts that hold at least one sample (the charts' x values): the factory's, or the frontends'
+    (one frontend's with ``frontend``)."""
     h = HISTORY.c
     b = _floor(store, h.t / bucket)
-    marker = FACTORY_SAMPLE if by_state else FRONTEND_SAMPLE
+    q = select(b).where(h.kind == (FACTORY_SAMPLE if by_state else FRONTEND_SAMPLE), h.entry == ALL, h.t >= since)
+    if frontend and not by_state:
+        q = q.where(h.frontend == frontend)
     with store.begin() as conn:
-        return sorted(int(r[0]) * bucket for r in conn.execute(
-            select(b).where(h.kind == marker, h.entry == ALL, h.t >= since).group_by(b)))
+        return sorted(int(r[0]) * bucket for r in conn.execute(q.group_by(b)))

@@ -47,6 +47,9 @@ def test_frontend_values_are_means_per_frontend_then_summed(state_store):
     # cms: level (4 + 6) / 2 = 5, atlas: 10 / 1 = 10, the burst 3 -> 18; idle jobs 50 + 100 = 150
     assert s["level"] == {t0: 18.0} and s["idle_jobs"] == {t0: 150.0} and s["max_running"] == {t0: 33.0}
     assert history.series(store, ("level",), t0, 600, frontend="cms") == {"level": {t0: 5.0}}
+    history.record_request("atlas", req(1, 1), t0 + 601)  # only atlas sampled in the next bucket
+    assert history.sample_times(store, t0, 600, by_state=False) == [t0, t0 + 600]
+    assert history.sample_times(store, t0, 600, by_state=False, frontend="cms") == [t0]
 
 
 def test_old_samples_become_hourly_sums_with_the_same_means_and_the_horizon_drops_older(state_store):
