@@ -895,18 +895,15 @@ def to_yaml(result: Imported) -> str:
     """The configuration as YAML, headed by what to fill in and what was not translated."""
     import yaml
 
-    lines = ["# airflow-glidein configuration imported from glideinWMS (python -m airflow_glidein import-gwms)",
-             "# from: " + ", ".join(result.sources)]
+    lines = ["airflow-glidein configuration imported from glideinWMS (python -m airflow_glidein import-gwms)",
+             "from: " + ", ".join(result.sources)]
     if result.connections:
-        lines.append("# Airflow connections to create (secrets never go in this file):")
-        lines += [f"#   {conn}: {what}" for conn, what in sorted(result.connections.items())]
-    review = [n for n in result.notes if not n.lost]
-    lost = [n for n in result.notes if n.lost]
-    if review:
-        lines.append(f"# To check ({len(review)}):")
-        lines += [f"#   {n}" for n in review]
-    if lost:
-        lines.append(f"# Not translated ({len(lost)}):")
-        lines += [f"#   {n}" for n in lost]
-    body = yaml.safe_dump(result.config, sort_keys=False, width=120, default_flow_style=None)
-    return "\n".join(lines) + "\n" + body
+        lines.append("Airflow connections to create (secrets never go in this file):")
+        lines += [f"  {conn}: {what}" for conn, what in sorted(result.connections.items())]
+    for title, lost in (("To check", False), ("Not translated", True)):
+        notes = [n for n in result.notes if n.lost == lost]
+        if notes:
+            lines.append(f"{title} ({len(notes)}):")
+            lines += [f"  {n}" for n in notes]
+    head = "".join("# " + " ".join(line.split("\n")) + "\n" for line in lines)  # a newline would end the comment
+    return head + yaml.safe_dump(result.config, sort_keys=False, width=120, default_flow_style=None)

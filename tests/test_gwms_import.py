@@ -230,3 +230,14 @@ def test_the_yaml_round_trips(imported):
     out, _ = imported
     data = yaml.safe_load(out.read_text())
     assert {f["name"] for f in data["frontends"]} == {"vo-frontend-cpu", "vo-frontend-mcore"}
+
+
+def test_a_note_with_a_newline_stays_a_comment(tmp_path, capsys):
+    """XML keeps a newline written as &#10;: the listed conjunct must not break out of the YAML comment."""
+    text = FRONTEND.read_text().replace('.startswith("AWS")', '.startswith(&#10;"AWS")')
+    (tmp_path / "frontend.xml").write_text(text)
+    out = tmp_path / "glidein.yaml"
+    assert cli.main(["import-gwms", "--frontend", str(tmp_path / "frontend.xml"), "--factory", str(FACTORY),
+                     "-o", str(out)]) == 0
+    assert load_config(out).frontend("vo-frontend-mcore").match_expr == "job.RequestCpus >= 4"
+    assert 'startswith( "AWS")' in out.read_text()
