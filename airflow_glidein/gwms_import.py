@@ -462,14 +462,17 @@ class _Importer:
             return None
         entry.update(self.pilot_size(e, name, attr_nodes, attrs))
         entry["attrs"] = attrs
-        start = attrs.pop("GLIDEIN_Entry_Start", None)
-        if isinstance(start, str) and start.strip() and start.strip().lower() != "true":
+        starts = [k for k in ("GLIDEIN_Start", "GLIDEIN_Entry_Start") if isinstance(attrs.get(k), str)]
+        for key in starts:  # the factory's and the entry's parts of the pilots' START: checked when planning here
+            start = attrs.pop(key)
             try:
                 classads.parse_expr(start)
-                entry["requirements"] = start  # the entry's side of the START expression, checked when planning
             except ValueError:
-                self.note(attr_nodes["GLIDEIN_Entry_Start"], f"entry {name} GLIDEIN_Entry_Start",
-                          "does not parse as a ClassAd expression: left out")
+                self.note(attr_nodes[key], f"entry {name} {key}", "does not parse as a ClassAd expression (an "
+                          "HTCondor $() macro?): left out of the entry's requirements (wider) - review")
+                continue
+            if _and(start) != "true":
+                entry["requirements"] = _and(entry.get("requirements"), start)
         entry["trust_domain"] = _safe_name(trust)
         entry["auth_method"] = auth
         max_jobs = e.child("config", "max_jobs")

@@ -16,7 +16,7 @@ from airflow_glidein.gwms_import import GwmsImportError, import_gwms, translate_
 
 FIX = Path(__file__).parent / "fixtures" / "gwms"
 FRONTEND, FACTORY, QUEUE = FIX / "frontend.xml", FIX / "glideinWMS.xml", FIX / "queue.json"
-EC2, CE = "AWS_us-east-1_m5.xlarge", "US_CE_ce.example.edu"
+EC2, CE, CE2 = "AWS_us-east-1_m5.xlarge", "US_CE_ce.example.edu", "US_CE2_ce2.example.edu"
 
 
 def line_of(path: Path, text: str) -> int:
@@ -58,7 +58,9 @@ def test_import_check_config_and_plan_give_the_hand_worked_pilots(imported, caps
     # job.RequestCpus >= 4 (the .startswith conjunct is left out and listed), and its credentials reach EC2 only.
     #   10 four-core jobs, 1 per pilot -> wanted 10, old 10; new = min(10, max_idle_per_entry 8) = 8;
     #   add = int(8 / 2) + min(10 // 3, 2) = 4 + 2 = 6 -> level 6; max running = int(10 x 1.15 + 1) = 12.
-    assert list(mcore) == [EC2]
+    #   CE2 (1 core): no job lists its site US_CE2 -> wanted 0, level 0, max running 0 (no busy pilots).
+    assert (cpu[CE2]["idle"], cpu[CE2]["max_running"], cpu[CE2]["why"]["wanted"]) == (0, 0, 0)
+    assert list(mcore) == [EC2]  # CE2's 1 core fails mcore's factory query_expr GLIDEIN_CPUS >= 4
     assert (mcore[EC2]["idle"], mcore[EC2]["max_running"], mcore[EC2]["why"]["wanted"]) == (6, 12, 10)
 
 
@@ -82,7 +84,8 @@ def test_entries_credentials_and_limits_carry_glideinwms_values(imported):
     assert ce.options["schedd"] == "schedd_glideins2@factory.example.org"
     assert ce.limits.model_dump() == {"max_pilots": 10000, "max_idle": 2000, "max_per_cycle": 100, "batch_size": 10}
     assert ce.requirements == "TARGET.RequestMemory <= 4000 * MY.Cpus"  # GLIDEIN_Entry_Start
-    assert [e.name for e in cfg.entries] == [EC2, CE]  # the gce entry is not imported
+    assert [e.name for e in cfg.entries] == [EC2, CE, CE2]  # the gce entry is not imported
+    assert cfg.entry(CE2).requirements is None  # its $() macro start expression is left out, and listed
 
     cpu = cfg.frontend("vo-frontend-cpu")
     assert cpu.match_expr == ("stringListMember(glidein.GLIDEIN_Site, job.DESIRED_Sites) && "
@@ -119,10 +122,12 @@ def test_what_is_not_translated_is_listed_with_its_line(imported):
     startswith = line_of(FRONTEND, '.startswith("AWS")')
     gce = line_of(FACTORY, 'name="GOOGLE_us-central1-a"')
     zone = line_of(FACTORY, "ec2_availability_zone")
+    macro = line_of(FACTORY, "$(GLIDEIN_Site_Start)")
     for expected in (f"frontend.xml:{startswith}: group mcore match_expr "
                      "`glidein[\"attrs\"][\"GLIDEIN_Site\"].startswith(\"AWS\")`",
                      f"glideinWMS.xml:{gce}: entry GOOGLE_us-central1-a: grid type 'gce'",
-                     f"glideinWMS.xml:{zone}: entry {EC2} submit_attr ec2_availability_zone"):
+                     f"glideinWMS.xml:{zone}: entry {EC2} submit_attr ec2_availability_zone",
+                     f"glideinWMS.xml:{macro}: entry {CE2} GLIDEIN_Entry_Start: does not parse"):
         assert expected in err and expected in text
     assert "bootstrap_url" in err  # the placeholder to fill in is named
 
@@ -183,8 +188,9 @@ def test_defaults_and_config_d(tmp_path, capsys):
         '<security><credentials>\n<credential absfname="/p" type="grid_proxy" trust_domain="grid"/>\n'
         '<credential absfname="/q" type="grid_proxy"/>\n</credentials></security>\n'
         '<groups><group name="main"/></groups><collectors><collector node="cm:9618"/></collectors></frontend>\n')
-    (tmp_path / "glideinWMS.xml").write_text('<glidein factory_name="f"><entries>\n'
-                                             '<entry name="CE1" gatekeeper="ce1 ce1:9619"/>\n</entries></glidein>\n')
+    (tmp_path / "glideinWMS.xml").write_text(
+        '<glidein factory_name="f"><attrs><attr name="GLIDEIN_Start" value="TARGET.RequestMemory &lt;= 8000"/></attrs>'
+        '<entries>\n<entry name="CE1" gatekeeper="ce1 ce1:9619"/>\n</entries></glidein>\n')
     (tmp_path / "config.d" / "sites.xml").write_text(
         '<glidein><entries>\n<entry name="CE2" gatekeeper="ce2 ce2:9619" gridtype="nordugrid"/>\n'
         '<entry name="HPC" gatekeeper="vo@login.hpc.edu" gridtype="batch slurm"/>\n'
@@ -208,6 +214,7 @@ def test_defaults_and_config_d(tmp_path, capsys):
     assert "BOSCO" not in {e.name for e in cfg.entries}  # its key_pair is an SSH key: named, not imported
     assert "sites.xml:4: entry BOSCO: a batch (BOSCO) entry's key_pair is an SSH key" in err
     assert ce1.limits.model_dump() == {"max_pilots": 10000, "max_idle": 2000, "max_per_cycle": 100, "batch_size": 10}
+    assert ce1.requirements == ce2.requirements == "TARGET.RequestMemory <= 8000"  # the factory's GLIDEIN_Start
     assert (ce1.trust_domain, ce1.auth_method) == ("grid", "grid_proxy")  # the factory's defaults
     # the second credential takes the frontend's default trust domain "OSG", which no entry has (the factory's
     # default is "grid"): it is named as unused rather than silently matched
