@@ -243,6 +243,45 @@ def cmd_sync_pools(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import_gwms(args: argparse.Namespace) -> int:
+    """Our YAML from a glideinWMS frontend.xml and factory glideinWMS.xml; what is not translated, with its line."""
+    from airflow_glidein import gwms_import
+    from airflow_glidein.config import parse_config
+
+    try:
+        result = gwms_import.import_gwms(args.frontend, args.factory)
+    except gwms_import.GwmsImportError as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    try:
+        parse_config(result.config, args.output or "<imported>")  # never write a file check-config refuses
+    except ConfigError as exc:
+        print(f"the imported configuration is refused ({len(exc.problems)} problem(s)):", file=sys.stderr)
+        for p in exc.problems:
+            print(f"  - {p}", file=sys.stderr)
+        return 1
+    text = gwms_import.to_yaml(result)
+    if args.output:
+        try:
+            with open(args.output, "w") as fh:
+                fh.write(text)
+        except OSError as exc:
+            print(f"{args.output}: cannot write the file: {exc.strerror}", file=sys.stderr)
+            return 1
+    else:
+        sys.stdout.write(text)
+    for title, lost in (("to check", False), ("not translated", True)):
+        notes = [n for n in result.notes if n.lost == lost]
+        if notes:
+            print(f"{len(notes)} {title}:", file=sys.stderr)
+            for n in notes:
+                print(f"  {n}", file=sys.stderr)
+    if args.output:
+        print(f"wrote {args.output}: {len(result.config['entries'])} entries, {len(result.config['frontends'])} "
+              f"frontends, {len(result.config['credentials'])} credentials", file=sys.stderr)
+    return 0
+
+
 @contextmanager
 def _logs_to_stderr() -> Iterator[None]:
     """Airflow's logging writes to stdout; while a command runs, its log lines go to stderr instead."""
@@ -312,6 +351,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("genkey", help="write a new signing key to FILE (mode 0600) and print its public PEM")
     p.add_argument("file")
     p.set_defaults(func=cmd_genkey)
+    p = sub.add_parser("import-gwms", help="write our YAML from a glideinWMS frontend and factory configuration")
+    p.add_argument("--frontend", required=True, help="the frontend's frontend.xml")
+    p.add_argument("--factory", required=True, help="the factory's glideinWMS.xml (its config.d/*.xml are read too)")
+    p.add_argument("-o", "--output", help="write the YAML here (default: standard output)")
+    p.set_defaults(func=cmd_import_gwms)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     with _logs_to_stderr() if getattr(args, "airflow", False) else nullcontext():

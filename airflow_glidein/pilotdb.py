@@ -20,7 +20,19 @@ import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from sqlalchemy import Column, Float, Integer, PrimaryKeyConstraint, String, Table, Text, delete, select, tuple_
+from sqlalchemy import (
+    Column,
+    Float,
+    Index,
+    Integer,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    Text,
+    delete,
+    select,
+    tuple_,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
@@ -47,6 +59,9 @@ PILOTS = Table(
     Column("memory", Text, nullable=False, default="{}"),
     Column("updated", Float, nullable=False),
     PrimaryKeyConstraint("entry", "id", name="glidein_pilots_pkey"),
+    # the Pilots page filters by state or frontend and pages by (entry, id): a range scan at any depth
+    Index("ix_glidein_pilots_state_entry_id", "state", "entry", "id"),
+    Index("ix_glidein_pilots_frontend_entry_id", "frontend", "entry", "id"),
 )
 
 ENTRY_HEALTH = Table(

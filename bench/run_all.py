@@ -13,6 +13,7 @@ BENCHES = [
     "bench.bench_budget",  # token cost; 500 Nova servers within 500 calls / 5 min
     "bench.bench_factory_scale",  # inventory + reaping over 10,000 pilots in 20 entries
     "bench.bench_boot_storm",  # 10,000 pilots exchange and upload against two bootstrap service processes
+    "bench.bench_pilots_page",  # the Pilots page over 100,000 pilots and 30 days of history
 ]
 
 if __name__ == "__main__":

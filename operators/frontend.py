@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk.exceptions import AirflowSkipException
 
 from airflow_glidein import credentials as creds
-from airflow_glidein import demand, lifecycle, material, metrics, planning, report, secrets, state
+from airflow_glidein import demand, history, lifecycle, material, metrics, planning, report, secrets, state
 from airflow_glidein.assets import GLIDEIN_REQUESTS, GLIDEIN_STATUS
 from airflow_glidein.hooks.htcondor import HTCondorHook
 from airflow_glidein.operators.base import GlideinBaseOperator
-from airflow_glidein.pilots import CAPACITY
+from airflow_glidein.pilots import CAPACITY, request_key
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -208,6 +208,7 @@ class PublishRequestOperator(GlideinBaseOperator):
         if request.pop("dry_run", False):
             raise AirflowSkipException(f"dry run: not publishing {levels}")
         context["outlet_events"][GLIDEIN_REQUESTS].extra = request
+        history.record_request(request_key(fe.name, request.get("burst")), request, self.now())  # the charts
         who = f"Burst {request['burst']} of frontend {fe.name}" if request.get("burst") else f"Frontend {fe.name}"
         self.log.info("%s requests idle pilot levels %s", who, levels)
         return {"cycle": request["cycle"], "levels": levels, "skipped": request["skipped"]}

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 from airflow_glidein import lifecycle as L
-from airflow_glidein import metrics, pilotdb, provisioning, report, state
+from airflow_glidein import history, metrics, pilotdb, provisioning, report, state
 from airflow_glidein import pilots as P
 from airflow_glidein.assets import GLIDEIN_STATUS
 from airflow_glidein.bootstrap import upkeep
@@ -427,6 +427,7 @@ class FactoryReportOperator(GlideinBaseOperator):
         grace = max((e.listing_grace for e in cfg.entries), default=0)
         unlisted = provisioning.unlisted_pilots(pilotdb.unlisted_launches(store, names, now - grace), cfg, now)
         counts = P.counts([as_pilot(r) for r in rows] + unlisted)
+        history.record_factory(counts, now, store)  # the Pilots page's charts
         backoff = {e: {"until": h["until"], "failures": h["failures"], "reason": h["reason"]}
                    for e, h in pilotdb.load_health(store).items() if h["until"] > now}
         stuck = sorted(P.pilot_key(r["entry"], r["id"]) for r in rows if r["state"] == P.STUCK)

@@ -7,7 +7,7 @@ used: executable_path). Screenshots go to test-output/.
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
+import time
 
 import pytest
 
@@ -41,7 +41,7 @@ def test_pilots_page_shows_the_pilots_of_a_finished_run(ec2, tmp_path, monkeypat
     cfg = example_config()
     cfg["factory"].update(retry_delay=0, verify_timeout=1, verify_poll=1)
     write_config(tmp_path, cfg, monkeypatch)
-    fe = run_dag("glidein_frontend_cms")
+    run_dag("glidein_frontend_cms")
     run_dag("glidein_factory")
     fa = run_dag("glidein_factory")  # the second cycle's inventory puts the launched pilots in the table
     assert str(fa.state) == "success"
@@ -58,8 +58,8 @@ def test_pilots_page_shows_the_pilots_of_a_finished_run(ec2, tmp_path, monkeypat
     ids = [i["InstanceId"] for i in ec2.instances("us-east-1")]
     assert all(i in body for i in ids)
     # links to the DAG runs that made them, and to their logs
-    assert page.locator(f"a[href*='/dags/glidein_frontend_cms/runs/']").count() >= 10
-    assert page.locator(f"a[href*='/dags/glidein_factory/runs/']").count() >= 15
+    assert page.locator("a[href*='/dags/glidein_frontend_cms/runs/']").count() >= 10
+    assert page.locator("a[href*='/dags/glidein_factory/runs/']").count() >= 15
     assert page.locator("a:text('logs')").count() == 15
     page.screenshot(path=str(OUT / "pilots-page.png"), full_page=True)
 
@@ -77,3 +77,77 @@ def test_pilots_page_needs_a_login(bootstrap_server):
     assert httpx.get(f"{bootstrap_server.url}/glidein/dashboard/").status_code in (401, 403)
     ok = httpx.get(f"{bootstrap_server.url}/glidein/dashboard/data.json", headers=bootstrap_server.admin_headers())
     assert ok.status_code == 200 and ok.json()["factory"]
+
+
+def test_pilots_page_charts_and_paging_through_100000_pilots(tmp_path, monkeypatch, bootstrap_server, browser_page):
+    """History drawn as charts (screenshot test-output/pilots-charts.png); 100,000 pilots written straight into the
+    pilot table, paged in the browser with next / previous and a filter, and every one of them reached once
+    through the page's JSON, page by page."""
+    import httpx
+
+    from airflow_glidein import dashboard, history, state  # noqa: F401 - dashboard declares the page's indexes
+    from bench.bench_pilots_page import fill_history, fill_pilots
+
+    write_config(tmp_path, example_config(), monkeypatch)
+    east, west = "aws-us-east-1", "aws-us-west-2"
+    store = state.store()
+    now = time.time()
+    rows = fill_pilots(store, 100_000, [east, west], ["cms"], now)
+    fill_history(store, [east, west], ["cms"], now - 900, days=2, step=900)  # two days of 15-minute samples
+    history.record_factory({east: {"cms": {"busy": 321, "idle": 12, "stuck": 3}}, west: {"cms": {"busy": 100}}},
+                           now)  # the newest sample, alone in its bucket: the legends show it
+    history.record_request("cms", {"entries": {east: {"idle": 40, "max_running": 500,
+                                                             "why": {"idle_jobs": 640}}}}, now)
+    order = sorted((r["entry"], r["id"]) for r in rows)
+    OUT.mkdir(exist_ok=True)
+
+    page = browser_page
+    page.goto(f"{bootstrap_server.url}/glidein/dashboard/")
+    page.wait_for_selector("text=Pilots by state")
+    charts = page.locator("div.charts")
+    states = {charts.locator("polygon.series").nth(i).get_attribute("data-series")
+              for i in range(charts.locator("polygon.series").count())}
+    assert states == {"busy", "idle", "booting", "stuck"}
+    busy = charts.locator("polygon[data-series=busy]").get_attribute("points").split()
+    assert len(busy) >= 2 * 90  # a point per 15-minute bucket over 24 h, top and bottom edges
+    legend = charts.inner_text()
+    for text in ("busy 421", "idle 12", "stuck 3", "idle jobs 640", "requested idle pilots 40",
+                 "requested max running 500"):
+        assert text in legend
+    assert charts.locator("polyline[data-series=level]").count() == 1
+    charts.screenshot(path=str(OUT / "pilots-charts.png"))
+    assert "All pilots (100000)" in page.inner_text("body")
+
+    def first_pilot() -> str:
+        return page.locator("table.pilots").last.locator("tr").nth(1).locator("td").first.inner_text()
+
+    assert first_pilot() == order[0][1]
+    for _ in range(3):
+        page.locator("nav.pages").first.get_by_text("next").click()
+        page.wait_for_load_state()
+    assert first_pilot() == order[300][1]
+    page.locator("nav.pages").first.get_by_text("previous").click()
+    page.wait_for_load_state()
+    assert first_pilot() == order[200][1]
+    page.screenshot(path=str(OUT / "pilots-page-100000.png"))  # the top of page 3: filters, charts, counts
+
+    page.select_option("select[name=state]", "stuck")
+    page.select_option("select[name=range]", "7d")
+    page.get_by_role("button", name="Show").click()
+    page.wait_for_selector("text=last 7d")
+    stuck = sum(r["state"] == "stuck" for r in rows)
+    assert f"All pilots ({stuck} matching)" in page.inner_text("body")
+    cells = page.locator("table.pilots").last.locator("tr td:nth-child(4)").all_inner_texts()
+    assert cells and set(cells) == {"stuck"}
+
+    # every pilot once, in order, through the page's own JSON (500 a page: the table's part only)
+    seen, after = [], None
+    while True:
+        params = {"parts": "page", "size": 500, **({"after_entry": after[0], "after_id": after[1]} if after else {})}
+        data = httpx.get(f"{bootstrap_server.url}/glidein/dashboard/data.json", params=params,
+                         headers=bootstrap_server.admin_headers(), timeout=60).json()
+        seen += [(p["entry"], p["id"]) for p in data["page"]["pilots"]]
+        after = data["page"]["next"]
+        if not after:
+            break
+    assert seen == order
