@@ -155,6 +155,26 @@ class Cloud:
             return sorted(P.pilot_key(e, s["id"]) for e, nova in self.servers.items() for s in nova.live())
         return sorted(P.pilot_key(e, str(vm["ID"])) for e, one in self.servers.items() for vm in one.live())
 
+    def live_by_entry(self) -> dict[str, list[str]]:
+        """Live pilot keys per entry, in an order that does not depend on the ids the cloud drew (EC2's are
+        random): by launch id, then id; pilots of one launch are alike, so which of them is picked is not."""
+        launch = self.launches()
+        out: dict[str, list[str]] = {e: [] for e in self.entries}
+        for key in sorted(self.live(), key=lambda k: (launch.get(k, ""), k)):
+            out[P.split_key(key)[0]].append(key)
+        return out
+
+    def launches(self) -> dict[str, str]:
+        """Launch id of each live pilot key."""
+        if self.middleware == "ec2":
+            return {P.pilot_key(i["TagMap"][P.TAG_ENTRY], i["InstanceId"]): i["TagMap"][P.TAG_LAUNCH]
+                    for i in instances(self.server, live_only=True)}
+        if self.middleware == "openstack":
+            return {P.pilot_key(e, s["id"]): s["metadata"].get(P.TAG_LAUNCH, "") for e, nova in self.servers.items()
+                    for s in nova.live()}
+        return {P.pilot_key(e, str(vm["ID"])): vm["USER_TEMPLATE"].get("GLIDEIN_LAUNCH", "")
+                for e, one in self.servers.items() for vm in one.live()}
+
     def age(self, keys, seconds) -> None:
         by_entry: dict[str, list[str]] = {}
         for key in keys:
@@ -272,8 +292,8 @@ def test_randomized_faults_never_duplicate_or_leak(middleware, request, tmp_path
         context = {"run_id": f"fault-run-{run}", "ti": FakeTI()}
         requests = random_requests(rng, cloud)
         if rng.random() < 0.6:  # some pilots reach their end of life (aged far past it: listed, whatever the lag)
-            alive = cloud.live()
-            cloud.age(rng.sample(alive, k=min(len(alive), rng.randint(0, 6))), 30 * LIFETIME)
+            for entry, alive in cloud.live_by_entry().items():  # a few at each entry: reaps of several entries
+                cloud.age(rng.sample(alive, k=min(len(alive), rng.randint(0, 3))), 30 * LIFETIME)
         inventory = InventoryOperator(task_id="inventory", config_file=path).execute(context)
         work = PlanCycleOperator(task_id="plan_cycle", requests=requests, inventory=inventory,
                                  config_file=path).execute(context)
