@@ -50,8 +50,7 @@ class CA:
 
     def user(self, cn: str, hours: float = 24 * 365) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
         key = ec.generate_private_key(ec.SECP256R1())
-        now = datetime.now(timezone.utc)  # lifetimes count from the test that asks, not from the session's start
-        cert = _cert(_name(cn), self.name, key, self.key, now - timedelta(days=1), now + timedelta(hours=hours))
+        cert = _cert(_name(cn), self.name, key, self.key, NOW - timedelta(days=1), NOW + timedelta(hours=hours))
         return cert, key
 
     def proxy(self, cn: str = "Pilot User", hours: float = 48, user_hours: float = 24 * 365,
@@ -60,9 +59,8 @@ class CA:
         user, user_key = self.user(cn, user_hours)
         key = ec.generate_private_key(ec.SECP256R1())
         subject = _name(cn, str(x509.random_serial_number() % 10**9))
-        now = datetime.now(timezone.utc)
-        start = now + timedelta(hours=min(start_hours, hours - 12))
-        cert = _cert(subject, user.subject, key, user_key, start, now + timedelta(hours=hours), proxy=True)
+        start = NOW + timedelta(hours=min(start_hours, hours - 12))
+        cert = _cert(subject, user.subject, key, user_key, start, NOW + timedelta(hours=hours), proxy=True)
         if passphrase:
             enc = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                     serialization.BestAvailableEncryption(passphrase)).decode()
@@ -87,7 +85,7 @@ def ssh_private_key() -> str:
 
 
 def hours(h: float) -> int:
-    return int((datetime.now(timezone.utc) + timedelta(hours=h)).timestamp())
+    return int((NOW + timedelta(hours=h)).timestamp())
 
 
 def conn(conn_type: str, **fields) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
@@ -113,7 +114,8 @@ def test_each_frontend_and_entry_gets_a_credential_of_its_trust_domain(connectio
     }
     reason = plans["atlas"]["skipped"]["cern-cloud"]
     assert reason.startswith("no usable provision credential (atlas-cern-app: connection 'atlas_cern_app' not found)")
-    assert "no usable pilot credential (atlas-cern-proxy: expired 3.0 h ago" in reason
+    # pki's certificates are dated from the session's start: an hour or so of a slow suite adds to "3.0 h"
+    assert re.search(r"no usable pilot credential \(atlas-cern-proxy: expired [34]\.\d h ago", reason), reason
     assert atlas_plan_levels(plans["atlas"]) == {"aws-east", "aws-west"}
 
     # never a credential of another trust domain, and each frontend only its own
@@ -191,7 +193,7 @@ def test_connection_types_are_valid_provider_info_and_resolve_to_their_hooks(air
     ("cms_cern_proxy", True, "x509_proxy: 4.0 d left; subject=CN="),
     ("cms_token", True, "idtoken: 3.0 d left; iss=cm.cms.example.org"),
     ("atlas_proxy_broken", False, "x509_proxy: malformed PEM: no readable certificate"),
-    ("atlas_cern_proxy", False, "x509_proxy: expired 3.0 h ago"),
+    ("atlas_cern_proxy", False, re.compile(r"x509_proxy: expired [34]\.\d h ago")),
     ("cms_cern_app", True, "openstack_app_credential: does not expire; auth_url=https://keystone.cern.example:5000/v3"),
 ])
 def test_the_ui_test_button_reads_and_checks_the_material(connections, conn_id, ok, message):
@@ -200,7 +202,8 @@ def test_the_ui_test_button_reads_and_checks_the_material(connections, conn_id, 
     hook = BaseHook.get_connection(conn_id).get_hook()
     assert isinstance(hook, secrets.CredentialHook)
     result = hook.test_connection()
-    assert result[0] is ok and result[1].startswith(message), result
+    assert result[0] is ok and (message.match(result[1]) if isinstance(message, re.Pattern)
+                                else result[1].startswith(message)), result
 
 
 def test_openstack_hook_gives_the_sdk_arguments(connections):
