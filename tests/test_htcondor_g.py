@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
 import time
 
 import htcondor2
@@ -228,3 +229,87 @@ def test_an_ec2_job_is_never_forced_while_its_instance_may_still_run(schedd, ec2
     assert schedd.jobs[(1, 0)]["JobStatus"] == condor.REMOVED  # still in the queue: still tracked
     assert not any(a == "RemoveX" for a, _ in schedd.actions)
     assert ec2.instances()[0]["InstanceId"] == iid  # and still running: it will be terminated again
+
+
+# -- queued is not booting; the collector join accepts an alias; configuration --------------------------------
+
+def test_a_queued_pilot_is_booting_until_its_queue_timeout_then_boots_within_its_boot_timeout():
+    from airflow_glidein import lifecycle as L
+
+    def state(started, age, registered=False):
+        now = 100_000.0
+        obs = L.Observation(P.P_PENDING if started is None else P.P_RUNNING, now - age, known=True,
+                            startd={"State": "Unclaimed"} if registered else None,
+                            started=None if started is None else now - started)
+        return L.transition(L.Memory(), obs, now, boot_timeout=900, queue_timeout=7200)[0]
+
+    assert state(None, 5000) == P.BOOTING  # queued longer than the boot timeout: not a boot failure
+    assert state(None, 7300) == P.BOOT_FAILED  # never started within the queue timeout
+    assert state(600, 7300) == P.BOOTING  # started 600 s ago, after a long queue: still booting
+    assert state(1000, 1100) == P.BOOT_FAILED  # started 1000 s ago and not registered
+    assert state(1000, 1100, registered=True) == P.IDLE
+    vm = L.Observation(P.P_RUNNING, 100_000.0 - 1000, known=True)  # no queue: a VM boots from its launch
+    assert L.transition(L.Memory(), vm, 100_000.0, boot_timeout=900)[0] == P.BOOT_FAILED
+
+
+def test_the_pilots_lifetime_runs_from_its_start_and_a_queued_orphan_goes_at_once(tmp_path):
+    from airflow_glidein import lifecycle as L
+    from airflow_glidein.config import parse_config
+
+    cfg = parse_config({"factory": {"name": FACTORY, "bootstrap_url": "http://127.0.0.1:8080/glidein"},
+                        "entries": [entry(tmp_path).model_dump() | {"policy": {"max_lifetime": 7200}}]})
+    now = 1_000_000.0
+    row = {"entry": "osg-ce", "frontend": "cms", "launched": now - 9000, "memory": {}, "startd": None}
+    idle = {**row, "id": "1.0", "state": P.IDLE, "started": now - 3000,
+            "startd": {"State": "Unclaimed", "EnteredCurrentState": now - 100}}
+    old = {**idle, "id": "1.1", "started": now - 7300}
+    orphan = {**row, "id": "1.2", "frontend": "gone", "state": P.ORPHAN, "launched": now - 10, "started": None}
+    acts = {a.id: a.reason for a in L.reap(cfg, [idle, old, orphan], {("osg-ce", "cms"): 5}, now)}
+    assert acts == {"1.1": "past max_lifetime (7300 s > 7200 s)",
+                    "1.2": "orphan (unknown frontend or entry), still queued at the site"}
+
+
+def test_the_collector_join_accepts_an_ec2_gahp_pilots_instance_id():
+    from airflow_glidein.operators.lifecycle import joined
+
+    inst = P.ProviderInstance("1.0", P.P_RUNNING, 0.0, aliases=("i-0abc123",))
+    by_alias = {"osg-ec2/i-0abc123": {"State": "Unclaimed"}}
+    assert joined(by_alias, "osg-ec2", inst) == {"State": "Unclaimed"}
+    assert joined({"osg-ec2/1.0": {"State": "Claimed"}}, "osg-ec2", inst) == {"State": "Claimed"}
+    assert joined({"other-entry/i-0abc123": {}}, "osg-ec2", inst) is None  # qualified by entry, as every id
+    assert joined(None, "osg-ec2", inst) is None
+
+
+def test_a_condor_tarball_must_be_one_the_factory_serves(tmp_path):
+    from airflow_glidein.config import ConfigError, load_config
+    from tests.helpers import write_config
+
+    data = {"factory": {"name": FACTORY, "bootstrap_url": "http://127.0.0.1:8080/glidein",
+                        "condor_tarballs": {"el9": {"path": "/srv/condor-el9.tar.gz", "sha256": "ab" * 32}}},
+            "entries": [entry(tmp_path, condor_tarball="el8").model_dump()]}
+    with pytest.raises(ConfigError, match="names condor_tarball 'el8', which factory.condor_tarballs does not hold"):
+        load_config(write_config(tmp_path, data))
+    data["factory"]["condor_tarballs"]["el9"]["sha256"] = "not-a-digest"
+    with pytest.raises(ConfigError, match=r"factory.condor_tarballs.el9.sha256"):
+        load_config(write_config(tmp_path, data))
+
+
+@pytest.mark.parametrize("client", ["curl", "wget"])
+def test_a_token_in_a_request_header_never_shows_in_a_process_argument(client, bootstrap_server, tmp_path):
+    """The pilot library's http() with either client: the server gets the header, no command line shows it."""
+    from tests.test_htcondor_g_pilots import WorkerNode
+
+    node = WorkerNode(tmp_path / "node")
+    (tmp_path / "token").write_text(TOKEN)
+    script = tmp_path / "ask.sh"
+    script.write_text(f'. "{GRID_PILOT.parent / "glidein-lib.sh"}"\nGLIDEIN_WORKDIR={tmp_path}\n'
+                      f'code=$(http GET "{bootstrap_server.url}/glidein/bootstrap/condor/default.tar.gz" '
+                      f'"{tmp_path}/out" "Authorization: Bearer $(cat "{tmp_path}/token")")\n'
+                      f'echo "$code"; cat "{tmp_path}/out"\n')
+    proc = subprocess.run(["sh", str(script)], env={"PATH": str(node.bin), "GLIDEIN_HTTP_CLIENT": client,
+                                                    "GLIDEIN_HTTP_RETRIES": "0"},
+                          capture_output=True, text=True, timeout=60)
+    # the service read the token (and refused it: no such pilot), so the header was sent
+    assert proc.stdout.startswith("403") and "unknown bootstrap token" in proc.stdout, proc.stderr
+    assert f"{client} " in node.commands and TOKEN not in node.commands
+    assert not list(tmp_path.glob("out.*"))  # the header file is gone
