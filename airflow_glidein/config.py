@@ -77,9 +77,11 @@ class EntryLimits(Model):
 
 
 class PilotPolicy(Model):
-    boot_timeout: PosSeconds = 900  # s to register with the collector
+    boot_timeout: PosSeconds = 900  # s from start (a VM's launch, a grid job's start at the site) to registration
+    # s a pilot may wait queued before the site starts it (a grid job at a CE); VMs do not queue
+    queue_timeout: PosSeconds = 86400
     idle_timeout: PosSeconds = 1200  # s a registered pilot may stay unclaimed
-    max_lifetime: PosSeconds = 86400  # s from launch until the pilot is retired
+    max_lifetime: PosSeconds = 86400  # s from start until the pilot is retired
     retire_window: Seconds = 3600  # s a retiring busy pilot may finish its jobs
     min_idle_lifetime: Seconds = 1800  # s of life a pilot needs left to count as capacity (glideinWMS #554)
     terminate_deadline: PosSeconds = 300  # s a provider gets to make a terminating VM disappear before we ask again
@@ -87,6 +89,7 @@ class PilotPolicy(Model):
 
 class PolicyOverride(Model):
     boot_timeout: PosSeconds | None = None
+    queue_timeout: PosSeconds | None = None
     idle_timeout: PosSeconds | None = None
     max_lifetime: PosSeconds | None = None
     retire_window: Seconds | None = None
@@ -322,6 +325,14 @@ class GlobalLimits(Model):
     max_idle: Count = 1000
 
 
+class CondorTarball(Model):
+    """An HTCondor release the bootstrap service hands to pilots on worker nodes without HTCondor (grid sites),
+    as glideinWMS's factory serves its condor tarballs. The envelope carries its SHA-256; the pilot checks it."""
+
+    path: str = Field(min_length=1)  # the tarball on the bootstrap service's machine (condor-*-stripped.tar.gz)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")  # the service refuses to serve a file that does not match
+
+
 class Factory(Model):
     name: Name
     bootstrap_url: str = Field(pattern=r"^https?://")
@@ -333,6 +344,7 @@ class Factory(Model):
     verify_timeout: PosSeconds = 120  # s the factory waits for terminated pilots to disappear
     verify_poll: PosSeconds = 15  # s between those checks (each lists the entry: API budget)
     insecure_http: bool = False  # allow a plain-http bootstrap_url off loopback (the exchange hands out credentials)
+    condor_tarballs: dict[Name, CondorTarball] = {}  # by name; grid entries pick one (options.condor_tarball)
 
     @model_validator(mode="after")
     def _tls(self) -> Factory:
@@ -383,6 +395,11 @@ class Config(Model):
                         and entry.auth_tokens & c.auth_methods and c.type not in takes):
                     problems.append(f"credential {c.id!r} ({c.type}) cannot provision on entry {entry.name!r}: "
                                     f"the {entry.middleware} middleware takes {', '.join(takes)}")
+        for entry in self.entries:
+            tarball = entry.options.get("condor_tarball")
+            if tarball and tarball not in self.factory.condor_tarballs:
+                problems.append(f"entry {entry.name!r} names condor_tarball {tarball!r}, which factory.condor_tarballs "
+                                "does not hold")
         for fe in self.frontends:
             for name in fe.entries:
                 if name not in entries:

@@ -21,6 +21,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from airflow_glidein import middlewares
 from airflow_glidein import pilots as P
 from airflow_glidein.config import Config, Entry
 
@@ -61,11 +62,17 @@ class Observation:
     known: bool  # tagged with a configured frontend and entry
     startd: Mapping[str, Any] | None = None  # its startd ad, if the collector has one
     collector: bool = True  # False: no collector configured, registration cannot be seen
+    started: float | None = None  # when the site started it (a queued grid job: None until then)
 
 
 def transition(mem: Memory, obs: Observation, now: float, boot_timeout: float,
-               deadline: float = TERMINATE_DEADLINE) -> tuple[str, Memory]:
-    """The pilot's state now, and the updated memory."""
+               deadline: float = TERMINATE_DEADLINE, queue_timeout: float | None = None) -> tuple[str, Memory]:
+    """The pilot's state now, and the updated memory.
+
+    ``queue_timeout`` is set where pilots wait in a queue before the site starts them (grid jobs):
+    queued is not booting, so the boot timeout runs from the start, and a pilot never started within
+    ``queue_timeout`` of its launch has failed too.
+    """
     if obs.startd is not None:
         mem = replace(mem, first_registered=mem.first_registered or now, last_registered=now)
     ps = obs.provider_state
@@ -96,7 +103,10 @@ def transition(mem: Memory, obs: Observation, now: float, boot_timeout: float,
         return P.BOOTING, mem
     if mem.first_registered is not None:
         return P.LOST, mem
-    if now - obs.launched > boot_timeout:
+    start = P.start_of(obs.started, obs.launched, queue_timeout is not None)
+    if start is None:  # queued at the site
+        return (P.BOOT_FAILED if now - obs.launched > queue_timeout else P.BOOTING), mem
+    if now - start > boot_timeout:
         return P.BOOT_FAILED, mem
     return P.BOOTING, mem
 
@@ -211,7 +221,8 @@ def reap(
         policy = config.policy_for(entry, p.get("frontend"))
         if p.get("policy"):  # a burst's pilots follow the burst's own lifetime and idle timeout
             policy = policy.model_copy(update=p["policy"])
-        age = now - p["launched"]
+        start = P.start_of(p.get("started"), p["launched"], middlewares.get(entry.middleware).queued)
+        age = now - start if start is not None else 0.0  # its lifetime runs from its start
         startd = p.get("startd")
 
         def act(kind: str, reason: str) -> None:
@@ -226,8 +237,9 @@ def reap(
         elif state == P.STOPPED:
             act("terminate", "stopped at the provider, still holding quota")
         elif state == P.BOOT_FAILED:
-            act("terminate", f"did not register within boot_timeout ({policy.boot_timeout} s)"
-                if p.get("provider_state") != P.P_ERROR else "provider reports an error")
+            act("terminate", "provider reports an error" if p.get("provider_state") == P.P_ERROR else
+                f"not started by the site within queue_timeout ({policy.queue_timeout} s)" if start is None else
+                f"did not register within boot_timeout ({policy.boot_timeout} s)")
         elif state == P.LOST:
             away = now - (mem.last_registered or now)
             if away > LOST_GRACE:
@@ -242,7 +254,9 @@ def reap(
                 act("terminate", f"past max_lifetime ({int(age)} s > {policy.max_lifetime} s)")
         elif state == P.ORPHAN:
             if startd is None:
-                if age > policy.boot_timeout:
+                if start is None:
+                    act("terminate", "orphan (unknown frontend or entry), still queued at the site")
+                elif age > policy.boot_timeout:
                     act("terminate", "orphan (unknown frontend or entry) never registered")
             elif startd.get("State") == "Unclaimed":
                 act("terminate", "orphan (unknown frontend or entry), idle")

@@ -21,6 +21,7 @@ tags, for backends that keep tags:
     glidein.bootstrap.uploads.<entry>              count  pilot logs stored
     glidein.bootstrap.upload_bytes.<entry>         count  bytes of pilot logs stored
     glidein.bootstrap.listings.<entry>             count  provider listings the bootstrap service made
+    glidein.bootstrap.releases.<entry>             count  HTCondor releases served to pilots (grid worker nodes)
 """
 
 from __future__ import annotations

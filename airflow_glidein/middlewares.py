@@ -68,6 +68,10 @@ class Middleware:
     userdata_max_bytes: int  # raw UserData the provider takes, before any transport encoding
     options: type[EntryOptions] = EntryOptions  # the schema of an entry's ``options``
     vm: bool = True  # pilots are VMs booted from the entry's image and flavor (both required; UserData can be sealed)
+    # pilots may wait in a queue before they start, and the provider says when they started (grid jobs):
+    # boot timeout and lifetime run from that start, a pilot not started within policy.queue_timeout is
+    # removed, and bootstrap tokens last queue_timeout + boot_timeout
+    queued: bool = False
     credential_types: tuple[CredentialType, ...] = ()  # kinds it brings that no other middleware defines
     connection_forms: tuple[Mapping[str, Any], ...] = ()  # provider info "connection-types" it brings
 
@@ -154,7 +158,8 @@ class HTCondorGOptions(EntryOptions):
     grid_resource: str  # as HTCondor spells it: "ec2 URL", "condor CE CE:9619", "arc HOST", "batch slurm user@host"
     schedd: str | None = None  # default: the local schedd
     collector: str | None = None
-    executable: str | None = None  # the pilot wrapper on the worker node (default glidein-pilot)
+    executable: str | None = None  # the grid pilot to transfer (default: the package's glidein-grid-pilot.sh)
+    condor_tarball: str | None = None  # a factory.condor_tarballs name: HTCondor for worker nodes without it
     max_releases: Annotated[int, Field(ge=0, le=100)] = 3  # releases of a held pilot before it is removed
     credential_dir: str | None = None
     log_dir: str | None = None
@@ -246,6 +251,7 @@ BUILTIN = {m.name: m for m in (
         userdata_max_bytes=65535,
         options=HTCondorGOptions,
         vm=False,  # worker nodes we do not build (ec2 grid resources still take image and flavor)
+        queued=True,  # a grid job waits at the schedd and at the site before it starts
     ),
 )}
 

@@ -30,6 +30,7 @@ from sqlalchemy import (
     Table,
     Text,
     delete,
+    or_,
     select,
     tuple_,
 )
@@ -50,6 +51,8 @@ PILOTS = Table(
     Column("request", String(256)),  # the frontend run (or burst run) whose request it serves
     Column("factory_run", String(256)),  # the factory run that launched it
     Column("launched", Float, nullable=False),
+    Column("started", Float),  # when the site started it (grid jobs queue first); NULL: not started, or a VM
+    Column("alias", String(128)),  # another id the pilot may claim (an EC2 GAHP job's instance id), or NULL
     Column("state", String(32), nullable=False),
     Column("provider_state", String(32)),
     Column("conn", String(256)),
@@ -62,6 +65,8 @@ PILOTS = Table(
     # the Pilots page filters by state or frontend and pages by (entry, id): a range scan at any depth
     Index("ix_glidein_pilots_state_entry_id", "state", "entry", "id"),
     Index("ix_glidein_pilots_frontend_entry_id", "frontend", "entry", "id"),
+    # the bootstrap service finds a pilot by the alias it claims
+    Index("ix_glidein_pilots_entry_alias", "entry", "alias"),
 )
 
 ENTRY_HEALTH = Table(
@@ -358,14 +363,15 @@ def save_health(store: StateStore, rows: Iterable[Mapping[str, Any]]) -> None:
     _upsert(store, ENTRY_HEALTH, [dict(r) for r in rows], ["entry"])
 
 
-def recorded(store: StateStore | Connection, entry: str, launch_id: str, instance_id: str) -> bool:
-    """Did the factory record ``instance_id`` as made by ``launch_id`` at ``entry``? (no provider call)
+def resolve(store: StateStore | Connection, entry: str, launch_id: str, claimed: str) -> str | None:
+    """The pilot's id if the factory recorded ``claimed`` (its id, or its alias: an EC2 GAHP job's
+    instance id) as made by ``launch_id`` at ``entry``; None if it did not. No provider call.
 
     ``store`` may be a connection of a transaction under way (the bootstrap service's exchange).
     """
-    q = select(PILOTS.c.id).where(PILOTS.c.entry == entry, PILOTS.c.id == instance_id,
-                                  PILOTS.c.launch == launch_id).limit(1)
+    q = select(PILOTS.c.id).where(PILOTS.c.entry == entry, PILOTS.c.launch == launch_id,
+                                  or_(PILOTS.c.id == claimed, PILOTS.c.alias == claimed)).limit(1)
     if isinstance(store, Connection):
-        return store.execute(q).first() is not None
+        return store.execute(q).scalar()
     with store.begin() as conn:
-        return conn.execute(q).first() is not None
+        return conn.execute(q).scalar()

@@ -59,6 +59,14 @@ def split_key(key: str) -> tuple[str, str]:
     return entry, pid
 
 
+def start_of(started: float | None, launched: float, queued: bool) -> float | None:
+    """When a pilot's boot timeout and lifetime began: where pilots wait in a queue (``queued``: grid
+    jobs), its start at the site, None while it is still queued; elsewhere its launch (a VM boots then)."""
+    if started is not None:
+        return started
+    return None if queued else launched
+
+
 def request_key(frontend: str | None, burst: str | None) -> str:
     """Whose request a pilot serves: its frontend's, or a burst's (which counts its own pilots)."""
     return f"burst-{burst}" if burst else (frontend or "-")
@@ -70,9 +78,13 @@ class ProviderInstance:
 
     id: str
     state: str  # one of the P_* states
-    launched: float  # epoch seconds
+    launched: float  # epoch seconds: when it was asked for (a grid job's submission)
     tags: dict[str, str] = field(default_factory=dict)
     detail: str = ""  # provider status text, fault message
+    # when the site started it, where a pilot can wait in a queue first (a grid job's JobCurrentStartDate);
+    # None: not started yet there, or a provider without queues (then it starts when launched)
+    started: float | None = None
+    aliases: tuple[str, ...] = ()  # other ids the pilot may give itself (an EC2 GAHP job's instance id)
 
     @property
     def launch_id(self) -> str | None:
@@ -90,6 +102,7 @@ class Pilot:
     provider_state: str
     detail: str = ""
     burst: str | None = None
+    started: float | None = None  # see ProviderInstance.started
 
     @property
     def key(self) -> str:

@@ -14,7 +14,7 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from airflow_glidein import credentials
+from airflow_glidein import credentials, middlewares
 from airflow_glidein import pilots as P
 from airflow_glidein.config import Config
 from airflow_glidein.planning import apportion
@@ -108,8 +108,10 @@ def plan_launches(
     if now is not None:
         for p in pilots:
             if p.state in P.CAPACITY and p.entry in entries:
-                policy = config.policy_for(entries[p.entry], p.frontend)
-                if p.launched + policy.max_lifetime - now < policy.min_idle_lifetime:
+                entry = entries[p.entry]
+                policy = config.policy_for(entry, p.frontend)
+                start = P.start_of(p.started, p.launched, middlewares.get(entry.middleware).queued)
+                if (now if start is None else start) + policy.max_lifetime - now < policy.min_idle_lifetime:
                     expiring.add(p.pilot_key)
     pilots = [p if p.pilot_key not in expiring else _not_capacity(p) for p in pilots]
     by_entry: dict[str, list[P.Pilot]] = {}

@@ -132,8 +132,8 @@ class SubmitPilotsOperator(GlideinBaseOperator):
                 image=batch["image"],
                 request=batch["request"],
                 extra_tags=tags,
-                # registers the launch and its bootstrap token, then signs the envelope
-                userdata=userdata_for(cfg, entry, batch, conn_id),
+                # registers the launch and its bootstrap token (issued now, on the factory's clock), then signs
+                userdata=userdata_for(cfg, entry, batch, conn_id, now=self.now()),
             )
             record = pilotdb.LaunchLog(store, entry.name, spec.launch_id, self.now(), {
                 "frontend": spec.frontend, "burst": batch.get("burst"), "request": spec.request,

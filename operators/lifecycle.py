@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 from airflow_glidein import lifecycle as L
-from airflow_glidein import history, metrics, pilotdb, provisioning, report, state
+from airflow_glidein import history, metrics, middlewares, pilotdb, provisioning, report, state
 from airflow_glidein import pilots as P
 from airflow_glidein.assets import GLIDEIN_STATUS
 from airflow_glidein.bootstrap import upkeep
@@ -42,7 +42,7 @@ def provision_conns(config: Config, entry: Entry) -> list[str]:
 
 def as_pilot(row: dict[str, Any], state: str | None = None) -> P.Pilot:
     return P.Pilot(row["id"], row["entry"], row.get("frontend"), row.get("launch"), state or row["state"],
-                   row["launched"], row.get("provider_state") or "", burst=row.get("burst"))
+                   row["launched"], row.get("provider_state") or "", burst=row.get("burst"), started=row.get("started"))
 
 
 def pilot_counts(rows: Any) -> dict[str, dict[str, dict[str, int]]]:
@@ -81,6 +81,17 @@ def entry_of(config: Config, name: str) -> Entry:
         if snap is None:
             raise KeyError(f"entry {name!r} is neither configured nor remembered") from None
         return Entry.model_validate(snap["config"])
+
+
+def joined(startds: dict[str, dict] | None, entry: str, inst: P.ProviderInstance) -> dict | None:
+    """The startd ad of a listed pilot: by its key, or by an alias it may have claimed (an EC2 GAHP job's
+    instance id)."""
+    if startds is None:
+        return None
+    for pid in (inst.id, *inst.aliases):
+        if P.pilot_key(entry, pid) in startds:
+            return startds[P.pilot_key(entry, pid)]
+    return None
 
 
 def tag_policy(tags: dict[str, str]) -> dict[str, int] | None:
@@ -137,20 +148,22 @@ class InventoryOperator(GlideinBaseOperator):
                 key = P.pilot_key(entry.name, iid)
                 prev = remembered.pop(key, None)
                 frontend = inst.tags.get(P.TAG_FRONTEND)
-                startd = startds.get(key) if startds is not None else None
+                startd = joined(startds, entry.name, inst)
                 gone_from_config = (f"entry {entry.name!r} is no longer configured" if entry.name in removed else
                                     f"its connection {conn_id!r} is no longer a provisioning credential of the entry"
                                     if conn_id not in current else "")
                 obs = L.Observation(inst.state, inst.launched, known=frontend in frontends and not gone_from_config,
-                                    startd=startd, collector=startds is not None)
+                                    startd=startd, collector=startds is not None, started=inst.started)
                 policy = cfg.policy_for(entry, frontend)
+                queue_timeout = policy.queue_timeout if middlewares.get(entry.middleware).queued else None
                 st, mem = L.transition(L.Memory.from_dict(prev and prev["memory"]), obs, now, policy.boot_timeout,
-                                       policy.terminate_deadline)
+                                       policy.terminate_deadline, queue_timeout)
                 rows.append({
                     "id": iid, "entry": entry.name, "frontend": frontend, "burst": inst.tags.get(P.TAG_BURST),
                     "policy": tag_policy(inst.tags), "launch": inst.launch_id,
                     "request": inst.tags.get(P.TAG_REQUEST), "factory_run": inst.tags.get(P.TAG_FACTORY_RUN),
-                    "launched": inst.launched or (prev or {}).get("launched") or now, "state": st,
+                    "launched": inst.launched or (prev or {}).get("launched") or now, "started": inst.started,
+                    "alias": inst.aliases[0] if inst.aliases else None, "state": st,
                     "provider_state": inst.state, "conn": conn_id,
                     "detail": "; ".join(filter(None, [gone_from_config, inst.detail])),
                     "startd": {k: startd[k] for k in STARTD_KEEP if k in startd} if startd else None,
@@ -257,7 +270,8 @@ class InventoryOperator(GlideinBaseOperator):
                             listed[tagged].setdefault(inst.id, (inst, conn_id))
                     continue
                 for entry, hook in members:
-                    for inst in hook.list_pilots():
+                    # held grid jobs are released or removed here, by the inventory only (never by a reader)
+                    for inst in hook.sanitize(hook.list_pilots()):
                         listed[entry.name].setdefault(inst.id, (inst, conn_id))
             except Exception as exc:  # one provider down must not stop the other entries
                 self.log.error("Entries %s: listing with connection %s failed: %s", sorted(names), conn_id,

@@ -33,6 +33,7 @@ def test_wheel_maps_operators_and_sensors_into_the_package(tmp_path):
     assert "airflow_glidein/sensors/__init__.py" in names
     assert {"airflow_glidein/migrations/env.py", "airflow_glidein/migrations/script.py.mako",
             "airflow_glidein/migrations/versions/0001_initial.py"} <= names  # the state store migrates itself
+    assert "airflow_glidein/pilot/glidein-grid-pilot.sh" in names  # what grid jobs run, transferred from there
     assert not any(n.startswith(("operators/", "sensors/", "tests/", "dags/")) for n in names)
 
 

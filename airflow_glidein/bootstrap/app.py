@@ -13,19 +13,22 @@ with sed.
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import logging
 import math
+import os
 import threading
 import time
+from functools import lru_cache
 from urllib.parse import quote
 from typing import Annotated, Any
 
 from anyio import to_thread
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, Response
 
-from airflow_glidein import budget, metrics, pilotdb, userdata
+from airflow_glidein import budget, metrics, middlewares, pilotdb, userdata
 from airflow_glidein.bootstrap import guard, identity, keys, listings, tokens
 from airflow_glidein.bootstrap.guard import clean
 from airflow_glidein.bootstrap.launches import startup_script
@@ -98,21 +101,27 @@ class Service:
 
         return admit
 
-    async def check_listed(self, launch: tokens.Launch, pilot_id: str, recorded: bool = False) -> None:
-        """Refuse unless ``pilot_id`` is one of the launch's instances: the factory's record (unless the caller
-        looked already), else the launch's listing (shared, at most one per interval; waited for, not slept on)."""
-        if not recorded and await to_thread.run_sync(pilotdb.recorded, self.store, launch.entry, launch.launch_id,
-                                                     pilot_id):
-            return
+    async def check_listed(self, launch: tokens.Launch, claimed: str, recorded: bool = False) -> str:
+        """The pilot's id ``claimed`` names (itself, or the pilot an alias belongs to); refused unless it is one
+        of the launch's: the factory's record (unless the caller looked already), else the launch's listing
+        (shared, at most one per interval; waited for, not slept on)."""
+        if not recorded:
+            pid = await to_thread.run_sync(pilotdb.resolve, self.store, launch.entry, launch.launch_id, claimed)
+            if pid is not None:
+                return pid
         try:
-            found = await self.listings.contains(self.store, launch.launch_id, pilot_id, lambda: self._list(launch),
-                                                 guard.Settings.read().listing_interval)
+            found = await self.listings.find(self.store, launch.launch_id, claimed, lambda: self._list(launch),
+                                             guard.Settings.read().listing_interval)
         except listings.Unavailable as exc:
             raise tokens.Refused(503, str(exc), "unavailable", retry_after=exc.retry_after) from None
-        tokens.check_listed(found, launch, pilot_id)
+        tokens.check_listed(found is not None, launch, claimed)
+        assert found is not None
+        return found
 
-    def _list(self, launch: tokens.Launch) -> set[str]:
-        """One provider listing of the launch, never waiting for the API budget nor backing off."""
+    def _list(self, launch: tokens.Launch) -> dict[str, str]:
+        """One provider listing of the launch, never waiting for the API budget nor backing off: {each id a pilot
+        may claim (its own, its aliases): the pilot's id}. Listing never acts on a pilot (held grid jobs are
+        the factory's inventory's to release or remove)."""
         from airflow_glidein.hooks import pilot_hook
 
         hook = pilot_hook(self.entry(launch), launch.factory, launch.provision_conn)
@@ -126,13 +135,14 @@ class Service:
                                          exc.retry_after) from None
         log.info("Listed launch %s at %s for the bootstrap service: %d instances", launch.launch_id, launch.entry,
                  len(found))
-        return {i.id for i in found if i.launch_id == launch.launch_id}
+        return {name: i.id for i in found if i.launch_id == launch.launch_id for name in (i.id, *i.aliases)}
 
-    async def exchange(self, token: str, pilot_id: str, proof: dict[str, str],
-                       admit: tokens.Admit) -> tuple[tokens.Launch, str, float, str]:
+    async def exchange(self, token: str, claimed: str, proof: dict[str, str],
+                       admit: tokens.Admit) -> tuple[tokens.Launch, str, str, float, str]:
         """``tokens.exchange``'s steps, with the provider's listing (when the factory's record cannot tell)
-        waited for asynchronously."""
-        def known(conn: Any, launch: tokens.Launch, pid: str) -> bool:  # without a provider call
+        waited for asynchronously. Returns (launch, the pilot's id, upload token, its expiry, credential): an
+        alias (an EC2 GAHP job's instance id) is bound under the pilot it belongs to."""
+        def known(conn: Any, launch: tokens.Launch, pid: str) -> str | None:  # without a provider call
             try:
                 identity.verify_ec2(self.entry(launch), pid, proof)
             except identity.IdentityRefused as exc:
@@ -141,17 +151,17 @@ class Service:
                 log.error("%s: exchanges at this entry are refused until it is fixed", exc)
                 raise tokens.Refused(503, "the service cannot check instance identity documents now; try again",
                                      "identity_cert", retry_after=60) from None
-            return self.listings.known(launch.launch_id, pid) or pilotdb.recorded(conn, launch.entry,
-                                                                                  launch.launch_id, pid)
+            return self.listings.known(launch.launch_id, pid) or pilotdb.resolve(conn, launch.entry,
+                                                                                 launch.launch_id, pid)
 
         now = time.time()
-        launch, bound = await to_thread.run_sync(tokens.begin_exchange, self.store, token, pilot_id, now,
-                                                 self.pilot_secret, admit, known)
+        launch, pilot_id, bound = await to_thread.run_sync(tokens.begin_exchange, self.store, token, claimed, now,
+                                                           self.pilot_secret, admit, known)
         if bound is None:
-            await self.check_listed(launch, pilot_id, recorded=True)
+            pilot_id = await self.check_listed(launch, claimed, recorded=True)
             bound = await to_thread.run_sync(tokens.finish_exchange, self.store, launch, pilot_id, now,
                                              self.pilot_secret)
-        return (launch, *bound)
+        return (launch, pilot_id, *bound)
 
     def pilot_secret(self, launch: tokens.Launch) -> str:
         """The launch's pilot credential, read from its Airflow connection ('' when the launch has none);
@@ -173,13 +183,17 @@ class Service:
         self._secrets[launch.pilot_credential] = (now, secret)
         return secret
 
-    def handover(self, launch: tokens.Launch, pilot_id: str, upload: str, upload_expires: float, secret: str) -> str:
+    def handover(self, launch: tokens.Launch, pilot_id: str, claimed: str, upload: str, upload_expires: float,
+                 secret: str, now: float) -> str:
         cfg = self.config
         entry = cfg.entry(launch.entry)
         p = launch.policy
-        to_retire = int(launch.created + p["max_lifetime"])
+        # the lifetime runs from the start: a VM starts when launched; a grid job that queued starts about now
+        start = now if middlewares.get(entry.middleware).queued else launch.created
+        to_retire = int(start + p["max_lifetime"])
         fields: dict[str, Any] = {
             "pilot_id": pilot_id,
+            "instance_id": claimed,  # the id it claimed: its own, or an alias (an EC2 GAHP job's instance id)
             "pilot_key": f"{launch.entry}/{pilot_id}",  # the startd's GLIDEIN_PILOT_ID: ids collide across endpoints
             "launch_id": launch.launch_id,
             "entry": launch.entry,
@@ -201,12 +215,32 @@ class Service:
         fields.update({f"attr.{k}": _literal(v) for k, v in sorted(entry.attrs.items())})
         return _lines(fields)
 
+    def release(self, name: str) -> str:
+        """The file of the HTCondor release ``name`` the factory serves, once it matches its configured SHA-256
+        (a file replaced under the service is refused here, not by thousands of pilots one by one)."""
+        tarball = self.config.factory.condor_tarballs.get(name)
+        if tarball is None:
+            raise tokens.Refused(404, f"the factory serves no HTCondor release {name}", "unknown_release")
+        try:
+            got = _sha256(tarball.path, *_stamp(tarball.path))
+        except OSError as exc:
+            log.error("HTCondor release %s cannot be read (%s: %s); it is not served", name, type(exc).__name__,
+                      clean(exc, 200))
+            got = None
+        if got != tarball.sha256:
+            if got is not None:
+                log.error("HTCondor release %s: the file has SHA-256 %s, factory.condor_tarballs says %s; it is not "
+                          "served", name, got, tarball.sha256)
+            raise tokens.Refused(503, f"HTCondor release {name} is unavailable now; try again", "release",
+                                 retry_after=60)
+        return tarball.path
+
     def refuse(self, what: str, exc: Refusal, request: Request, subject: str,
                seen: dict[str, Any]) -> PlainTextResponse:
         """One log line and one metric per refusal, counted against the token; the reply says why (escaped:
         it may quote the request)."""
         metrics.incr(1, "bootstrap", "refused", exc.reason, reason=exc.reason, route=what)
-        if "token" in seen and exc.status != 429 and exc.reason not in ("unavailable", "credential"):
+        if "token" in seen and exc.status != 429 and exc.reason not in ("unavailable", "credential", "release"):
             self.limiter.token_refused(*seen["token"])
         client = clean(_client(request), 60)
         if exc.reason == "rebind":
@@ -218,6 +252,21 @@ class Service:
             log.warning("%s for %s from %s refused (%s): %s", what, subject, client, exc.reason, clean(exc, 300))
         headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
         return PlainTextResponse(f"error={clean(exc, 500)}\n", status_code=exc.status, headers=headers)
+
+
+def _stamp(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
+
+
+@lru_cache(maxsize=8)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    """A release's SHA-256, read once per version of the file (size and mtime key it)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _client(request: Request) -> str:
@@ -317,13 +366,32 @@ def create_app(*, ui: bool, config_file: str | None = None, state_url: str | Non
             token = _bearer(authorization)
             check_name(instance_id, "instance id")
             proof = identity.parse_body(await _small_body(request, identity.MAX_BODY))
-            launch, upload, expires, secret = await svc.exchange(token, instance_id, proof, svc.admitter(seen))
+            launch, pilot_id, upload, expires, secret = await svc.exchange(token, instance_id, proof,
+                                                                          svc.admitter(seen))
         except (tokens.Refused, LogRefused) as exc:
             return svc.refuse("Exchange", exc, request, f"instance {clean(instance_id)}", seen)
         metrics.incr(1, "bootstrap", "exchanges", launch.entry, entry=launch.entry)
-        log.info("Pilot %s of launch %s at %s exchanged its bootstrap token", instance_id, launch.launch_id,
-                 launch.entry)
-        return PlainTextResponse(svc.handover(launch, instance_id, upload, expires, secret))
+        log.info("Pilot %s of launch %s at %s exchanged its bootstrap token%s", pilot_id, launch.launch_id,
+                 launch.entry, f" (as instance {instance_id})" if instance_id != pilot_id else "")
+        return PlainTextResponse(svc.handover(launch, pilot_id, instance_id, upload, expires, secret, time.time()))
+
+    @app.api_route("/bootstrap/condor/{name}.tar.gz", methods=["GET", "HEAD"])
+    async def get_release(name: str, request: Request,
+                          authorization: Annotated[str | None, Header()] = None) -> Response:
+        """The factory's HTCondor release, for a pilot that exchanged its token (its upload token) on a worker node
+        without HTCondor; the pilot checks it against the SHA-256 in its signed envelope."""
+        seen: dict[str, Any] = {}
+        try:
+            token = _bearer(authorization)
+            check_name(name, "release name")
+            entry, pilot_id = await to_thread.run_sync(tokens.pilot_of, svc.store, token, time.time(),
+                                                       svc.admitter(seen))
+            path = await to_thread.run_sync(svc.release, name)
+        except (tokens.Refused, LogRefused) as exc:
+            return svc.refuse("HTCondor release", exc, request, f"release {clean(name)}", seen)
+        metrics.incr(1, "bootstrap", "releases", entry, entry=entry)
+        log.info("Pilot %s at %s fetches HTCondor release %s", pilot_id, entry, name)
+        return FileResponse(path, media_type="application/gzip")
 
     @app.put("/bootstrap/logs/{name:path}")
     async def put_log(name: str, request: Request, instance_id: Annotated[str | None, Query(max_length=255)] = None,
@@ -338,8 +406,9 @@ def create_app(*, ui: bool, config_file: str | None = None, state_url: str | Non
                 check_name(instance_id, "instance id")
             entry, pilot_id, early = await to_thread.run_sync(
                 tokens.uploader, svc.store, token, time.time(), instance_id, svc.admitter(seen))
-            if early is not None:  # a bootstrap token, for an instance it claims
-                await svc.check_listed(early, pilot_id)
+            if early is not None:  # a bootstrap token, for an instance it claims (an alias: for its pilot)
+                pilot_id = await svc.check_listed(early, pilot_id)
+                await to_thread.run_sync(tokens.unbound, svc.store, early, pilot_id)
             subject = f"log {name} of pilot {pilot_id} at {entry}"
             size = await svc.logs.write(svc.store, entry, pilot_id, name, request.stream(), content_length,
                                         early is not None)

@@ -8,9 +8,12 @@ options, else ``[glidein] ec2_identity_cert``: a PEM file or the PEM text),
 its pilots must send the document and its signature with the exchange, and
 the document's instanceId (and region, when the entry names one) must be the
 instance claimed: a token read from UserData is then useless on another
-machine. Elsewhere (OpenStack, OpenNebula, grid jobs, EC2 without a
-certificate) nothing a VM can send proves its id: the first exchange binds
-it, a second claim of a bound id is refused and reported.
+machine. The same holds for the VMs HTCondor-G's EC2 GAHP starts (an
+``htcondor_g`` entry whose grid_resource is ``ec2 URL``): such a VM claims its
+instance id, the alias of its grid job. Elsewhere (OpenStack, OpenNebula,
+grid jobs on worker nodes, EC2 without a certificate) nothing a pilot can
+send proves its id: the first exchange binds it, a second claim of a bound id
+is refused and reported.
 """
 
 from __future__ import annotations
@@ -43,7 +46,8 @@ class CertificateUnusable(Exception):
 
 def certificate_source(entry: Entry) -> str | None:
     """The PEM (file or text) an EC2 entry's identity documents are checked with, or None."""
-    if entry.middleware != "ec2":
+    ec2_grid = entry.middleware == "htcondor_g" and str(entry.options.get("grid_resource", "")).startswith("ec2 ")
+    if entry.middleware != "ec2" and not ec2_grid:
         return None
     return entry.options.get("identity_cert") or setting("ec2_identity_cert", "") or None
 

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from airflow_glidein import userdata
+from airflow_glidein import middlewares, userdata
 from airflow_glidein.bootstrap import keys, tokens
 from airflow_glidein.config import Config, Entry
 from airflow_glidein.state import StateStore, store
@@ -28,16 +28,23 @@ def userdata_for(cfg: Config, entry: Entry, batch: dict[str, Any], provision_con
                  st: StateStore | None = None, now: float | None = None) -> str:
     """Register ``batch`` (a plan_launches item) with a fresh bootstrap token; return its signed envelope.
 
-    The token lives as long as the entry's boot timeout (grid pilots may
-    queue for hours); only its hash is stored. An entry with
-    ``encrypt_userdata`` gets the envelope sealed for its image key, with a
-    log-only token in the clear.
+    The token lives as long as the entry's boot timeout, plus its queue
+    timeout where pilots wait in a queue before they start (grid jobs may
+    queue for hours; the boot timeout runs from the start); only its hash is
+    stored. A grid entry with a ``condor_tarball`` gets the release's name
+    and SHA-256 signed into the envelope (the pilot checks what it fetches).
+    An entry with ``encrypt_userdata`` gets the envelope sealed for its image
+    key, with a log-only token in the clear.
     """
     st = st or store()
     now = time.time() if now is None else now
     policy = {k: int(v) for k, v in batch["policy"].items()}
     token = tokens.new_token()
-    expires = now + policy["boot_timeout"]
+    queued = middlewares.get(entry.middleware).queued
+    expires = now + policy["boot_timeout"] + (policy.get("queue_timeout", 0) if queued else 0)
+    release = entry.options.get("condor_tarball")
+    tarball = {"condor_tarball": release, "condor_tarball_sha256": cfg.factory.condor_tarballs[release].sha256} \
+        if release else {}
     payload = {
         "factory": cfg.factory.name,
         "entry": entry.name,
@@ -48,6 +55,7 @@ def userdata_for(cfg: Config, entry: Entry, batch: dict[str, Any], provision_con
         "token_expires": int(expires),
         "issued": int(now),
         "script_sha256": hashlib.sha256(startup_script()).hexdigest(),
+        **tarball,
         **policy,
     }
     # Build first: an envelope too large for the middleware (or an entry without its image key) registers nothing.

@@ -9,6 +9,10 @@ store); a listing never waits for the API budget (``budget.no_wait``): a
 spent budget is a 503 with Retry-After, remembered like a failed listing.
 An id once listed under the launch stays known (ids are never reused), so
 hits never list again; only misses wait for the next interval.
+
+A listing maps each id a pilot may claim to the pilot's own id: itself, or,
+for an alias (an EC2 GAHP job's instance id), the job it belongs to
+(shared as ``alias=id``).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import anyio
@@ -38,7 +42,8 @@ FAILED_HOLD_MAX = 60.0  # s at most a failed listing (or a spent budget) keeps t
 listings = Table(
     "glidein_launch_listings", METADATA,
     Column("launch_id", String(255), primary_key=True),
-    Column("ids", Text),  # space-separated ids the provider listed under the launch; NULL: the listing failed
+    # space-separated ids the provider listed under the launch ("alias=id" for an alias); NULL: the listing failed
+    Column("ids", Text),
     Column("listed", Float, nullable=False),  # when it was asked (0: never)
     Column("next", Float, nullable=False),  # no new listing before then
     Column("claimed", Float),  # a process is listing it since then (NULL: none)
@@ -56,14 +61,23 @@ class Unavailable(Exception):
 
 @dataclass
 class _Known:
-    ids: set[str] = field(default_factory=set)
+    ids: dict[str, str] = field(default_factory=dict)  # an id a pilot may claim -> the pilot's own id
     next: float = 0.0  # no new listing before then
     failed: str | None = None  # the last listing's failure, while ``next`` holds
     used: float = 0.0
 
 
-# What a listing call returns: the launch's instance ids; raises ListingFailed(message, retry_after).
-Lister = Callable[[], set[str]]
+# What a listing call returns: {an id a pilot of the launch may claim: the pilot's own id}; raises
+# ListingFailed(message, retry_after).
+Lister = Callable[[], Mapping[str, str]]
+
+
+def _decode(text: str | None) -> dict[str, str]:
+    return {name: pid or name for name, _, pid in (item.partition("=") for item in (text or "").split())}
+
+
+def _encode(ids: Mapping[str, str]) -> str:
+    return " ".join(sorted(name if pid == name else f"{name}={pid}" for name, pid in ids.items()))
 
 
 class ListingFailed(Exception):
@@ -99,17 +113,19 @@ class LaunchListings:
                 self._locks[launch_id] = anyio.Lock()
             return known, self._locks[launch_id]
 
-    def known(self, launch_id: str, instance_id: str) -> bool:
-        """Has this process seen ``instance_id`` listed under the launch? (no database, no provider)"""
+    def known(self, launch_id: str, instance_id: str) -> str | None:
+        """The pilot's id if this process has seen ``instance_id`` listed under the launch (no database, no
+        provider), else None."""
         k = self._known.get(launch_id)
-        return k is not None and instance_id in k.ids
+        return k.ids.get(instance_id) if k is not None else None
 
-    async def contains(self, st: StateStore, launch_id: str, instance_id: str, lister: Lister,
-                       interval: float = INTERVAL) -> bool:
-        """Is ``instance_id`` listed under ``launch_id``? Lists through ``lister`` at most once per interval."""
+    async def find(self, st: StateStore, launch_id: str, instance_id: str, lister: Lister,
+                   interval: float = INTERVAL) -> str | None:
+        """The pilot's id if ``instance_id`` is listed under ``launch_id`` (None: it is not). Lists through
+        ``lister`` at most once per interval."""
         known, lock = self._entry(launch_id)
         if instance_id in known.ids:
-            return True
+            return known.ids[instance_id]
         busy = Unavailable(f"launch {launch_id} is being listed at its provider; try again", 1)
         with anyio.move_on_after(WAIT) as waited:
             await lock.acquire()
@@ -117,7 +133,7 @@ class LaunchListings:
             raise busy
         try:
             if instance_id in known.ids:
-                return True
+                return known.ids[instance_id]
             now = time.time()
             if now < known.next:
                 return self._answer(known, instance_id, now)
@@ -126,7 +142,7 @@ class LaunchListings:
                 got = await to_thread.run_sync(_shared, st, launch_id, now)
                 if got is not None:  # another process listed it lately (or is the one to do it now: we are)
                     ids, nxt, failed = got
-                    known.ids |= ids
+                    known.ids.update(ids)
                     known.next, known.failed = nxt, failed
                     if nxt <= now:
                         await to_thread.run_sync(self._list, st, launch_id, known, lister, now, interval)
@@ -138,18 +154,18 @@ class LaunchListings:
         finally:
             lock.release()
 
-    def _answer(self, known: _Known, instance_id: str, now: float) -> bool:
+    def _answer(self, known: _Known, instance_id: str, now: float) -> str | None:
         if instance_id in known.ids:
-            return True
+            return known.ids[instance_id]
         if known.failed is not None:
             raise Unavailable(known.failed, known.next - now)
-        return False
+        return None
 
     def _list(self, st: StateStore, launch_id: str, known: _Known, lister: Lister, now: float,
               interval: float) -> None:
         """We hold the claim: ask the provider, share what it said (or that it failed)."""
         try:
-            ids, failed, hold = lister(), None, interval
+            ids, failed, hold = dict(lister()), None, interval
         except ListingFailed as exc:
             ids, failed, hold = None, str(exc), min(max(exc.retry_after, 1.0), FAILED_HOLD_MAX)
         except Exception as exc:  # a failure is shared like an answer: the next request must not call again
@@ -158,14 +174,14 @@ class LaunchListings:
         nxt = time.time() + hold
         with st.begin() as conn:
             conn.execute(update(listings).where(listings.c.launch_id == launch_id).values(
-                ids=None if ids is None else " ".join(sorted(ids | known.ids)), listed=now, next=nxt,
+                ids=None if ids is None else _encode({**known.ids, **ids}), listed=now, next=nxt,
                 claimed=None, reason=failed))
         if ids is not None:
-            known.ids |= ids
+            known.ids.update(ids)
         known.next, known.failed = nxt, failed
 
 
-def _shared(st: StateStore, launch_id: str, now: float) -> tuple[set[str], float, str | None] | None:
+def _shared(st: StateStore, launch_id: str, now: float) -> tuple[dict[str, str], float, str | None] | None:
     """The shared row: (ids, next, failure) to use, with next <= now meaning "the claim is ours: list";
     None while another process holds the claim."""
     with st.begin() as conn:
@@ -177,8 +193,8 @@ def _shared(st: StateStore, launch_id: str, now: float) -> tuple[set[str], float
                                                          claimed=now))
             except IntegrityError:  # another process claimed it first
                 return None
-            return set(), 0.0, None
-        ids = set((row.ids or "").split())
+            return {}, 0.0, None
+        ids = _decode(row.ids)
         if row.next > now:
             return ids, row.next, (row.reason or "the last listing failed") if row.ids is None else None
         if row.claimed is not None and now - row.claimed < CLAIM_TTL:

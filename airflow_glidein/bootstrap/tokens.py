@@ -195,9 +195,10 @@ def check_listed(found: bool, launch: Launch, pilot_id: str) -> None:
                       "not_in_launch")
 
 
-# Answers from the state store alone, inside the exchange's first transaction: True if the instance is known to
-# be the launch's (the factory recorded it), False if a provider listing must tell; raises Refused to refuse.
-Known = Callable[[Any, Launch, str], bool]
+# Answers from the state store alone, inside the exchange's first transaction: the pilot's own id if the instance
+# is known to be the launch's (the factory recorded it: its id, or an alias it claims, such as an EC2 GAHP job's
+# instance id), None if a provider listing must tell; raises Refused to refuse.
+Known = Callable[[Any, Launch, str], str | None]
 Bound = tuple[str, float, Any]  # upload token, its expiry, what prepare() gathered
 
 
@@ -221,18 +222,20 @@ def _once(pilot_id: str) -> Iterator[None]:
         raise Refused(403, f"instance {pilot_id} already exchanged its bootstrap token", "rebind") from None
 
 
-def begin_exchange(st: StateStore, token: str, pilot_id: str, now: float,
+def begin_exchange(st: StateStore, token: str, claimed: str, now: float,
                    prepare: Callable[[Launch], T] = lambda launch: None, admit: Admit = _admit_none,
-                   known: Known = lambda conn, launch, pilot_id: False) -> tuple[Launch, Bound | None]:
+                   known: Known = lambda conn, launch, claimed: None) -> tuple[Launch, str, Bound | None]:
     """The exchange's first transaction (the launch's row locked): checks the token and the launch's room, and
-    binds at once when ``known`` can tell from the state store that the instance is the launch's. Returns
-    (launch, bound), bound None when the provider must tell first (then ``finish_exchange``)."""
-    with _once(pilot_id), st.begin() as conn:
+    binds at once when ``known`` can tell from the state store which of the launch's pilots ``claimed`` is.
+    Returns (launch, the pilot's id, bound), bound None when the provider must tell first (then
+    ``finish_exchange`` with the pilot's id the listing names)."""
+    with _once(claimed), st.begin() as conn:
         launch = _valid(*_token(conn, token, lock=True), now, (BOOTSTRAP,), admit=admit)
-        _check_room(conn, launch, pilot_id)
-        if known(conn, launch, pilot_id):
-            return launch, _bind(conn, launch, pilot_id, now, prepare(launch))
-    return launch, None
+        pilot_id = known(conn, launch, claimed)
+        _check_room(conn, launch, pilot_id or claimed)
+        if pilot_id is not None:
+            return launch, pilot_id, _bind(conn, launch, pilot_id, now, prepare(launch))
+    return launch, claimed, None
 
 
 def finish_exchange(st: StateStore, launch: Launch, pilot_id: str, now: float,
@@ -248,7 +251,7 @@ def finish_exchange(st: StateStore, launch: Launch, pilot_id: str, now: float,
 def exchange(
     st: StateStore, token: str, pilot_id: str, now: float, in_launch: InLaunch,
     prepare: Callable[[Launch], T] = lambda launch: None, admit: Admit = _admit_none,
-    known: Known = lambda conn, launch, pilot_id: False,
+    known: Known = lambda conn, launch, claimed: None,
 ) -> tuple[Launch, str, float, T]:
     """Bind ``pilot_id`` to the token's launch; returns (launch, upload token, its expiry, prepared).
 
@@ -257,13 +260,30 @@ def exchange(
     provider's listing) outside any transaction (a provider call must not hold
     a lock), and a second transaction binds. ``prepare(launch)`` gathers what
     the exchange hands over; if it fails, nothing is bound and the pilot may
-    try again. (The service runs the same steps with an asynchronous listing.)
+    try again. (The service runs the same steps with an asynchronous listing,
+    and binds an alias's pilot under the pilot's own id.)
     """
-    launch, bound = begin_exchange(st, token, pilot_id, now, prepare, admit, known)
+    launch, pilot_id, bound = begin_exchange(st, token, pilot_id, now, prepare, admit, known)
     if bound is None:
         check_listed(in_launch(launch, pilot_id), launch, pilot_id)
         bound = finish_exchange(st, launch, pilot_id, now, prepare)
     return (launch, *bound)
+
+
+def pilot_of(st: StateStore, token: str, now: float, admit: Admit = _admit_none) -> tuple[str, str]:
+    """(entry, pilot id) of a pilot's upload token: a pilot that exchanged its bootstrap token (what may fetch
+    the factory's HTCondor release)."""
+    with st.begin() as conn:
+        row, launch = _token(conn, token)
+        launch = _valid(row, launch, now, (UPLOAD,), admit=admit)
+    return launch.entry, row.pilot_id
+
+
+def unbound(st: StateStore, launch: Launch, pilot_id: str) -> None:
+    """Refuse a bootstrap token's log upload for a pilot that has exchanged (its logs need its upload token)."""
+    with st.begin() as conn:
+        if _room(conn, launch, pilot_id)[0] is not None:
+            raise Refused(403, f"instance {pilot_id} has exchanged its token: its logs need its upload token", "rebind")
 
 
 def uploader(st: StateStore, token: str, now: float, claimed: str | None,

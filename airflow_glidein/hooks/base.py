@@ -265,7 +265,15 @@ class PilotHook(BaseHook):
         return None
 
     def list_pilots(self) -> list[P.ProviderInstance]:
+        """Our pilots at this entry. Listing never acts on them: whoever lists (the inventory, a sensor,
+        the bootstrap service for a token holder) changes nothing at the provider."""
         return self._list()
+
+    def sanitize(self, instances: list[P.ProviderInstance]) -> list[P.ProviderInstance]:
+        """The inventory's upkeep of this entry's listed pilots, and the listing as it stands after it
+        (glideinWMS's sanitizeGlideins: held grid jobs are released or removed). Only the factory's
+        inventory calls it, once per cycle, on the entry's own listing; default: nothing to do."""
+        return instances
 
     def list_launch(self, launch_id: str) -> list[P.ProviderInstance]:
         """Our live instances of one launch (the provider filters by the launch tag where it can)."""

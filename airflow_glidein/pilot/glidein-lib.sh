@@ -16,8 +16,8 @@ val() {
 }
 
 # http METHOD URL OUTFILE [HEADER] [BODYFILE]: prints the HTTP status, 000 when there was no answer.
-# HEADER is one "Name: value" line. With curl it goes through a mode-600 file, so a token does not
-# show in the process list. A 429 or 503 (the service is busy, or rate-limits us) is tried again after
+# HEADER is one "Name: value" line. It goes through a mode-600 file (curl -H @file, a wgetrc for wget),
+# so a token never shows in the process list. A 429 or 503 (the service is busy, or rate-limits us) is tried again after
 # the Retry-After it names, GLIDEIN_HTTP_RETRIES times at most (default 4), waiting 60 s at most.
 # https to a service with a private CA: GLIDEIN_CA_BUNDLE (default /etc/glidein/ca.pem, if it exists).
 http() {
@@ -60,9 +60,11 @@ http_once() {
     elif command -v wget >/dev/null 2>&1; then
         set -- wget -q -S -O "$_o" -T "${GLIDEIN_HTTP_TIMEOUT:-120}" -t 1 --content-on-error --method="$_m"
         [ -n "$_ca" ] && set -- "$@" --ca-certificate="$_ca"
-        [ -n "$_h" ] && set -- "$@" --header="$_h"
         [ -n "$_b" ] && set -- "$@" --body-file="$_b"
-        "$@" "$_u" 2>"$_o.err"
+        # the header (a token) goes through a mode-600 wgetrc, never on the command line
+        (umask 077 && : >"$_o.wgetrc" && { [ -z "$_h" ] || printf 'header = %s\n' "$_h" >"$_o.wgetrc"; })
+        WGETRC=$_o.wgetrc "$@" "$_u" 2>"$_o.err"
+        rm -f "$_o.wgetrc"
         _code=$(sed -n 's/^ *HTTP\/[0-9.]* \([0-9][0-9][0-9]\).*/\1/p' "$_o.err" | tail -n 1)
         sed -n 's/^ *\([Rr]etry-[Aa]fter:.*\)/\1/p' "$_o.err" >"$_o.rh"
         [ -n "${GLIDEIN_LOG:-}" ] && grep -v '^ ' "$_o.err" >>"$GLIDEIN_LOG"

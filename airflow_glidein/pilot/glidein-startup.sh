@@ -2,10 +2,11 @@
 # glidein-startup.sh: served by the bootstrap service; glidein-wrapper.sh checked its SHA-256
 # against the signed envelope before running it.
 #
-# Exchanges the bootstrap token for the pilot credential (an IDTOKEN), writes the HTCondor startd
-# configuration, runs condor_master in the foreground, and when it ends (normal exit, idle
-# shutdown, end of lifetime, a signal) uploads its stdout/stderr and the HTCondor logs.
-# The wrapper powers the VM off afterwards.
+# Exchanges the bootstrap token for the pilot credential (an IDTOKEN), brings HTCondor where the
+# machine has none (a grid worker node: the release the bootstrap service serves, checked against the
+# SHA-256 in the signed envelope), writes the HTCondor startd configuration, runs condor_master in the
+# foreground, and when it ends (normal exit, idle shutdown, end of lifetime, a signal) uploads its
+# stdout/stderr and the HTCondor logs. The wrapper powers the VM off afterwards (a grid job just ends).
 #
 # From the wrapper: GLIDEIN_LIB, GLIDEIN_WORKDIR, GLIDEIN_LOG, GLIDEIN_URL, GLIDEIN_ENVELOPE (the
 # verified envelope body), GLIDEIN_INSTANCE_ID, and on EC2 GLIDEIN_IDENTITY (the signed instance identity
@@ -33,6 +34,37 @@ GLIDEIN_LOG_MAX=$(val log_max_bytes "$X")
 export GLIDEIN_LOG_MAX
 glidein_log "exchanged the bootstrap token; logs may be uploaded until $(val upload_expires "$X")"
 
+# stop MESSAGE: say why, send this log home with the upload token, end.
+stop() {
+    glidein_log "STOP: $*"
+    rm -f "$X"
+    upload_log "$GLIDEIN_LOG" glidein.log "$UPLOAD"
+    exit 4
+}
+
+# -- HTCondor: the machine's, or the release the factory serves (a worker node may have none) --------
+RELEASE=""
+if ! command -v condor_master >/dev/null 2>&1; then
+    name=$(val condor_tarball "$GLIDEIN_ENVELOPE")
+    want=$(val condor_tarball_sha256 "$GLIDEIN_ENVELOPE")
+    [ -n "$name" ] && [ -n "$want" ] \
+        || stop "no condor_master on this machine, and the factory serves no HTCondor release for entry $(val entry "$X") (options.condor_tarball)"
+    tarball=$WORK/condor-release.tar.gz
+    code=$(http GET "$GLIDEIN_URL/bootstrap/condor/$name.tar.gz" "$tarball" "Authorization: Bearer $UPLOAD")
+    [ "$code" = 200 ] || stop "cannot fetch HTCondor release $name (HTTP $code): $(val error "$tarball" 2>/dev/null)"
+    got=$(sha256 "$tarball")
+    [ "$got" = "$want" ] || stop "HTCondor release $name has SHA-256 $got, the envelope says $want; not using it"
+    mkdir -p "$WORK/release" && tar -xzf "$tarball" -C "$WORK/release" 2>>"$GLIDEIN_LOG" \
+        || stop "cannot unpack HTCondor release $name"
+    rm -f "$tarball"
+    master=$(find "$WORK/release" -type f -name condor_master -path '*/sbin/*' | head -n 1)
+    [ -n "$master" ] || stop "HTCondor release $name holds no sbin/condor_master"
+    RELEASE=$(cd "$(dirname "$master")/.." && pwd)
+    PATH=$RELEASE/sbin:$RELEASE/bin:$PATH
+    export PATH
+    glidein_log "HTCondor release $name ($got) unpacked in $RELEASE"
+fi
+
 mkdir -p "$CONDOR/log" "$CONDOR/spool" "$CONDOR/execute" "$CONDOR/lock" "$CONDOR/run" "$CONDOR/tokens.d"
 val credential_b64 "$X" | b64d >"$CONDOR/tokens.d/pilot.idtoken"
 [ -s "$CONDOR/tokens.d/pilot.idtoken" ] || glidein_log "warning: the launch has no pilot credential; the startd may not be able to join the pool"
@@ -43,6 +75,10 @@ attrs=$(sed -n 's/^attr\.\([A-Za-z_][A-Za-z0-9_]*\)=.*$/\1/p' "$X" | tr '\n' ' '
 {
     printf '# Written by glidein-startup.sh for pilot %s\n' "$IID"
     printf 'LOCAL_DIR = %s\n' "$CONDOR"
+    if [ -n "$RELEASE" ]; then
+        printf 'RELEASE_DIR = %s\n' "$RELEASE"
+        printf '%s = $(RELEASE_DIR)/%s\n' BIN bin SBIN sbin LIB lib LIBEXEC libexec
+    fi
     cat <<'EOF'
 LOG = $(LOCAL_DIR)/log
 SPOOL = $(LOCAL_DIR)/spool

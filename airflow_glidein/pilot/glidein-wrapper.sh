@@ -6,7 +6,7 @@
 # checks its SHA-256 against the envelope, runs it, then powers the VM off. Needs only sh and curl
 # or wget (plus openssl 1.1.1+ or python3 to verify and decrypt).
 #
-# Usage: glidein-wrapper.sh [ENVELOPE_FILE [INSTANCE_ID]]   (a file/argument: grid pilots)
+# Usage: glidein-wrapper.sh [ENVELOPE_FILE [INSTANCE_ID]]   (a file and an id: grid pilots, glidein-grid-pilot.sh)
 #
 # Every place it looks can be overridden (the tests override all of them):
 #   GLIDEIN_WRAPPER_CONF            sourced first if it exists (default /etc/glidein/wrapper.conf)
@@ -27,6 +27,7 @@
 #   GLIDEIN_DECRYPTER               auto | openssl | python3 (default: as the verifier)
 #   GLIDEIN_WORKDIR                 (default /var/lib/glidein)
 #   GLIDEIN_POWEROFF_CMD            run at the end (default: systemctl poweroff || shutdown -h now || poweroff)
+#   GLIDEIN_POWEROFF                no: power nothing off (a grid job on a worker node we did not build)
 #   GLIDEIN_HTTP_CLIENT             curl | wget
 #   GLIDEIN_CA_BUNDLE               CA certificates of a bootstrap service with a private CA (default /etc/glidein/ca.pem)
 #
@@ -64,6 +65,10 @@ GLIDEIN_URL=""
 TOKEN=""
 
 poweroff_vm() {
+    if [ "${GLIDEIN_POWEROFF:-yes}" = no ]; then
+        glidein_log "not powering anything off: this is a job on a machine that is not ours"
+        return 0
+    fi
     cmd=${GLIDEIN_POWEROFF_CMD:-systemctl poweroff || shutdown -h now || poweroff}
     glidein_log "powering off: $cmd"
     sh -c "$cmd"

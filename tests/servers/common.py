@@ -172,15 +172,10 @@ def pool_token_connection(monkeypatch) -> None:
                        json.dumps({"conn_type": "generic", "password": POOL_TOKEN}))
 
 
-_KEY = None
-
-
 def signed_envelope(middleware: str, payload: dict) -> str:
-    """A real signed UserData envelope, with a key made once per test session."""
-    global _KEY
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    """A real signed UserData envelope, signed with this test's factory key (the state store's): a grid pilot
+    is sent the public half of the key that signed its envelope."""
+    from airflow_glidein import state, userdata
+    from airflow_glidein.bootstrap import keys
 
-    from airflow_glidein import userdata
-
-    _KEY = _KEY or Ed25519PrivateKey.generate()
-    return userdata.build(middleware, payload, _KEY)
+    return userdata.build(middleware, payload, keys.signing_key(state.store()))

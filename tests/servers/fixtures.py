@@ -174,6 +174,5 @@ def schedd_pair(monkeypatch, tmp_path) -> EndpointPair:
                 {"cores": 8, "memory_mb": 16000,
                  "options": {"collector": pool.address, "schedd": "schedd-{side}.pair.test",
                              "grid_resource": "condor ce-{side}.example.org ce-{side}.example.org:9619",
-                             "executable": "/usr/libexec/glidein/pilot-wrapper",
                              "credential_dir": str(tmp_path / "grid-creds"), "terminate_settle": 0}})
     pool.close()

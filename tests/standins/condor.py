@@ -20,8 +20,20 @@ What it covers:
   per distinct value of the projection, with JobCount) and ``AutoCluster``
   (one ad per distinct value of the schedd's significant attributes, with
   JobCount, AutoClusterId, AutoClusterAttrs); ``submit`` (records the real
-  Submit object, queues idle jobs), ``act`` (hold, release, remove),
-  ``edit``, and ``set_status`` for tests to move jobs along.
+  Submit object, queues idle jobs; ``$(Cluster)`` and ``$(Process)`` are
+  expanded per job, as condor_submit does; with ``spool=True`` the jobs are
+  held, HoldReasonCode 16, until ``spool``), ``spool`` (copies the
+  executable and input files from the submitter's disk into the job's spool
+  directory, its Iwd from then on, and releases the jobs), ``act`` (hold,
+  release, remove, remove-x; each recorded in ``actions``), ``edit``, and
+  ``set_status`` for tests to move jobs along.
+- The remote side of grid jobs, played by tests: ``start`` (the site starts a
+  job: JobStatus running, JobCurrentStartDate, GridJobId, GridJobStatus),
+  ``ec2_gahp`` (what the gridmanager's EC2 GAHP does: RunInstances with the
+  job's AMI, instance type and the user data file from its spool directory,
+  then GridJobId ``ec2 URL client-token i-...``) and ``sandbox`` (a job's
+  transferred files in a scratch directory, with its arguments and
+  environment, as a worker node gets them).
 - Faults: a schedd (or the collector) can ``fail`` (raises
   HTCondorException, as the bindings do) or ``hang`` (blocks until the pool
   is closed, as an unresponsive daemon does), or refuse GroupBy queries (an
@@ -40,7 +52,10 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import re
 import shutil
+import shlex
 import tempfile
 import threading
 import time
@@ -50,8 +65,10 @@ from typing import Any
 
 import classad2
 import htcondor2
+from htcondor2._submit_result import _SpooledProcAdList
 
 IDLE, RUNNING, REMOVED, COMPLETED, HELD = 1, 2, 3, 4, 5
+SPOOLING = 16  # HoldReasonCode of a job waiting for its input files to be spooled
 DEFAULT_SIGNIFICANT = ["RequestCpus", "RequestMemory", "RequestDisk", "RequestGPUs", "Requirements", "JobUniverse"]
 _POOLS: dict[str, Pool] = {}  # collector address -> pool, so Collector("host:port") finds its pool
 _PORTS = itertools.count(9619)  # each schedd its own address, across pools: Schedd(location) finds that one
@@ -124,6 +141,9 @@ class ScheddState(_Faulty):
         self._query_log = Path(pool.dir) / f"{name}.queries.jsonl"
         self.groupby = True  # False: an old schedd that refuses GroupBy / AutoCluster queries
         self.keep_removed = False  # True: removed jobs stay in the queue (status 3) until released by a test
+        self.actions: list[tuple[str, list[str]]] = []  # (JobAction name or "edit", job ids) in order
+        self.clock = time.time  # QDate, EnteredCurrentStatus, JobCurrentStartDate (a test may move it)
+        self.gahp: Any = None  # the EC2 client ec2_gahp started instances with (condor_rm terminates them)
         self._clusters = itertools.count(1)
         self._lock = threading.Lock()
 
@@ -142,7 +162,7 @@ class ScheddState(_Faulty):
             ad = classad2.ClassAd()
             ad["ClusterId"], ad["ProcId"] = cluster, proc
             ad["JobStatus"] = status
-            ad["QDate"] = int(time.time() if qdate is None else qdate)
+            ad["QDate"] = int(self.clock() if qdate is None else qdate)
             for key, value in attrs.items():
                 ad[key] = classad2.ExprTree(value[1:]) if isinstance(value, str) and value.startswith("=") else value
             self.jobs[(cluster, proc)] = ad
@@ -152,7 +172,7 @@ class ScheddState(_Faulty):
         n = 0
         for ad in self._match(job_spec):
             ad["JobStatus"] = status
-            ad["EnteredCurrentStatus"] = int(time.time())
+            ad["EnteredCurrentStatus"] = int(self.clock())
             if status == HELD:
                 ad["HoldReason"] = reason or "held by the test"
             n += 1
@@ -204,22 +224,110 @@ class ScheddState(_Faulty):
         count = count or 1
         with self._lock:
             cluster = next(self._clusters)
-            base = _submit_attrs(description)
             for proc in range(count):
                 ad = classad2.ClassAd()
-                for key, value in base.items():
+                for key, value in _submit_attrs(description, cluster, proc).items():
                     ad[key] = value
                 ad["ClusterId"], ad["ProcId"] = cluster, proc
                 ad["JobStatus"] = IDLE
-                ad["QDate"] = ad["EnteredCurrentStatus"] = int(time.time())
+                ad["QDate"] = ad["EnteredCurrentStatus"] = int(self.clock())
+                if spool:  # as the schedd does: held until the input files are spooled
+                    ad["JobStatus"], ad["HoldReasonCode"] = HELD, SPOOLING
+                    ad["HoldReason"] = "Spooling input data files"
                 self.jobs[(cluster, proc)] = ad
-            self.submits.append({"cluster": cluster, "count": count, "description": description})
+            self.submits.append({"cluster": cluster, "count": count, "description": description, "spool": spool})
+        base = _submit_attrs(description, cluster, 0)
         cluster_ad = classad2.ClassAd({k: v for k, v in base.items()})
         cluster_ad["ClusterId"] = cluster
-        return htcondor2.SubmitResult(cluster, 0, count, cluster_ad, None)
+        return htcondor2.SubmitResult(cluster, 0, count, cluster_ad, _SpooledProcAdList() if spool else None)
+
+    def spool(self, result: htcondor2.SubmitResult) -> None:
+        """Upload a spooled submit's files: the executable (if transferred) and input files, into each job's
+        spool directory, which becomes its Iwd (relative names resolve there); then the jobs are released."""
+        if result._spooledProcAds is None:
+            raise ValueError("result must have come from submit() with spool set")
+        self._enter(f"Failed to spool to schedd {self.name}")
+        for ad in self._match(result.cluster()):
+            folder = Path(self.pool.dir) / "spool" / f"{ad['ClusterId']}.{ad['ProcId']}"
+            folder.mkdir(parents=True, exist_ok=True)
+            files = [f.strip() for f in str(ad.get("TransferInput", "")).split(",") if f.strip()]
+            if str(ad.get("TransferExecutable", "")).lower() == "true":
+                files.append(str(ad["Cmd"]))
+            for f in files:
+                if not os.path.isfile(f):
+                    raise htcondor2.HTCondorException(f"Failed to spool {f}: no such file")
+                shutil.copy2(f, folder / os.path.basename(f))
+            ad["Iwd"] = str(folder)
+            if ad.get("HoldReasonCode") == SPOOLING:
+                ad["JobStatus"], ad["EnteredCurrentStatus"] = IDLE, int(self.clock())
+                del ad["HoldReasonCode"]
+                del ad["HoldReason"]
+
+    # -- the remote side of grid jobs, played by tests
+    def start(self, job_spec: Any) -> list[str]:
+        """The site starts these grid jobs (as the gridmanager then records it); returns their ids. A CE numbers
+        its jobs its own way: the remote id in GridJobId is not ours."""
+        out = []
+        for ad in self._match(job_spec):
+            now = int(self.clock())
+            ad["JobStatus"], ad["EnteredCurrentStatus"], ad["JobCurrentStartDate"] = RUNNING, now, now
+            ad["GridJobStatus"] = "RUNNING"
+            if "GridJobId" not in ad:
+                ad["GridJobId"] = f"{ad['GridResource']} {ad['ClusterId'] + 7000}.{ad['ProcId']}"
+            out.append(f"{ad['ClusterId']}.{ad['ProcId']}")
+        return out
+
+    def ec2_gahp(self, job_spec: Any, client: Any) -> dict[str, str]:
+        """What HTCondor's EC2 GAHP does for these jobs: one RunInstances each (AMI, instance type, the user data
+        file from the job's spool directory, a client token), then GridJobId "ec2 URL TOKEN i-..." and running.
+        Returns {job id: instance id}."""
+        out = {}
+        for ad in self._match(job_spec):
+            jid = f"{ad['ClusterId']}.{ad['ProcId']}"
+            token = f"glidein-standin-{self.name}-{jid}"
+            url = str(ad["GridResource"]).split()[1]
+            ad["GridJobId"] = f"ec2 {url} {token}"  # saved before the call, as the gridmanager does
+            userdata = Path(str(ad["Iwd"]), str(ad["EC2UserDataFile"])).read_text()
+            made = client.run_instances(ImageId=str(ad["EC2AmiID"]), InstanceType=str(ad["EC2InstanceType"]),
+                                        MinCount=1, MaxCount=1, UserData=userdata, ClientToken=token)
+            iid = made["Instances"][0]["InstanceId"]
+            self.gahp = client
+            ad["GridJobId"] = f"ec2 {url} {token} {iid}"
+            ad["EC2InstanceName"] = iid
+            self.start(jid)
+            ad["GridJobStatus"] = "running"
+            out[jid] = iid
+        return out
+
+    def _cancel_remote(self, ad: classad2.ClassAd) -> bool:
+        """condor_rm of a grid job: the gridmanager ends it at the remote side first (an EC2 GAHP job's instance
+        is terminated); True once nothing runs there. A remote side that cannot be reached keeps the job in X."""
+        instance = str(ad.get("EC2InstanceName", "") or "")
+        if not instance or self.gahp is None:
+            return True
+        try:
+            self.gahp.terminate_instances(InstanceIds=[instance])
+        except Exception:
+            return False
+        return True
+
+    def sandbox(self, job_id: str, dest: Path) -> tuple[list[str], dict[str, str]]:
+        """A job's transferred files in ``dest`` as a worker node gets them (the executable as condor_exec.exe),
+        and the job's command line and environment."""
+        (ad,) = self._match(job_id)
+        dest.mkdir(parents=True, exist_ok=True)
+        spooled = Path(str(ad["Iwd"]))
+        cmd = os.path.basename(str(ad["Cmd"]))
+        for f in spooled.iterdir():
+            target = dest / ("condor_exec.exe" if f.name == cmd else f.name)
+            shutil.copy2(f, target)
+        (dest / "condor_exec.exe").chmod(0o755)
+        env = dict(item.split("=", 1) for item in shlex.split(str(ad.get("Environment", ""))) if "=" in item)
+        return [str(dest / "condor_exec.exe"), *shlex.split(str(ad.get("Args", "")))], env
 
     def act(self, action: htcondor2.JobAction, job_spec: Any, reason: str | None = None) -> classad2.ClassAd:
         self._enter(f"Failed to act on schedd {self.name}")
+        self.actions.append((action.name, [f"{a['ClusterId']}.{a['ProcId']}" for a in self._match(job_spec)]))
         done = 0
         for ad in self._match(job_spec):
             key = (ad["ClusterId"], ad["ProcId"])
@@ -231,7 +339,9 @@ class ScheddState(_Faulty):
                 ad["JobStatus"] = IDLE
             elif action in (htcondor2.JobAction.Remove, htcondor2.JobAction.RemoveX):
                 ad["JobStatus"] = REMOVED
-                if action == htcondor2.JobAction.RemoveX or not self.keep_removed:
+                if action == htcondor2.JobAction.RemoveX:
+                    del self.jobs[key]  # -forcex: gone from the queue, whatever runs behind it
+                elif not self.keep_removed and self._cancel_remote(ad):
                     del self.jobs[key]
             else:
                 continue
@@ -240,6 +350,7 @@ class ScheddState(_Faulty):
 
     def edit(self, job_spec: Any, attr: str, value: Any, flags: Any = None) -> int:
         self._enter(f"Failed to edit on schedd {self.name}")
+        self.actions.append(("edit", [f"{a['ClusterId']}.{a['ProcId']}" for a in self._match(job_spec)]))
         n = 0
         for ad in self._match(job_spec):
             ad[attr] = classad2.ExprTree(value) if isinstance(value, str) else value
@@ -260,20 +371,28 @@ class ScheddState(_Faulty):
         return _select(list(self.jobs.values()), job_spec)
 
 
-def _submit_attrs(description: htcondor2.Submit) -> dict[str, Any]:
-    """The job ad attributes a submit description sets (the usual commands, and every +Attr / MY.Attr)."""
-    commands = {"executable": "Cmd", "arguments": "Args", "grid_resource": "GridResource",
-                "request_cpus": "RequestCpus", "request_memory": "RequestMemory", "request_gpus": "RequestGPUs",
-                "transfer_executable": "TransferExecutable", "ec2_user_data": "EC2UserData"}
+COMMANDS = {"executable": "Cmd", "arguments": "Args", "grid_resource": "GridResource", "request_cpus": "RequestCpus",
+            "request_memory": "RequestMemory", "request_gpus": "RequestGPUs", "transfer_executable": "TransferExecutable",
+            "transfer_input_files": "TransferInput", "should_transfer_files": "ShouldTransferFiles",
+            "environment": "Environment", "x509userproxy": "x509userproxy", "scitokens_file": "ScitokensFile",
+            "ec2_user_data": "EC2UserData", "ec2_user_data_file": "EC2UserDataFile", "ec2_ami_id": "EC2AmiID",
+            "ec2_instance_type": "EC2InstanceType", "ec2_access_key_id": "EC2AccessKeyId",
+            "ec2_secret_access_key": "EC2SecretAccessKey", "ec2_keypair": "EC2KeyPair", "ec2_tag_names": "EC2TagNames"}
+_MACROS = re.compile(r"\$\((cluster|clusterid|process|procid)\)", re.IGNORECASE)
+
+
+def _submit_attrs(description: htcondor2.Submit, cluster: int = 1, proc: int = 0) -> dict[str, Any]:
+    """The job ad attributes a submit description sets (the usual commands, and every +Attr / MY.Attr), with
+    $(Cluster) and $(Process) expanded for this job as condor_submit does."""
     universes = {"vanilla": 5, "grid": 9, "scheduler": 7, "local": 12}
     out: dict[str, Any] = {"JobUniverse": universes.get(str(description.get("universe", "vanilla")).lower(), 5)}
     for key, value in description.items():
+        text = _MACROS.sub(lambda m: str(cluster if m.group(1).lower().startswith("cluster") else proc), str(value))
         if key.startswith(("MY.", "+")):
             name = key.split(".", 1)[1] if key.startswith("MY.") else key[1:]
-            out[name] = classad2.ExprTree(value)
-        elif key.lower() in commands:
-            text = str(value)
-            out[commands[key.lower()]] = int(text) if text.isdigit() else text
+            out[name] = classad2.ExprTree(text)
+        elif key.lower() in COMMANDS:
+            out[COMMANDS[key.lower()]] = int(text) if text.isdigit() else text
     return out
 
 
@@ -415,6 +534,6 @@ class Schedd:
         raise htcondor2.HTCondorException(f"Failed to connect to schedd at {self._address}")
 
     def __getattr__(self, name: str) -> Any:
-        if name in ("query", "submit", "act", "edit"):
+        if name in ("query", "submit", "spool", "act", "edit"):
             return getattr(self._state(), name)
         raise AttributeError(name)
