@@ -131,8 +131,9 @@ def test_each_frontend_and_entry_gets_a_credential_of_its_trust_domain(connectio
            "malformed PEM: no readable certificate" in logs
     assert "Credential atlas-cern-app (openstack_app_credential, connection atlas_cern_app) is skipped this cycle: " \
            "connection 'atlas_cern_app' not found" in logs
-    assert "Entry aws-east: credential atlas-proxy-short passed over: expires in 2.0 h, before the 12.0 h it must " \
-           "last" in logs
+    # the 2 h proxy was dated at the session's start: a slow suite has used some of it
+    assert re.search(r"Entry aws-east: credential atlas-proxy-short passed over: expires in [12]\.\d h, before the "
+                     r"12\.0 h it must last", logs), logs
     assert "credential atlas-proxy-broken passed over" not in logs  # named once, above
     assert "Frontend atlas leaves entry cern-cloud out of this cycle" in logs
     assert "Credential cms-cern-proxy (x509_proxy, trust domain cern, pilot): 4.0 d left; subject=CN=" in logs
