@@ -27,7 +27,22 @@ os.environ.update({
     "AIRFLOW__GLIDEIN__CONFIG_FILE": str(REPO / "examples" / "glidein.yaml"),
 })
 
+import httpx  # noqa: E402
 import pytest  # noqa: E402
+
+# httpx gives up after 5 s by default. On a loaded 2-core CI machine an in-process API server's first answer
+# (its app's first request opens and migrates a state store) can take longer: a test's HTTP calls to the
+# loopback servers wait 60 s unless they say otherwise, so no verdict depends on the machine's speed.
+_client_init = httpx._client.BaseClient.__init__
+
+
+def _patient_init(self, *args, timeout=httpx._config.DEFAULT_TIMEOUT_CONFIG, **kwargs):
+    if timeout is httpx._config.DEFAULT_TIMEOUT_CONFIG:
+        timeout = httpx.Timeout(60.0)
+    _client_init(self, *args, timeout=timeout, **kwargs)
+
+
+httpx._client.BaseClient.__init__ = _patient_init
 
 from tests.helpers import MotoEC2, migrate_db  # noqa: E402
 from tests.servers.ec2_compat import EC2CompatProxy  # noqa: E402
