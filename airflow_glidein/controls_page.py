@@ -118,7 +118,7 @@ def entry_pilots(store: state.StateStore, entry: str) -> list[dict[str, Any]]:
     """An entry's pilots not yet gone (what "all of an entry's pilots" means)."""
     with store.begin() as conn:
         return [dict(r) for r in conn.execute(select(PILOTS.c.id, PILOTS.c.frontend).where(
-            PILOTS.c.entry == entry, PILOTS.c.state.notin_(GONE)))]
+            PILOTS.c.entry == entry, PILOTS.c.state.notin_(GONE))).mappings()]
 
 
 def count_entry_pilots(store: state.StateStore, entry: str) -> int:
