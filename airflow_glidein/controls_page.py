@@ -220,10 +220,10 @@ def render_history(actions: list[dict[str, Any]]) -> str:
     return "".join(out)
 
 
-def _page(title: str, body: str, status: int = 200) -> HTMLResponse:
+def _page(title: str, body: str, status: int = 200, back: str = "./") -> HTMLResponse:
     return HTMLResponse(f"<!doctype html><html><head><meta charset='utf-8'><title>{_e(title)}</title></head>"
                         f"<body style='font-family:system-ui,sans-serif;margin:1.2em'><h2>{_e(title)}</h2>{body}"
-                        "<p><a href='./'>Back to the Pilots page</a></p></body></html>", status_code=status)
+                        f"<p><a href='{back}'>Back to the Pilots page</a></p></body></html>", status_code=status)
 
 
 # -- routes ---------------------------------------------------------------------------------------
@@ -317,4 +317,5 @@ def add_routes(app: FastAPI) -> None:
         who = check(request, user, {d.frontend} if d.frontend and not d.entry else {None})
         C.end(store, did, who, now)
         outcome = trigger_factory(who, f"ended {d.kind} #{did} on {d.scope}")
-        return _page("Ended", f"<p>{_e(d.kind)} #{did} on {_e(d.scope)} ended by {_e(who)}. {_e(outcome)}.</p>")
+        return _page("Ended", f"<p>{_e(d.kind)} #{did} on {_e(d.scope)} ended by {_e(who)}. {_e(outcome)}.</p>",
+                     back="../../")
