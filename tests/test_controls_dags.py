@@ -11,6 +11,7 @@ import pytest
 from airflow_glidein import controls, state
 from airflow_glidein.hooks.ec2 import EC2PilotHook
 from tests.helpers import example_config, run_dag, task_states, write_config, xcom
+from tests.test_e2e_collector import collector_config, pool, register  # noqa: F401 - pool: the fixture
 
 pytestmark = pytest.mark.usefixtures("airflow_db")
 EAST, WEST = "aws-us-east-1", "aws-us-west-2"
@@ -115,3 +116,33 @@ def test_a_terminate_request_is_reaped_while_launches_are_stopped(ec2, tmp_path,
     assert [a["id"] for a in controls.pending(st)] == [aid]  # settled once the next cycle sees them gone
     run_dag("glidein_factory")
     assert controls.pending(st) == []
+
+
+def test_a_draining_downtime_retires_its_pilots_and_terminates_none(ec2, pool, tmp_path, monkeypatch):  # noqa: F811
+    """The collector stand-in plays the pilots: a downtime without drain leaves them running; with drain
+    their startds are asked to shut down peacefully (jobs finish), once, and nothing is terminated."""
+    collector_config(tmp_path, monkeypatch, pool, jobs=2, max_pilots=10)
+    run_dag("glidein_frontend_cms")
+    run_dag("glidein_factory")
+    busy, idle = sorted(i["InstanceId"] for i in ec2.instances())
+    now = time.time()
+    register(pool, busy, "Claimed", now - 60)
+    register(pool, idle, "Unclaimed", now - 60)
+    st = state.store()
+    keep = controls.add(st, controls.DOWNTIME, EAST, "", now, None, "network work", "ops", now)
+    fa = run_dag("glidein_factory")
+    assert str(fa.state) == "success", task_states(fa)
+    assert xcom(fa, "plan_cycle", key="actions") == [] and pool.commands == []  # they keep running
+
+    controls.end(st, keep, "ops", time.time())
+    controls.add(st, controls.DOWNTIME, EAST, "cms", time.time(), None, "decommission", "ops", time.time(), drain=True)
+    fa = run_dag("glidein_factory")
+    assert str(fa.state) == "success", task_states(fa)
+    acts = {a["id"]: (a["action"], a["reason"]) for a in xcom(fa, "plan_cycle", key="actions")}
+    why = f"downtime: decommission (draining entry {EAST} for frontend cms, by ops)"
+    assert acts == {busy: ("retire", why), idle: ("retire", why)}
+    assert sorted(pool.commands) == sorted(("OffPeaceful", f"slot1@glidein-{i}") for i in (busy, idle))
+    assert {i["InstanceId"] for i in ec2.instances()} == {busy, idle}  # drained, not terminated
+    fa = run_dag("glidein_factory")  # asked once: the next cycle asks no more
+    assert not any(a["action"] == "retire" for a in xcom(fa, "plan_cycle", key="actions"))
+    assert len(pool.commands) == 2
