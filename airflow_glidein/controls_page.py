@@ -293,7 +293,7 @@ def add_routes(app: FastAPI) -> None:
     async def add_downtime(request: Request, user: Any = Depends(get_user)) -> HTMLResponse:  # noqa: B008
         f, now, cfg = await form(request), time.time(), get_config()
         kind, entry, frontend = one(f, "kind"), one(f, "entry"), one(f, "frontend")
-        who = check(request, user, {frontend} if frontend and not entry else {None})
+        who = check(request, user, {frontend} if frontend else {None})
         if kind not in (C.DOWNTIME, C.STOP):
             raise HTTPException(400, f"kind {kind!r}: only downtime or stop")
         try:
@@ -314,7 +314,7 @@ def add_routes(app: FastAPI) -> None:
         d = next((x for x in C.load(store, now) if x.id == did), None)
         if d is None:
             raise HTTPException(404, f"no downtime or stop #{did} in effect or scheduled")
-        who = check(request, user, {d.frontend} if d.frontend and not d.entry else {None})
+        who = check(request, user, {d.frontend} if d.frontend else {None})
         C.end(store, did, who, now)
         outcome = trigger_factory(who, f"ended {d.kind} #{did} on {d.scope}")
         return _page("Ended", f"<p>{_e(d.kind)} #{did} on {_e(d.scope)} ended by {_e(who)}. {_e(outcome)}.</p>",

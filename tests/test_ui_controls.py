@@ -164,11 +164,14 @@ def test_a_frontends_editor_acts_on_that_frontends_pilots_only(tmp_path, monkeyp
     assert whole.status_code == 403  # the entry holds atlas's pilots too
     assert httpx.post(f"{url}/downtimes", headers=h, data={"kind": "stop", "frontend": "cms", "entry": "",
                                                            "reason": "cms only"}).status_code == 200
-    assert httpx.post(f"{url}/downtimes", headers=h, data={"kind": "stop", "frontend": "", "entry": "",
-                                                           "reason": "everyone"}).status_code == 403
+    assert httpx.post(f"{url}/downtimes", headers=h, data={"kind": "downtime", "frontend": "cms", "entry": EAST,
+                                                           "reason": "cms at east", "end": "+1h"}).status_code == 200
+    for scope in ({"frontend": "", "entry": ""}, {"frontend": "", "entry": EAST}):  # would hold other frontends
+        assert httpx.post(f"{url}/downtimes", headers=h,
+                          data={"kind": "stop", "reason": "everyone", **scope}).status_code == 403
     recorded = controls.recent(state.store())
     assert [(r["action"], r["pilots"] and sorted(r["pilots"])) for r in recorded] == \
-        [("stop", None), ("retire", sorted(cms[:2]))]
+        [("downtime", None), ("stop", None), ("retire", sorted(cms[:2]))]
 
 
 def test_the_entry_count_must_still_hold(tmp_path, monkeypatch, bootstrap_server):
