@@ -227,8 +227,9 @@ def add(store: StateStore, kind: str, entry: str, frontend: str, start: float, e
     if end is not None and end <= max(start, now):
         raise ControlError(f"end {iso(end)} is not after the start ({iso(max(start, now))})")
     with store.begin() as conn:
-        did = conn.execute(insert(DOWNTIMES).values(kind=kind, entry=entry, frontend=frontend, start_time=start,
-                                                    end_time=end, drain=drain, reason=reason, who=who)).inserted_primary_key[0]
+        did = conn.execute(insert(DOWNTIMES).values(
+            kind=kind, entry=entry, frontend=frontend, start_time=start, end_time=end, drain=drain, reason=reason,
+            who=who)).inserted_primary_key[0]
         window = f"from {iso(start)} " + (f"to {iso(end)}" if end else "until ended") + (", draining" if drain else "")
         _record(conn, who, kind, entry, frontend, None, reason, f"#{did} {window}", now, done=now)
     return int(did)

@@ -278,7 +278,8 @@ def add_routes(app: FastAPI) -> None:
         if not any(targets.values()):
             raise HTTPException(400, "no pilot selected")
         try:
-            ids = [C.request_pilots(store, action, entry, list(p), reason, who, now) for entry, p in targets.items() if p]
+            ids = [C.request_pilots(store, action, entry, list(p), reason, who, now)
+                   for entry, p in targets.items() if p]
         except C.ControlError as exc:
             raise HTTPException(400, str(exc)) from None
         n = sum(len(p) for p in targets.values())

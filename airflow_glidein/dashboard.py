@@ -355,8 +355,8 @@ def _render_status(status: dict[str, Any]) -> list[str]:
 
 
 def _pilot_table(rows: list[dict[str, Any]]) -> str:
-    out = ["<table class='pilots'><tr><th></th><th>pilot</th><th>entry</th><th>frontend</th><th>state</th><th>launched</th>"
-           "<th>detail</th><th>requested by</th><th>launched by</th><th>logs</th></tr>"]
+    out = ["<table class='pilots'><tr><th></th><th>pilot</th><th>entry</th><th>frontend</th><th>state</th>"
+           "<th>launched</th><th>detail</th><th>requested by</th><th>launched by</th><th>logs</th></tr>"]
     for r in rows:
         fe = r.get("frontend") or "-"
         req_dag = "glidein_burst" if r.get("burst") else f"glidein_frontend_{fe}"
@@ -366,7 +366,8 @@ def _pilot_table(rows: list[dict[str, Any]]) -> str:
             detail = f"{mem.get('terminate_attempts', 0)} terminate attempts; {detail}"
         launched = time.strftime("%Y-%m-%d %H:%M", time.gmtime(r["launched"])) if r.get("launched") else "-"
         out.append(
-            f"<tr>{CP.checkbox(r)}<td>{html.escape(r['id'])}</td><td>{html.escape(r['entry'])}</td><td>{html.escape(fe)}</td>"
+            f"<tr>{CP.checkbox(r)}<td>{html.escape(r['id'])}</td><td>{html.escape(r['entry'])}</td>"
+            f"<td>{html.escape(fe)}</td>"
             f"<td class='{'bad' if r['state'] in (P.STUCK, P.LOST) else ''}'>{html.escape(r['state'])}</td>"
             f"<td>{launched}</td><td>{html.escape(str(detail))}</td><td>{_run_link(req_dag, r.get('request'))}</td>"
             f"<td>{_run_link('glidein_factory', r.get('factory_run'))}</td>"

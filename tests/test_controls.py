@@ -44,7 +44,8 @@ def test_a_draining_downtime_retires_registered_pilots_once_and_terminates_none(
 
 def test_pilot_requests_act_once_and_settle_when_every_pilot_is_taken():
     rows = {P.pilot_key("a", i): {"id": i, "entry": "a", "state": s, "memory": m} for i, s, m in [
-        ("1", P.BUSY, {}), ("2", P.TERMINATING, {"terminate_requested": NOW}), ("3", P.BUSY, {"retire_requested": NOW})]}
+        ("1", P.BUSY, {}), ("2", P.TERMINATING, {"terminate_requested": NOW}),
+        ("3", P.BUSY, {"retire_requested": NOW})]}
     reqs = [{"id": 7, "action": "terminate", "entry": "a", "pilots": ["1", "2", "gone"], "who": "ann", "reason": "r"},
             {"id": 8, "action": "retire", "entry": "a", "pilots": ["3"], "who": "bo", "reason": "r"}]
     acts, done = C.pilot_actions(reqs, rows)
