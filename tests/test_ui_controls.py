@@ -7,6 +7,7 @@ from another site, is refused and nothing is recorded. Screenshots go to test-ou
 
 from __future__ import annotations
 
+import html
 import time
 
 import httpx
@@ -129,6 +130,13 @@ def test_without_edit_permission_or_from_another_site_nothing_is_done(tmp_path, 
         assert r.status_code == 403 and "another site" in r.text, (refused.keys(), r.text)
     assert httpx.get(f"{url}/pilots", headers=admin).status_code == 405  # a change is never a GET
     assert controls.recent(state.store()) == [] and controls.load(state.store(), time.time()) == []
+
+    bad = httpx.post(f"{url}/downtimes", headers={**admin, **same},
+                     data={"kind": "downtime", "entry": EAST, "end": "tomorrow", "reason": "x"})
+    assert bad.status_code == 400 and "end 'tomorrow' is not a time" in html.unescape(bad.text)
+    nothing = httpx.post(f"{url}/pilots", headers={**admin, **same}, data={**form, "reason": " "})
+    assert nothing.status_code == 400 and "give a reason" in nothing.text
+    assert controls.recent(state.store()) == []
 
     ok = httpx.post(f"{url}/pilots", data=form, headers={**cookie, **same, "Sec-Fetch-Site": "same-origin"})
     assert ok.status_code == 200, ok.text
