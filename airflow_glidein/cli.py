@@ -282,6 +282,82 @@ def cmd_import_gwms(args: argparse.Namespace) -> int:
     return 0
 
 
+def _controls(args: argparse.Namespace):
+    """(config, store, who, now) for a control command; a bad scope or time raises ControlError."""
+    import getpass
+    import time
+
+    from airflow_glidein import controls, state
+
+    cfg = _load(args.config)
+    if cfg is None:
+        raise controls.ControlError("the configuration is not valid (see above)")
+    entry, frontend = getattr(args, "entry", None) or "", getattr(args, "frontend", None) or ""
+    controls.check_scope(entry, frontend, [e.name for e in cfg.entries], [f.name for f in cfg.frontends])
+    return cfg, state.store(), args.who or f"{getpass.getuser()} (cli)", time.time()
+
+
+def cmd_downtime(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from airflow_glidein import controls
+
+    try:
+        _cfg, st, who, now = _controls(args)
+        if args.action == "add":
+            start = controls.parse_time(args.start, now, "--start") or now
+            end = controls.parse_time(args.end, now, "--end")
+            did = controls.add(st, controls.DOWNTIME, args.entry or "", args.frontend or "", start, end, args.reason,
+                               who, now, drain=args.drain)
+            print(f"downtime #{did} on {controls.scope_name(args.entry or '', args.frontend or '')} "
+                  f"from {controls.iso(start)} {'to ' + controls.iso(end) if end else 'until ended'}"
+                  f"{', draining its pilots' if args.drain else ''}: {args.reason.strip()}")
+        elif args.action == "end":
+            d = controls.end(st, args.id, who, now)
+            print(f"{d.kind} #{d.id} on {d.scope} ended")
+        else:
+            rows = controls.load(st, now, None if args.all else controls.DOWNTIME)
+            if args.json:
+                print(json.dumps([asdict(d) | {"active": d.active(now)} for d in rows], indent=1, default=str))
+            for d in [] if args.json else rows:
+                print(f"#{d.id} {d.kind} {'ACTIVE' if d.active(now) else 'scheduled'} {d.scope}: "
+                      f"{controls.iso(d.start)} .. {controls.iso(d.end) if d.end else 'until ended'}"
+                      f"{' drain' if d.drain else ''} by {d.who}: {d.reason}")
+            if not rows and not args.json:
+                print("no downtime in effect or scheduled")
+    except controls.ControlError as exc:
+        print(f"downtime {args.action}: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    from airflow_glidein import controls
+
+    try:
+        _cfg, st, who, now = _controls(args)
+        scope = controls.scope_name(args.entry or "", args.frontend or "")
+        if args.command == "stop":
+            did = controls.add(st, controls.STOP, args.entry or "", args.frontend or "", now, None, args.reason, who,
+                               now)
+            print(f"stop #{did}: no launches at {scope} until resumed (running submits stop before their next "
+                  "provider call); reaping continues")
+        else:
+            ended = controls.resume(st, args.entry or "", args.frontend or "", who, now)
+            print(f"resumed launches at {scope} (ended stop {', '.join(f'#{d.id}' for d in ended)})")
+    except controls.ControlError as exc:
+        print(f"{args.command}: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _scope_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--entry", help="only this entry (default: every entry)")
+    p.add_argument("--frontend", help="only this frontend (default: every frontend)")
+    p.add_argument("--config", help="configuration file (default: [glidein] config_file)")
+    p.add_argument("--who", help="who sets it, for the history (default: your login name)")
+
+
 @contextmanager
 def _logs_to_stderr() -> Iterator[None]:
     """Airflow's logging writes to stdout; while a command runs, its log lines go to stderr instead."""
@@ -356,6 +432,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--factory", required=True, help="the factory's glideinWMS.xml (its config.d/*.xml are read too)")
     p.add_argument("-o", "--output", help="write the YAML here (default: standard output)")
     p.set_defaults(func=cmd_import_gwms)
+    p = sub.add_parser("downtime", help="add, list or end downtimes (no launches there; see README, Operator controls)")
+    dsub = p.add_subparsers(dest="action", required=True)
+    d = dsub.add_parser("add", help="a downtime on an entry, a frontend, both, or the whole factory")
+    _scope_args(d)
+    d.add_argument("--start", help="now (default), +2h, or ISO 8601 (UTC unless it says)")
+    d.add_argument("--end", help="+2h or ISO 8601 (default: until ended)")
+    d.add_argument("--reason", required=True)
+    d.add_argument("--drain", action="store_true", help="retire its pilots while it lasts (default: they keep running)")
+    d = dsub.add_parser("list", help="downtimes in effect or scheduled")
+    d.add_argument("--all", action="store_true", help="stops too")
+    d.add_argument("--json", action="store_true")
+    d.add_argument("--config", help=argparse.SUPPRESS)
+    d.add_argument("--who", help=argparse.SUPPRESS)
+    d = dsub.add_parser("end", help="end (or cancel) downtime ID now")
+    d.add_argument("id", type=int)
+    d.add_argument("--config", help="configuration file (default: [glidein] config_file)")
+    d.add_argument("--who", help="who ends it (default: your login name)")
+    p.set_defaults(func=cmd_downtime, airflow=True)
+    p = sub.add_parser("stop", help="stop all launches (factory-wide, --frontend, --entry) now, even mid-run")
+    _scope_args(p)
+    p.add_argument("--reason", required=True)
+    p.set_defaults(func=cmd_stop, airflow=True)
+    p = sub.add_parser("resume", help="end the stop on exactly this scope")
+    _scope_args(p)
+    p.set_defaults(func=cmd_stop, airflow=True)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     with _logs_to_stderr() if getattr(args, "airflow", False) else nullcontext():

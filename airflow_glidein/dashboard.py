@@ -29,7 +29,8 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 from sqlalchemy import func, select, tuple_
 
-from airflow_glidein import history, state
+from airflow_glidein import controls, history, state
+from airflow_glidein import controls_page as CP
 from airflow_glidein import pilots as P
 from airflow_glidein.assets import GLIDEIN_REQUESTS, GLIDEIN_STATUS
 from airflow_glidein.bootstrap.app import _may_read_factory_logs
@@ -220,7 +221,8 @@ def gather(cfg: Config, store: state.StateStore, view: View, now: float, request
     if not (view.entry or view.frontend or view.state):
         for e in cfg.entries:
             counts.setdefault(e.name, {})
-    return {"factory": cfg.factory.name, "view": view, "counts": counts,
+    return {"factory": cfg.factory.name, "view": view, "counts": counts, "now": now,
+            "downtimes": controls.load(store, now), "actions": controls.recent(store),
             "entries": sorted({e.name for e in cfg.entries} | set(counts)),
             "frontends": sorted(f.name for f in cfg.frontends),
             "page": pilot_page(store, view), "trouble": trouble(store, view),
@@ -270,15 +272,16 @@ def _filters(data: dict[str, Any]) -> str:
 def render(data: dict[str, Any]) -> str:
     view: View = data.get("view") or View()
     out = [f"<h2>Pilots of factory {html.escape(data['factory'])}</h2>", _filters(data)]
+    out.append(CP.render_controls(data))
     out.append(_render_charts(data["charts"], view))
     states = [s for s in STATE_ORDER if any(c.get(s) for c in data["counts"].values())] or [P.BOOTING, P.IDLE, P.BUSY]
     out.append("<h3>Pilots per entry and state</h3><table><tr><th>entry</th>"
-               + "".join(f"<th>{s}</th>" for s in states) + "<th>total</th></tr>")
+               + "".join(f"<th>{s}</th>" for s in states) + "<th>total</th><th>all its pilots</th></tr>")
     for entry, c in sorted(data["counts"].items()):
         out.append(f"<tr><td>{_a(view.query(entry=entry), entry)}</td>"
                    + "".join(f"<td class='n{' bad' if s in (P.STUCK, P.LOST) and c.get(s) else ''}'>"
                              f"{c.get(s, 0)}</td>" for s in states)
-                   + f"<td class='n'>{sum(c.values())}</td></tr>")
+                   + f"<td class='n'>{sum(c.values())}</td>" + CP.entry_links(entry) + "</tr>")
     out.append("</table>")
     out += _render_requests(data["requests"])
     out += _render_status(data["status"])
@@ -291,10 +294,12 @@ def render(data: dict[str, Any]) -> str:
     total = sum(sum(c.values()) for c in data["counts"].values())
     filtered = view.entry or view.frontend or view.state
     out.append(f"<h3>All pilots <span class='muted'>({total}{' matching' if filtered else ''})</span></h3>")
+    out.append(CP.render_pilot_form())
     page = data["page"]
     out.append(_pages(view, page))
     out.append(_pilot_table(page["pilots"]) if page["pilots"] else "<p class='muted'>No pilots.</p>")
     out.append(_pages(view, page))
+    out.append(CP.render_history(data.get("actions", [])))
     return "".join(out)
 
 
@@ -350,8 +355,8 @@ def _render_status(status: dict[str, Any]) -> list[str]:
 
 
 def _pilot_table(rows: list[dict[str, Any]]) -> str:
-    out = ["<table class='pilots'><tr><th>pilot</th><th>entry</th><th>frontend</th><th>state</th><th>launched</th>"
-           "<th>detail</th><th>requested by</th><th>launched by</th><th>logs</th></tr>"]
+    out = ["<table class='pilots'><tr><th></th><th>pilot</th><th>entry</th><th>frontend</th><th>state</th>"
+           "<th>launched</th><th>detail</th><th>requested by</th><th>launched by</th><th>logs</th></tr>"]
     for r in rows:
         fe = r.get("frontend") or "-"
         req_dag = "glidein_burst" if r.get("burst") else f"glidein_frontend_{fe}"
@@ -361,7 +366,8 @@ def _pilot_table(rows: list[dict[str, Any]]) -> str:
             detail = f"{mem.get('terminate_attempts', 0)} terminate attempts; {detail}"
         launched = time.strftime("%Y-%m-%d %H:%M", time.gmtime(r["launched"])) if r.get("launched") else "-"
         out.append(
-            f"<tr><td>{html.escape(r['id'])}</td><td>{html.escape(r['entry'])}</td><td>{html.escape(fe)}</td>"
+            f"<tr>{CP.checkbox(r)}<td>{html.escape(r['id'])}</td><td>{html.escape(r['entry'])}</td>"
+            f"<td>{html.escape(fe)}</td>"
             f"<td class='{'bad' if r['state'] in (P.STUCK, P.LOST) else ''}'>{html.escape(r['state'])}</td>"
             f"<td>{launched}</td><td>{html.escape(str(detail))}</td><td>{_run_link(req_dag, r.get('request'))}</td>"
             f"<td>{_run_link('glidein_factory', r.get('factory_run'))}</td>"
@@ -473,6 +479,11 @@ def create() -> FastAPI:
         else:
             out = snapshot(view)
         out["view"] = asdict(view)
-        return JSONResponse(json.loads(json.dumps(out, default=str)))
+        return JSONResponse(json.loads(json.dumps(out, default=_plain)))
 
+    CP.add_routes(app)
     return app
+
+
+def _plain(x: Any) -> Any:
+    return asdict(x) if hasattr(x, "__dataclass_fields__") else str(x)

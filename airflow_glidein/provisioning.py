@@ -89,8 +89,13 @@ def plan_launches(
     blocked: Mapping[str, str] | None = None,
     now: float | None = None,
     quotas: Iterable[Mapping[str, Any]] = (),
+    held: Mapping[tuple[str, str], str] | None = None,
 ) -> list[dict[str, Any]]:
     """Per entry with something to launch: its batches and the reasoning.
+
+    ``blocked`` holds entries back for everyone (backoff, a failed listing, a
+    downtime); ``held`` holds (entry, frontend) pairs (a frontend's downtime
+    or stop there): that frontend's ask gets nothing and says why.
 
     ``quotas`` is the provider's headroom per quota scope ({"entries",
     "headroom": {"instances", "cores", "memory_mb"}}): the entries of a scope
@@ -101,7 +106,7 @@ def plan_launches(
     for; glideinWMS #554 counted such slots and asked for nothing while they
     expired).
     """
-    blocked = blocked or {}
+    blocked, held = blocked or {}, held or {}
     pilots = list(pilots)
     entries = {e.name: e for e in config.entries}
     expiring = set()
@@ -135,7 +140,8 @@ def plan_launches(
         why: dict[str, Any] = {"frontends": {}}
         deficits = {}
         for f, ask in asks.items():
-            if refused := credentials.refuse_ask(config, entry, ask):
+            fe = requests[f].get("frontend", f)
+            if refused := held.get((entry.name, fe)) or credentials.refuse_ask(config, entry, ask):
                 deficits[f] = 0
                 why["frontends"][f] = {"level": ask["idle"], "refused": refused}
                 continue

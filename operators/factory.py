@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from airflow_glidein import lifecycle as L
-from airflow_glidein import metrics, pilotdb, provisioning, state
+from airflow_glidein import controls, metrics, pilotdb, provisioning, state
 from airflow_glidein import pilots as P
 from airflow_glidein.assets import GLIDEIN_REQUESTS, REQUEST_EVENTS_WINDOW
 from airflow_glidein.bootstrap.launches import userdata_for
@@ -72,10 +72,16 @@ class PlanCycleOperator(GlideinBaseOperator):
     def execute(self, context: Context) -> list[dict[str, Any]]:
         cfg, now, store = self.config, self.now(), state.store()
         removed = removed_entries(cfg, store)  # their pilots are drained by their last settings
-        rows = list(pilotdb.load_pilots(store, [e.name for e in cfg.entries] + list(removed)).values())
+        by_key = pilotdb.load_pilots(store, [e.name for e in cfg.entries] + list(removed))
+        rows = list(by_key.values())
         levels = {(e, key): int(ask["idle"]) for key, req in self.requests.items()
                   for e, ask in req.get("entries", {}).items()}
-        actions = L.reap(cfg, rows, levels, now, removed)
+        downtimes = controls.load(store, now)
+        # the operators' pilot requests and draining downtimes go through the same reap and verification
+        asked, done = controls.pilot_actions(controls.pending(store), by_key)
+        actions = controls.merge(L.reap(cfg, rows, levels, now, removed),
+                                 controls.drain_actions(downtimes, rows, now) + asked)
+        controls.settle(store, done, now)
         leaving = {a.key: (P.RETIRING if a.action == "retire" else P.TERMINATING) for a in actions}
         pilots = [as_pilot(r, leaving.get(P.pilot_key(r["entry"], r["id"]))) for r in rows]
         # created but not listed yet, nor recorded (a batch call answers with its first id only)
@@ -87,8 +93,13 @@ class PlanCycleOperator(GlideinBaseOperator):
             # a backoff this very run set (a cleared run planning again) does not hold its own re-run back
             if h["until"] > now and e not in blocked and h.get("run_id") != context["run_id"]:
                 blocked[e] = f"entry backoff: {h['reason']}, until {int(h['until'] - now)} s from now"
+        holds = controls.entry_holds(downtimes, [e.name for e in cfg.entries], now)
+        held = controls.pair_holds(downtimes, [(e.name, f.name) for e in cfg.entries for f in cfg.frontends], now)
+        for where, why in sorted({**holds, **{f"{e} for {f}": w for (e, f), w in held.items()}}.items()):
+            self.log.warning("No launches at %s: %s", where, why)
+        blocked.update(holds)
         work = provisioning.plan_launches(cfg, self.requests, pilots, provisioning.run_key(context["run_id"]), blocked,
-                                          now=now, quotas=merged_quotas(self.inventory))
+                                          now=now, quotas=merged_quotas(self.inventory), held=held)
         for item in work:
             n = sum(b["count"] for b in item["launches"])
             self.log.info("Entry %s: launch %d (bound by %s) %s", item["entry"], n, item["why"]["bound_by"], item["why"])
@@ -120,8 +131,14 @@ class SubmitPilotsOperator(GlideinBaseOperator):
     def execute(self, context: Context) -> dict[str, Any]:
         cfg, store, run_id = self.config, state.store(), context["run_id"]
         entry = cfg.entry(self.work["entry"])
-        launched = []
+        launched, held = [], []
         for batch in self.work["launches"]:
+            # a stop or downtime set since the plan (even between two batches) holds what is left: no provider call
+            if why := controls.launch_hold(store, entry.name, batch["frontend"], self.now()):
+                self.log.warning("Entry %s launch %s (%d pilots) not made: %s", entry.name, batch["launch_id"],
+                                 batch["count"], why)
+                held.append({"launch_id": batch["launch_id"], "count": batch["count"], "why": why})
+                continue
             conn_id = cfg.credential(batch["provision"]).conn_id
             hook = pilot_hook(entry, cfg.factory.name, conn_id)
             tags = {P.TAG_FACTORY_RUN: run_id, **burst_tags(batch)}
@@ -152,7 +169,7 @@ class SubmitPilotsOperator(GlideinBaseOperator):
                           entry.name, spec.launch_id, len(result["created"]), len(result["existing"]))
             launched.append({"launch_id": spec.launch_id, "frontend": spec.frontend, **result})
         launch_succeeded(entry.name, run_id, self.now())
-        return {"entry": entry.name, "launched": launched}
+        return {"entry": entry.name, "launched": launched, **({"held": held} if held else {})}
 
 
 LAUNCH_FAILED = "launch failed"

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk.exceptions import AirflowSkipException
 
 from airflow_glidein import credentials as creds
-from airflow_glidein import demand, history, lifecycle, material, metrics, planning, report, secrets, state
+from airflow_glidein import controls, demand, history, lifecycle, material, metrics, planning, report, secrets, state
 from airflow_glidein.assets import GLIDEIN_REQUESTS, GLIDEIN_STATUS
 from airflow_glidein.hooks.htcondor import HTCondorHook
 from airflow_glidein.operators.base import GlideinBaseOperator
@@ -136,10 +136,14 @@ class StatusPlanningOperator(GlideinBaseOperator):
         return status
 
     def _usable(self, status: dict[str, Any]) -> dict[str, Any]:
-        """The credential selection with the entries the factory backed off marked unusable this cycle,
-        like an entry without a credential: the plan's share of them goes to the other entries."""
+        """The credential selection with the entries the factory backed off, or in a downtime or stop for
+        this frontend, marked unusable this cycle, like an entry without a credential: the plan's share of
+        them goes to the other entries."""
         credentials = dict(self.credentials)
-        for entry, why in sorted(lifecycle.backed_off(status, self.now()).items()):
+        now = self.now()
+        downtimes = controls.load(state.store(), now)
+        held = {e: why for e in credentials if (why := controls.hold(downtimes, e, self.frontend, now))}
+        for entry, why in sorted({**lifecycle.backed_off(status, now), **held}.items()):
             if "skip" not in credentials.get(entry, {"skip": "not selected"}):
                 self.log.warning("Frontend %s leaves entry %s out of this cycle: %s", self.frontend, entry, why)
                 credentials[entry] = {"skip": why}
