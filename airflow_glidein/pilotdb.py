@@ -273,10 +273,11 @@ class LaunchLog:
                                      "launched": launched or self.now, "state": P.REQUESTED, "memory": {},
                                      "updated": self.now} for i in ids])
 
-    def marking(self, kind: str, name: str, tags: Mapping[str, str]) -> None:
-        """Before a marker is made at the provider: its launch and tags (kept if already recorded)."""
+    def marking(self, kind: str, name: str, tags: Mapping[str, str], now: float) -> None:
+        """Before a marker is made at the provider: its launch and tags (kept if already recorded).
+        ``now`` on the hook's clock, which also decides when an unused marker may go."""
         _upsert(self.store, MARKERS, [{"entry": self.entry, "name": name, "kind": kind, "launch_id": self.launch_id,
-                                       "tags": json.dumps(dict(tags)), "created": self.now}],
+                                       "tags": json.dumps(dict(tags)), "created": now}],
                 ("entry", "name"), update=False)
 
     def called(self, outcome: str) -> None:

@@ -10,16 +10,27 @@ what makes a retry safe everywhere.
 Every HTTP request botocore sends (retries included) takes a token of the
 entry's API budget (a before-send event); calls that still end throttled
 (RequestLimitExceeded and friends) back off in the base class.
+
+What the endpoint honours is the entry's quirk profile (``options.profile``,
+``airflow_glidein/ec2_profiles.py``). Where tags cannot be trusted from create,
+each launch gets a key pair of its own, made before RunInstances: listings
+keep the instances whose key name is one of our entry's launches (filtered
+here, whatever the server does with Filters), their tags come from the
+marker's record in the state store, tags are set after create where they
+stick, a batch is split into calls of the profile's size, and the inventory
+deletes a key pair once its instances are gone.
 """
 
 from __future__ import annotations
 
-import hashlib
 import re
 import logging
 from functools import cached_property
+from collections.abc import Callable
 from typing import Any
 
+from airflow_glidein import budget as B
+from airflow_glidein import ec2_profiles as EP
 from airflow_glidein import pilots as P
 from airflow_glidein.hooks.base import LaunchSpec, PilotHook, conn_fingerprint, shared_client
 
@@ -70,10 +81,84 @@ class EC2PilotHook(PilotHook):
         status = getattr(exc, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
         return (400 <= status < 500 and _error_code(exc) not in THROTTLING) or super()._refused(exc)
 
+    @cached_property
+    def profile(self) -> EP.Profile:
+        return EP.resolve(self.entry.options, self.entry.endpoint)
+
     def idempotent_create(self) -> bool:
-        # AWS honours ClientToken: a repeated RunInstances returns the instances the first one made.
-        # Other EC2 APIs (and moto) may ignore it.
-        return "amazonaws.com" in (self.client.meta.endpoint_url or "")
+        # A repeated RunInstances with the same ClientToken returns the first one's instances where the
+        # profile says so; the aws profile by default (no options.profile) trusts it only at AWS itself.
+        if not self.profile.client_token:
+            return False
+        return bool(self.entry.options.get("profile")) or "amazonaws.com" in (self.client.meta.endpoint_url or "")
+
+    # -- launch markers (profiles without trustworthy tags) ----------------
+    def _markers(self) -> dict[str, dict]:
+        from airflow_glidein import pilotdb, state
+
+        return pilotdb.load_markers(state.store(), self.entry.name)
+
+    def _marked(self, launch_id: str | None, live: bool) -> Callable[[dict], bool]:
+        """Keeps the raw instances of our entry (of one launch) by their key pair, in live states."""
+        prefix = EP.entry_prefix(self.factory, self.entry.name)
+        exact = EP.key_name(self.factory, self.entry.name, launch_id) if launch_id else None
+
+        def keep(raw: dict) -> bool:
+            key = raw.get("KeyName") or ""
+            if (key != exact) if exact else not key.startswith(prefix):
+                return False
+            return not live or raw.get("State", {}).get("Name") in LIVE_STATES
+
+        return keep
+
+    def _list_marked(self, launch_id: str | None, live: bool = True) -> list[P.ProviderInstance]:
+        filters = [{"Name": "instance-state-name", "Values": LIVE_STATES}] if live and self.profile.tag_filters else []
+        markers = self._markers()
+        found = self._describe(keep=self._marked(launch_id, live), Filters=filters, PaginationConfig={"PageSize": 1000})
+        out = []
+        for inst, key in found:
+            base = {P.TAG_FACTORY: self.factory, P.TAG_ENTRY: self.entry.name}
+            if key in markers:
+                base.update(markers[key]["tags"])
+            elif not key.startswith(EP.entry_prefix(self.factory, self.entry.name) + "~"):
+                base[P.TAG_LAUNCH] = key[len(EP.entry_prefix(self.factory, self.entry.name)):]
+            inst.tags = {**base, **inst.tags}  # tags that stuck say the same; the marker fills the rest
+            out.append(inst)
+        return out
+
+    def _key_pair(self, name: str) -> None:
+        """Make the launch's key pair (an existing one is this launch's: a retry). Its private key is never
+        kept or logged: pilots need no SSH login, the key pair is only the marker."""
+        try:
+            self.api_call(lambda: self.client.create_key_pair(KeyName=name), "create_key_pair", charge=False)
+        except Exception as exc:
+            if _error_code(exc) != "InvalidKeyPair.Duplicate":
+                raise
+
+    def sanitize(self, instances: list[P.ProviderInstance]) -> list[P.ProviderInstance]:
+        """The inventory's upkeep: delete launch key pairs no live instance carries any more, once their
+        launch had its listing_grace (a young launch's instances may not be listed yet). Key pairs count
+        against the account's quota; ours are found at the provider too, records or not."""
+        if not self.profile.key_marker:
+            return instances
+        from airflow_glidein import pilotdb, state
+
+        prefix = EP.entry_prefix(self.factory, self.entry.name)
+        used = {EP.key_name(self.factory, self.entry.name, i.launch_id) for i in instances if i.launch_id}
+        markers = self._markers()
+        pairs = self.api_call(lambda: self.client.describe_key_pairs(), "describe_key_pairs", charge=False)
+        at_provider = {k["KeyName"] for k in pairs.get("KeyPairs", []) if k.get("KeyName", "").startswith(prefix)}
+        now = B.CLOCK.time()
+        unused = [n for n in sorted(at_provider | set(markers)) if n not in used and
+                  (n not in markers or now - markers[n]["created"] >= self.entry.listing_grace)]
+        for name in unused:
+            if name in at_provider:
+                self.api_call(lambda n=name: self.client.delete_key_pair(KeyName=n), "delete_key_pair", charge=False)
+        pilotdb.drop_markers(state.store(), self.entry.name, [n for n in unused if n in markers])
+        if unused:
+            log.info("Entry %s: deleted %d launch key pairs whose instances are gone: %s", self.entry.name,
+                     len(unused), unused[:10])
+        return instances
 
     def _filters(self, launch_id: str | None, all_entries: bool = False) -> list[dict]:
         filters = [
@@ -86,30 +171,41 @@ class EC2PilotHook(PilotHook):
             filters.append({"Name": f"tag:{P.TAG_LAUNCH}", "Values": [launch_id]})
         return filters
 
-    def _describe(self, **params: Any) -> list[P.ProviderInstance]:
-        def listing() -> list[P.ProviderInstance]:
-            out = []
+    def _describe(self, keep: Callable[[dict], bool] | None = None, **params: Any) -> list:
+        """Instances as listed; with ``keep``: (instance, key name) of those it keeps (filtered here)."""
+        def listing() -> list:
+            out: list = []
             pages = self.client.get_paginator("describe_instances").paginate(**params)
             for page in pages:
                 for reservation in page.get("Reservations", []):
-                    out.extend(_instance(i) for i in reservation.get("Instances", []))
+                    for raw in reservation.get("Instances", []):
+                        if keep is None:
+                            out.append(_instance(raw))
+                        elif keep(raw):
+                            out.append((_instance(raw), raw.get("KeyName") or ""))
             return out
 
         return self.api_call(listing, "describe_instances", charge=False)
 
     def _list(self, launch_id: str | None = None) -> list[P.ProviderInstance]:
+        if self.profile.key_marker:
+            return self._list_marked(launch_id)
         return self._describe(Filters=self._filters(launch_id), PaginationConfig={"PageSize": 1000})
 
     def _made(self, launch_id: str) -> list[P.ProviderInstance]:
         # EC2 keeps terminated instances listed for about an hour: count them too
+        if self.profile.key_marker:
+            return self._list_marked(launch_id, live=False)
         filters = [f for f in self._filters(launch_id) if f["Name"] != "instance-state-name"]
         return self._describe(Filters=filters, PaginationConfig={"PageSize": 1000})
 
     def listing_scope(self) -> tuple:
         return ("ec2", self.entry.region)
 
-    def _list_all(self) -> list[P.ProviderInstance]:
+    def _list_all(self) -> list[P.ProviderInstance] | None:
         # one pass per region and account: every entry's pilots, split by their glidein:entry tag
+        if self.profile.key_marker:
+            return None  # found by each entry's key pairs instead
         return self._describe(Filters=self._filters(None, all_entries=True), PaginationConfig={"PageSize": 1000})
 
     def still_there(self, ids: list[str]) -> dict[str, P.ProviderInstance]:
@@ -120,7 +216,8 @@ class EC2PilotHook(PilotHook):
         while todo:
             chunk, todo = todo[:1000], todo[1000:]
             try:
-                found = self._describe(InstanceIds=chunk)
+                asked = set(chunk)  # kept here too: an endpoint may answer more than it was asked
+                found = [i for i in self._describe(InstanceIds=chunk) if i.id in asked]
             except Exception as exc:
                 unknown = _unknown_ids(exc)
                 if not unknown:
@@ -135,16 +232,12 @@ class EC2PilotHook(PilotHook):
         params: dict[str, Any] = {
             "ImageId": spec.image,
             "InstanceType": self.entry.flavor,
-            "MinCount": count,  # all or nothing: a batch is one launch id, one outcome
-            "MaxCount": count,
             "UserData": spec.userdata,
-            "ClientToken": hashlib.sha256(spec.launch_id.encode()).hexdigest()[:64],
             "InstanceInitiatedShutdownBehavior": "terminate",
-            "TagSpecifications": [
-                {"ResourceType": "instance", "Tags": [{"Key": k, "Value": v} for k, v in tags.items()]
-                 + [{"Key": "Name", "Value": f"glidein-{self.entry.name}"}]}
-            ],
         }
+        tag_list = [{"Key": k, "Value": v} for k, v in tags.items()] + [{"Key": "Name", "Value": f"glidein-{self.entry.name}"}]
+        if self.profile.tags_on_create:
+            params["TagSpecifications"] = [{"ResourceType": "instance", "Tags": tag_list}]
         for key, name in (("subnet_id", "SubnetId"), ("key_name", "KeyName"), ("security_group_ids", "SecurityGroupIds")):
             if opts.get(key):
                 params[name] = opts[key]
@@ -157,6 +250,21 @@ class EC2PilotHook(PilotHook):
             if opts.get("spot_max_price"):
                 spot["MaxPrice"] = str(opts["spot_max_price"])
             params["InstanceMarketOptions"] = {"MarketType": "spot", "SpotOptions": spot}
+        if self.profile.key_marker:  # the marker first: instances of a call killed mid-way carry it already
+            params["KeyName"] = EP.key_name(self.factory, self.entry.name, spec.launch_id)
+            if self._log is not None:
+                self._log.marking("key_pair", params["KeyName"], tags, B.CLOCK.time())
+            self._key_pair(params["KeyName"])
+        made: list[P.ProviderInstance] = []
+        offset = self._have  # instances the launch has before each call: its token says so
+        for size in EP.batches(count, self.profile.max_per_call):
+            self._sending(size)  # each call its own recorded outcome: an unanswered one stands for its own
+            made += self._run(spec, {**params, "MinCount": size, "MaxCount": size,  # all or nothing per call
+                                     "ClientToken": EP.client_token(spec.launch_id, offset)}, tag_list)
+            offset += size
+        return made
+
+    def _run(self, spec: LaunchSpec, params: dict[str, Any], tag_list: list[dict]) -> list[P.ProviderInstance]:
         try:
             resp = self.api_call(lambda: self.client.run_instances(**params), "run_instances", charge=False)
         except Exception as exc:
@@ -166,7 +274,16 @@ class EC2PilotHook(PilotHook):
                 log.warning("Launch %s: token already used; not creating more", spec.launch_id)
                 return []
             raise
-        return [_instance(i) for i in resp.get("Instances", [])]
+        made = [_instance(i) for i in resp.get("Instances", [])]
+        self._created(made)
+        if made and self.profile.tags and not self.profile.tags_on_create:
+            try:  # informational where the key pair marks the launch; a new id may not be taggable yet
+                self.api_call(lambda: self.client.create_tags(Resources=[i.id for i in made], Tags=tag_list),
+                              "create_tags", charge=False)
+            except Exception as exc:
+                log.warning("Launch %s: tagging %d new instances failed (the key pair marks them): %s",
+                            spec.launch_id, len(made), exc)
+        return made
 
     def _terminate(self, ids: list[str]) -> None:
         for chunk in range(0, len(ids), 1000):
