@@ -257,14 +257,19 @@ class EC2PilotHook(PilotHook):
             self._key_pair(params["KeyName"])
         made: list[P.ProviderInstance] = []
         offset = self._have  # instances the launch has before each call: its token says so
-        for size in EP.batches(count, self.profile.max_per_call):
+        sizes = EP.batches(count, self.profile.max_per_call)
+        for size in sizes:
             self._sending(size)  # each call its own recorded outcome: an unanswered one stands for its own
             made += self._run(spec, {**params, "MinCount": size, "MaxCount": size,  # all or nothing per call
-                                     "ClientToken": EP.client_token(spec.launch_id, offset)}, tag_list)
+                                     "ClientToken": EP.client_token(spec.launch_id, offset)}, tag_list,
+                              record=len(sizes) > 1)
             offset += size
         return made
 
-    def _run(self, spec: LaunchSpec, params: dict[str, Any], tag_list: list[dict]) -> list[P.ProviderInstance]:
+    def _run(self, spec: LaunchSpec, params: dict[str, Any], tag_list: list[dict],
+             record: bool) -> list[P.ProviderInstance]:
+        """One RunInstances; ``record``: its ids are recorded at once (one of several calls: a later one
+        may fail), else the launch records them when _create returns."""
         try:
             resp = self.api_call(lambda: self.client.run_instances(**params), "run_instances", charge=False)
         except Exception as exc:
@@ -275,7 +280,8 @@ class EC2PilotHook(PilotHook):
                 return []
             raise
         made = [_instance(i) for i in resp.get("Instances", [])]
-        self._created(made)
+        if record:
+            self._created(made)
         if made and self.profile.tags and not self.profile.tags_on_create:
             try:  # informational where the key pair marks the launch; a new id may not be taggable yet
                 self.api_call(lambda: self.client.create_tags(Resources=[i.id for i in made], Tags=tag_list),
@@ -292,6 +298,11 @@ class EC2PilotHook(PilotHook):
                           charge=False)
 
     def entry_checks(self) -> list[tuple[str, Any]]:
+        from airflow_glidein.hooks.ec2_probes import capability_checks
+
+        return self._image_checks() + capability_checks(self, getattr(self, "probe_launch", False))
+
+    def _image_checks(self) -> list[tuple[str, Any]]:
         def image() -> tuple[bool, str]:
             state = self.client.describe_images(ImageIds=[self.entry.image])["Images"][0].get("State")
             return state == "available", f"state {state}"
