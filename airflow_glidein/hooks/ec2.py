@@ -258,11 +258,24 @@ class EC2PilotHook(PilotHook):
         made: list[P.ProviderInstance] = []
         offset = self._have  # instances the launch has before each call: its token says so
         sizes = EP.batches(count, self.profile.max_per_call)
-        for size in sizes:
+        split = len(sizes) > 1
+        while sizes:
+            size = sizes.pop(0)
             self._sending(size)  # each call its own recorded outcome: an unanswered one stands for its own
-            made += self._run(spec, {**params, "MinCount": size, "MaxCount": size,  # all or nothing per call
-                                     "ClientToken": EP.client_token(spec.launch_id, offset)}, tag_list,
-                              record=len(sizes) > 1)
+            try:
+                made += self._run(spec, {**params, "MinCount": size, "MaxCount": size,  # all or nothing per call
+                                         "ClientToken": EP.client_token(spec.launch_id, offset)}, tag_list,
+                                  record=split)
+            except Exception as exc:
+                room = _room(exc)
+                if room is None or room >= size:
+                    raise
+                # Eucalyptus places at most ``room`` per call and made none (MinCount was above it)
+                log.warning("Launch %s: the endpoint takes %d instances per call (options.max_per_call); "
+                            "splitting", spec.launch_id, room)
+                self._sent -= size if self._log is not None else 0
+                sizes, split = EP.batches(size + sum(sizes), room), True
+                continue
             offset += size
         return made
 
@@ -327,6 +340,14 @@ def _unknown_ids(exc: Exception) -> set[str]:
         return set()
     message = getattr(exc, "response", {}).get("Error", {}).get("Message", "")
     return set(re.findall(r"i-[0-9a-f]+", message))
+
+
+def _room(exc: Exception) -> int | None:
+    """Instances per call an InsufficientInstanceCapacity names ("Not enough resources (2 in zone < 4)")."""
+    if _error_code(exc) != "InsufficientInstanceCapacity":
+        return None
+    found = re.search(r"\((\d+) in \S+ < \d+\)", getattr(exc, "response", {}).get("Error", {}).get("Message", ""))
+    return int(found.group(1)) or None if found else None
 
 
 def _error_code(exc: Exception) -> str:
