@@ -11,13 +11,13 @@ import subprocess
 import sys
 from collections import Counter
 
-import pendulum
 import pytest
 
 from airflow_glidein import budget, pilotdb, state
 from airflow_glidein import pilots as P
 from tests.faults import KILL_AFTER_CREATE
-from tests.helpers import REPO, Clock, idle_jobs, resume_run, run_dag, task_states, write_queue, xcom
+from tests.helpers import (
+    REPO, Clock, idle_jobs, resume_run, run_dag, task_states, write_queue, xcom, zombies_up_for_retry)
 from tests.test_exactly_once import EAST, one_entry, rows
 
 pytestmark = pytest.mark.usefixtures("airflow_db")
@@ -129,17 +129,7 @@ def test_a_sigkill_between_create_and_marking_loses_and_duplicates_nothing(
     assert 1 <= len(first) <= SWITCHES[profile]["max_per_call"]  # one call's instances, unrecorded
     assert all(i["TagMap"] == {} for i in first)  # never tagged
 
-    from airflow.models.dagrun import DagRun
-    from airflow.utils.session import create_session
-    from airflow.utils.state import TaskInstanceState
-
-    with create_session() as session:  # the scheduler's zombie handling
-        run = session.query(DagRun).filter(DagRun.dag_id == "glidein_factory").order_by(DagRun.id.desc()).first()
-        for ti in run.get_task_instances(session=session):
-            if ti.state == TaskInstanceState.RUNNING:
-                ti.state = TaskInstanceState.UP_FOR_RETRY
-                ti.end_date = pendulum.now("UTC")
-        run_id = run.run_id
+    run_id = zombies_up_for_retry("glidein_factory")  # the scheduler's zombie handling
     resumed = resume_run("glidein_factory", run_id)
     assert str(resumed.state) == "success", task_states(resumed)
     planned = {b["launch_id"]: b["count"] for item in xcom(resumed, "plan_cycle") for b in item["launches"]}

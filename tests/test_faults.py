@@ -18,7 +18,6 @@ import os
 import random
 import time
 
-import pendulum
 import signal
 import subprocess
 import sys
@@ -387,19 +386,9 @@ def test_sigkill_after_the_api_call_then_retry_makes_no_duplicate(ec2, tmp_path,
     first = ec2.instances("us-east-1") + ec2.instances("us-west-2")
     assert len(first) == 5  # the first batch was made, then the task process died
 
-    from airflow.models.dagrun import DagRun
-    from airflow.utils.session import create_session
-    from airflow.utils.state import TaskInstanceState
+    from tests.helpers import resume_run, zombies_up_for_retry
 
-    with create_session() as session:  # what the scheduler does with a task whose process vanished
-        run = session.query(DagRun).filter(DagRun.dag_id == "glidein_factory").order_by(DagRun.id.desc()).first()
-        for ti in run.get_task_instances(session=session):
-            if ti.state == TaskInstanceState.RUNNING:
-                ti.state = TaskInstanceState.UP_FOR_RETRY
-                ti.end_date = pendulum.now("UTC")
-        run_id = run.run_id
-    from tests.helpers import resume_run
-
+    run_id = zombies_up_for_retry("glidein_factory")  # what the scheduler does with a task whose process vanished
     resumed = resume_run("glidein_factory", run_id)
     assert str(resumed.state) == "success", task_states(resumed)
     after = ec2.instances("us-east-1") + ec2.instances("us-west-2")
