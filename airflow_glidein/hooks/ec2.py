@@ -127,10 +127,13 @@ class EC2PilotHook(PilotHook):
         return out
 
     def _key_pair(self, name: str) -> None:
-        """Make the launch's key pair (an existing one is this launch's: a retry). Its private key is never
-        kept or logged: pilots need no SSH login, the key pair is only the marker."""
+        """Make the launch's key pair (an existing one is this launch's: a retry). Imported from a public key
+        whose private half is dropped at once, so no private key exists anywhere (CreateKeyPair would send
+        one back, for a debug log to print): pilots need no SSH login, the key pair is only the marker."""
+        public = marker_public_key()
         try:
-            self.api_call(lambda: self.client.create_key_pair(KeyName=name), "create_key_pair", charge=False)
+            self.api_call(lambda: self.client.import_key_pair(KeyName=name, PublicKeyMaterial=public),
+                          "import_key_pair", charge=False)
         except Exception as exc:
             if _error_code(exc) != "InvalidKeyPair.Duplicate":
                 raise
@@ -340,6 +343,15 @@ def _unknown_ids(exc: Exception) -> set[str]:
         return set()
     message = getattr(exc, "response", {}).get("Error", {}).get("Message", "")
     return set(re.findall(r"i-[0-9a-f]+", message))
+
+
+def marker_public_key() -> bytes:
+    """An OpenSSH RSA public key nobody holds the private key of (RSA: what every EC2 API imports)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    return key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
 
 
 def _room(exc: Exception) -> int | None:

@@ -88,7 +88,7 @@ def _launch_probe(hook: Any, found: dict[str, object]) -> tuple[bool, str]:
     params: dict[str, Any] = {"ImageId": hook.entry.image, "InstanceType": hook.entry.flavor, "MinCount": 1,
                               "MaxCount": 1, "ClientToken": EP.client_token(launch_id),
                               "InstanceInitiatedShutdownBehavior": "terminate", "KeyName": key}
-    client.create_key_pair(KeyName=key)  # the marker first, as a launch does: a crash leaves it findable
+    hook._key_pair(key)  # the marker first, as a launch does: a crash leaves it findable
     made: list[str] = []
     notes = []
     try:
