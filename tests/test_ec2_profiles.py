@@ -115,3 +115,8 @@ def test_a_generic_launch_is_found_by_its_key_pair_split_per_call_and_tagged_whe
     assert sorted(i.id for i in listed) == sorted(result["created"])  # only ours, filters ignored or not
     assert {i.launch_id for i in listed} == {"run1.cms.0"}
     assert hook.launch(spec) == {"existing": sorted(result["created"]), "created": []}
+
+
+def test_preflight_asks_for_a_profile_where_the_default_meets_another_endpoint(ec2_compat):
+    ok, detail = probes(ec2_compat, {})["capabilities match profile aws"]
+    assert ok and "the endpoint is not AWS's and no options.profile is set" in detail

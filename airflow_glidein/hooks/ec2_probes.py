@@ -72,6 +72,9 @@ def capability_checks(hook: Any, probe_launch: bool = False) -> list[Check]:
         caps = ", ".join(f"{k} {v}" for k, v in profile.capabilities().items())
         seen = ", ".join(f"{k} {v}" for k, v in sorted(found.items())) or "nothing determined"
         text = f"profile {profile.name} ({caps}); found: {seen}"
+        if not hook.entry.options.get("profile") and not hook.idempotent_create() and profile.client_token:
+            text += ("; the endpoint is not AWS's and no options.profile is set: ClientToken is not trusted, "
+                     "set the profile the endpoint matches")
         return not wrong, text + ("; " + "; ".join(wrong) if wrong else "")
 
     checks: list[Check] = [("tag filters", tag_filters), ("tags at create (DryRun)", tags_on_create),
