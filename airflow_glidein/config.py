@@ -210,14 +210,14 @@ class Entry(Model):
 
     @model_validator(mode="after")
     def _launch_key_is_the_marker(self) -> Entry:
-        if self.middleware == "ec2" and self.options.get("key_name"):
+        if self.middleware == "ec2" and self.options.get("key_name") and self.options.get("marker") != "security_group":
             from airflow_glidein import ec2_profiles
 
             profile = ec2_profiles.resolve(self.options, self.endpoint)
             if profile.key_marker:
                 raise ValueError(f"options.key_name cannot be set with profile {profile.name}: each launch gets "
                                  "its own key pair there, the marker that finds its instances (pilots need no "
-                                 "SSH key; use profile aws where the endpoint honours tags at create)")
+                                 "SSH key; or set options.marker: security_group)")
         return self
 
     @model_validator(mode="after")

@@ -28,7 +28,7 @@ import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -132,6 +132,9 @@ class EC2Options(EntryOptions):
     # generic for an entry that names its own endpoint (an EC2-compatible cloud)
     profile: str | None = None
     max_per_call: Annotated[int, Field(ge=1)] | None = None  # instances per RunInstances (default: the profile's)
+    # what marks a launch where tags cannot be trusted: its own key pair (default), or its own (empty)
+    # security group where the site keeps its key_name
+    marker: Literal["key_pair", "security_group"] | None = None
 
     @field_validator("profile")
     @classmethod

@@ -41,6 +41,7 @@ def test_profiles_resolve_by_option_then_by_endpoint():
     assert (euca.name, euca.max_per_call, euca.client_token, euca.tags_on_create) == ("eucalyptus", 8, True, False)
     assert not EP.PROFILES["aws"].key_marker and EP.PROFILES["eucalyptus"].key_marker
     parse_config(entry_with({"profile": "aws", "key_name": "site-key"}), "site.yaml")  # tags mark aws launches
+    parse_config(entry_with({"profile": "generic", "key_name": "site-key", "marker": "security_group"}), "site.yaml")
     with pytest.raises(ConfigError, match="key_name cannot be set with profile generic"):
         parse_config(entry_with({"key_name": "site-key"}, endpoint="euca-site"), "site.yaml")
 
@@ -92,6 +93,7 @@ def test_preflight_sees_a_generic_cloud_and_launches_only_when_asked(ec2_compat)
     assert ok and "client_token False" in detail and "terminate may_noop" in detail
     assert len(ec2_compat.instances(live_only=False)) == before + 2
     assert ec2_compat.client().describe_key_pairs()["KeyPairs"] == []  # the probe's marker is gone
+    assert found["launch markers"][1].startswith("0 key_pair launch markers of this entry (glidein.")
     ok, detail = probes(ec2_compat, {"profile": "eucalyptus"}, probe_launch=True, **GENERIC)[
         "capabilities match profile eucalyptus"]
     assert not ok and "client_token: the profile eucalyptus relies on it" in detail
@@ -120,3 +122,38 @@ def test_a_generic_launch_is_found_by_its_key_pair_split_per_call_and_tagged_whe
 def test_preflight_asks_for_a_profile_where_the_default_meets_another_endpoint(ec2_compat):
     ok, detail = probes(ec2_compat, {})["capabilities match profile aws"]
     assert ok and "the endpoint is not AWS's and no options.profile is set" in detail
+
+
+def test_a_security_group_marks_the_launch_where_the_site_keeps_its_key_name(ec2_compat, monkeypatch):
+    from airflow_glidein import budget
+    from airflow_glidein.hooks.base import LaunchSpec
+    from airflow_glidein.hooks.ec2 import EC2PilotHook
+
+    client = ec2_compat.client()
+    client.import_key_pair(KeyName="site-key", PublicKeyMaterial=marker_key())
+    client.run_instances(ImageId="ami-1e749f67", MinCount=1, MaxCount=1)  # not ours
+    ec2_compat.set(**GENERIC)
+    cfg = parse_config(entry_with({"profile": "generic", "marker": "security_group", "key_name": "site-key"},
+                                  listing_grace=0), "site.yaml")
+    hook = EC2PilotHook(entry=cfg.entries[0], factory=cfg.factory.name, conn_id="glidein_aws_test")
+    result = hook.launch(LaunchSpec("run1.cms.0", "cms", 2, "ami-1e749f67", "#!/bin/sh\n"))
+    listed = hook.list_pilots()
+    assert sorted(i.id for i in listed) == sorted(result["created"]) and {i.launch_id for i in listed} == {"run1.cms.0"}
+    raw = [i for i in ec2_compat.instances() if i["InstanceId"] in result["created"]]
+    assert {i["KeyName"] for i in raw} == {"site-key"}  # the site's key stays
+    group = EP.key_name(cfg.factory.name, cfg.entries[0].name, "run1.cms.0")
+    assert hook.sanitize(listed) == listed and group in groups(client)  # in use: kept
+    client.terminate_instances(InstanceIds=result["created"])
+    monkeypatch.setattr(budget, "CLOCK", type("Later", (), {"time": lambda self: 1e12, "sleep": lambda self, s: None})())
+    hook.sanitize(hook.list_pilots())
+    assert group not in groups(client)
+
+
+def groups(client) -> list[str]:
+    return [g["GroupName"] for g in client.describe_security_groups()["SecurityGroups"]]
+
+
+def marker_key() -> bytes:
+    from airflow_glidein.hooks.ec2_markers import marker_public_key
+
+    return marker_public_key()

@@ -98,50 +98,47 @@ class EC2PilotHook(PilotHook):
 
         return pilotdb.load_markers(state.store(), self.entry.name)
 
-    def _marked(self, launch_id: str | None, live: bool) -> Callable[[dict], bool]:
-        """Keeps the raw instances of our entry (of one launch) by their key pair, in live states."""
+    @cached_property
+    def marker(self) -> Any:
+        from airflow_glidein.hooks.ec2_markers import MARKERS
+
+        return MARKERS[self.entry.options.get("marker") or "key_pair"](self)
+
+    def _marked(self, launch_id: str | None, live: bool) -> Callable[[dict], str | None]:
+        """The marker of a raw instance of our entry (of one launch), in live states; else None."""
         prefix = EP.entry_prefix(self.factory, self.entry.name)
         exact = EP.key_name(self.factory, self.entry.name, launch_id) if launch_id else None
 
-        def keep(raw: dict) -> bool:
-            key = raw.get("KeyName") or ""
-            if (key != exact) if exact else not key.startswith(prefix):
-                return False
-            return not live or raw.get("State", {}).get("Name") in LIVE_STATES
+        def keep(raw: dict) -> str | None:
+            if live and raw.get("State", {}).get("Name") not in LIVE_STATES:
+                return None
+            for name in self.marker.of(raw):
+                if (name == exact) if exact else name.startswith(prefix):
+                    return name
+            return None
 
         return keep
 
     def _list_marked(self, launch_id: str | None, live: bool = True) -> list[P.ProviderInstance]:
         filters = [{"Name": "instance-state-name", "Values": LIVE_STATES}] if live and self.profile.tag_filters else []
         markers = self._markers()
-        found = self._describe(keep=self._marked(launch_id, live), Filters=filters, PaginationConfig={"PageSize": 1000})
+        prefix = EP.entry_prefix(self.factory, self.entry.name)
         out = []
-        for inst, key in found:
+        for inst, name in self._describe(keep=self._marked(launch_id, live), Filters=filters,
+                                         PaginationConfig={"PageSize": 1000}):
             base = {P.TAG_FACTORY: self.factory, P.TAG_ENTRY: self.entry.name}
-            if key in markers:
-                base.update(markers[key]["tags"])
-            elif not key.startswith(EP.entry_prefix(self.factory, self.entry.name) + "~"):
-                base[P.TAG_LAUNCH] = key[len(EP.entry_prefix(self.factory, self.entry.name)):]
+            if name in markers:
+                base.update(markers[name]["tags"])
+            elif not name.startswith(prefix + "~"):  # its record lost: the name still says the launch
+                base[P.TAG_LAUNCH] = name[len(prefix):]
             inst.tags = {**base, **inst.tags}  # tags that stuck say the same; the marker fills the rest
             out.append(inst)
         return out
 
-    def _key_pair(self, name: str) -> None:
-        """Make the launch's key pair (an existing one is this launch's: a retry). Imported from a public key
-        whose private half is dropped at once, so no private key exists anywhere (CreateKeyPair would send
-        one back, for a debug log to print): pilots need no SSH login, the key pair is only the marker."""
-        public = marker_public_key()
-        try:
-            self.api_call(lambda: self.client.import_key_pair(KeyName=name, PublicKeyMaterial=public),
-                          "import_key_pair", charge=False)
-        except Exception as exc:
-            if _error_code(exc) != "InvalidKeyPair.Duplicate":
-                raise
-
     def sanitize(self, instances: list[P.ProviderInstance]) -> list[P.ProviderInstance]:
-        """The inventory's upkeep: delete launch key pairs no live instance carries any more, once their
-        launch had its listing_grace (a young launch's instances may not be listed yet). Key pairs count
-        against the account's quota; ours are found at the provider too, records or not."""
+        """The inventory's upkeep: delete launch markers no live instance carries any more, once their
+        launch had its listing_grace (a young launch's instances may not be listed yet). Markers count
+        against the account's quotas; ours are found at the provider too, records or not."""
         if not self.profile.key_marker:
             return instances
         from airflow_glidein import pilotdb, state
@@ -149,33 +146,19 @@ class EC2PilotHook(PilotHook):
         prefix = EP.entry_prefix(self.factory, self.entry.name)
         used = {EP.key_name(self.factory, self.entry.name, i.launch_id) for i in instances if i.launch_id}
         markers = self._markers()
-        pairs = self.api_call(lambda: self.client.describe_key_pairs(), "describe_key_pairs", charge=False)
-        at_provider = {k["KeyName"] for k in pairs.get("KeyPairs", []) if k.get("KeyName", "").startswith(prefix)}
+        at_provider = self.marker.at_provider(prefix)
         now = B.CLOCK.time()
-        unused = [n for n in sorted(at_provider | set(markers)) if n not in used and
+        unused = [n for n in sorted(set(at_provider) | set(markers)) if n not in used and
                   (n not in markers or now - markers[n]["created"] >= self.entry.listing_grace)]
-        for name in unused:
-            if name in at_provider:
-                self.api_call(lambda n=name: self.client.delete_key_pair(KeyName=n), "delete_key_pair", charge=False)
-        pilotdb.drop_markers(state.store(), self.entry.name, [n for n in unused if n in markers])
-        if unused:
-            log.info("Entry %s: deleted %d launch key pairs whose instances are gone: %s", self.entry.name,
-                     len(unused), unused[:10])
+        gone = [n for n in unused if n not in at_provider or self.marker.delete(at_provider[n])]
+        pilotdb.drop_markers(state.store(), self.entry.name, [n for n in gone if n in markers])
+        if gone:
+            log.info("Entry %s: deleted %d launch markers (%s) whose instances are gone: %s", self.entry.name,
+                     len(gone), self.marker.kind, gone[:10])
         return instances
 
-    def _filters(self, launch_id: str | None, all_entries: bool = False) -> list[dict]:
-        filters = [
-            {"Name": f"tag:{P.TAG_FACTORY}", "Values": [self.factory]},
-            {"Name": "instance-state-name", "Values": LIVE_STATES},
-        ]
-        if not all_entries:
-            filters.append({"Name": f"tag:{P.TAG_ENTRY}", "Values": [self.entry.name]})
-        if launch_id:
-            filters.append({"Name": f"tag:{P.TAG_LAUNCH}", "Values": [launch_id]})
-        return filters
-
-    def _describe(self, keep: Callable[[dict], bool] | None = None, **params: Any) -> list:
-        """Instances as listed; with ``keep``: (instance, key name) of those it keeps (filtered here)."""
+    def _describe(self, keep: Callable[[dict], str | None] | None = None, **params: Any) -> list:
+        """Instances as listed; with ``keep``: (instance, marker) of those it keeps (filtered here)."""
         def listing() -> list:
             out: list = []
             pages = self.client.get_paginator("describe_instances").paginate(**params)
@@ -184,8 +167,8 @@ class EC2PilotHook(PilotHook):
                     for raw in reservation.get("Instances", []):
                         if keep is None:
                             out.append(_instance(raw))
-                        elif keep(raw):
-                            out.append((_instance(raw), raw.get("KeyName") or ""))
+                        elif (name := keep(raw)) is not None:
+                            out.append((_instance(raw), name))
             return out
 
         return self.api_call(listing, "describe_instances", charge=False)
@@ -254,10 +237,10 @@ class EC2PilotHook(PilotHook):
                 spot["MaxPrice"] = str(opts["spot_max_price"])
             params["InstanceMarketOptions"] = {"MarketType": "spot", "SpotOptions": spot}
         if self.profile.key_marker:  # the marker first: instances of a call killed mid-way carry it already
-            params["KeyName"] = EP.key_name(self.factory, self.entry.name, spec.launch_id)
+            name = EP.key_name(self.factory, self.entry.name, spec.launch_id)
             if self._log is not None:
-                self._log.marking("key_pair", params["KeyName"], tags, B.CLOCK.time())
-            self._key_pair(params["KeyName"])
+                self._log.marking(self.marker.kind, name, tags, B.CLOCK.time())
+            self.marker.make(name, params)
         made: list[P.ProviderInstance] = []
         offset = self._have  # instances the launch has before each call: its token says so
         sizes = EP.batches(count, self.profile.max_per_call)
@@ -343,15 +326,6 @@ def _unknown_ids(exc: Exception) -> set[str]:
         return set()
     message = getattr(exc, "response", {}).get("Error", {}).get("Message", "")
     return set(re.findall(r"i-[0-9a-f]+", message))
-
-
-def marker_public_key() -> bytes:
-    """An OpenSSH RSA public key nobody holds the private key of (RSA: what every EC2 API imports)."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import rsa
-
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    return key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
 
 
 def _room(exc: Exception) -> int | None:

@@ -3,7 +3,7 @@
 Read-only calls and DryRun by default: DescribeInstances with a tag filter that
 matches nothing (an answer with instances means filters are ignored),
 RunInstances DryRun with TagSpecifications (DryRunOperation: tags at create
-are taken), DescribeKeyPairs (the launch markers). With ``probe_launch`` one
+are taken), DescribeKeyPairs or DescribeSecurityGroups (the launch markers). With ``probe_launch`` one
 small instance is asked for twice with one ClientToken (two instances: the
 token is ignored), tagged, read back, terminated and checked (still running:
 terminate may do nothing), and its key pair deleted. Each probe fills
@@ -58,11 +58,10 @@ def capability_checks(hook: Any, probe_launch: bool = False) -> list[Check]:
             return not profile.tags_on_create, f"refused: {code}: {' '.join(message.split())[:160]}"
         return True, "not determined: DryRun was not honoured (the endpoint answered as if it ran)"
 
-    def key_pairs() -> tuple[bool, str]:
+    def markers() -> tuple[bool, str]:
         prefix = EP.entry_prefix(hook.factory, hook.entry.name)
-        names = [k.get("KeyName", "") for k in client.describe_key_pairs().get("KeyPairs", [])]
-        ours = [n for n in names if n.startswith(prefix)]
-        return True, f"{len(names)} key pairs, {len(ours)} launch markers of this entry ({prefix}*)"
+        ours = hook.marker.at_provider(prefix)
+        return True, f"{len(ours)} {hook.marker.kind} launch markers of this entry ({prefix}*)"
 
     def launch() -> tuple[bool, str]:
         return _launch_probe(hook, found)
@@ -78,7 +77,7 @@ def capability_checks(hook: Any, probe_launch: bool = False) -> list[Check]:
         return not wrong, text + ("; " + "; ".join(wrong) if wrong else "")
 
     checks: list[Check] = [("tag filters", tag_filters), ("tags at create (DryRun)", tags_on_create),
-                           ("key pairs", key_pairs)]
+                           ("launch markers", markers)]
     if probe_launch:
         checks.append(("launch probe (one instance, ClientToken twice, terminate)", launch))
     return [*checks, (f"capabilities match profile {profile.name}", matches)]
@@ -90,8 +89,8 @@ def _launch_probe(hook: Any, found: dict[str, object]) -> tuple[bool, str]:
     key = EP.key_name(hook.factory, hook.entry.name, launch_id)
     params: dict[str, Any] = {"ImageId": hook.entry.image, "InstanceType": hook.entry.flavor, "MinCount": 1,
                               "MaxCount": 1, "ClientToken": EP.client_token(launch_id),
-                              "InstanceInitiatedShutdownBehavior": "terminate", "KeyName": key}
-    hook._key_pair(key)  # the marker first, as a launch does: a crash leaves it findable
+                              "InstanceInitiatedShutdownBehavior": "terminate"}
+    hook.marker.make(key, params)  # the marker first, as a launch does: a crash leaves it findable
     made: list[str] = []
     notes = []
     try:
@@ -121,7 +120,9 @@ def _launch_probe(hook: Any, found: dict[str, object]) -> tuple[bool, str]:
                 notes.append(f"terminate left {running} running (asked again; check them)")
             else:
                 notes.append("terminate acted")
-        client.delete_key_pair(KeyName=key)
+        for name, handle in hook.marker.at_provider(key).items():
+            if name == key:
+                hook.marker.delete(handle)
     return True, "; ".join(notes) + f" (profile {profile.name})"
 
 
