@@ -157,6 +157,17 @@ class EC2PilotHook(PilotHook):
                      len(gone), self.marker.kind, gone[:10])
         return instances
 
+    def _filters(self, launch_id: str | None, all_entries: bool = False) -> list[dict]:
+        filters = [
+            {"Name": f"tag:{P.TAG_FACTORY}", "Values": [self.factory]},
+            {"Name": "instance-state-name", "Values": LIVE_STATES},
+        ]
+        if not all_entries:
+            filters.append({"Name": f"tag:{P.TAG_ENTRY}", "Values": [self.entry.name]})
+        if launch_id:
+            filters.append({"Name": f"tag:{P.TAG_LAUNCH}", "Values": [launch_id]})
+        return filters
+
     def _describe(self, keep: Callable[[dict], str | None] | None = None, **params: Any) -> list:
         """Instances as listed; with ``keep``: (instance, marker) of those it keeps (filtered here)."""
         def listing() -> list:
