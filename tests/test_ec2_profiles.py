@@ -157,3 +157,19 @@ def marker_key() -> bytes:
     from airflow_glidein.hooks.ec2_markers import marker_public_key
 
     return marker_public_key()
+
+
+def test_a_call_above_what_eucalyptus_places_is_split_to_its_size(ec2_compat):
+    """The profile says 5 per call, the endpoint places 2 and refuses more (making none): the batch goes
+    in calls of 2, each with its own token, and the launch has exactly its 5."""
+    from airflow_glidein.hooks.base import LaunchSpec
+    from airflow_glidein.hooks.ec2 import EC2PilotHook
+
+    ec2_compat.set(**EUCALYPTUS)
+    cfg = parse_config(entry_with({"profile": "eucalyptus"}), "site.yaml")
+    hook = EC2PilotHook(entry=cfg.entries[0], factory=cfg.factory.name, conn_id="glidein_aws_test")
+    result = hook.launch(LaunchSpec("run1.cms.0", "cms", 5, "ami-1e749f67", "#!/bin/sh\n"))
+    assert len(result["created"]) == 5 == len(ec2_compat.instances())
+    made = [c.status for c in ec2_compat.calls if c.path == "RunInstances"]
+    assert made.count(200) == 3 and set(made) <= {200, 503}  # 2 + 2 + 1 after the refusals
+    assert hook.launch(LaunchSpec("run1.cms.0", "cms", 5, "ami-1e749f67", "#!/bin/sh\n"))["created"] == []
