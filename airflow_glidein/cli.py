@@ -201,7 +201,7 @@ def cmd_preflight(args: argparse.Namespace) -> int:
     if unknown:
         print(f"{args.config}: no entries {unknown}", file=sys.stderr)
         return 2
-    checks = preflight.run(cfg, args.entry)
+    checks = preflight.run(cfg, args.entry, probe_launch=args.probe_launch)
     print(table(["scope", "check", "result", "detail"],
                 [[c.scope, c.what, "ok" if c.ok else "FAILED", c.detail] for c in checks]))
     failed = sum(not c.ok for c in checks)
@@ -414,6 +414,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                          "service before the first cycle (calls the providers)")
     p.add_argument("config", nargs="?", help="configuration file (default: [glidein] config_file)")
     p.add_argument("--entry", action="append", help="only this entry (repeatable)")
+    p.add_argument("--probe-launch", action="store_true",
+                   help="EC2 entries: launch one small instance (twice with one ClientToken), tag and terminate it, "
+                        "to see what the endpoint honours (costs an instance for a few minutes)")
     p.set_defaults(func=cmd_preflight, airflow=True)
     p = sub.add_parser("sync-pools", help="create or resize one Airflow pool per provider API endpoint")
     p.add_argument("config", nargs="?", help="configuration file (default: [glidein] config_file)")

@@ -209,6 +209,18 @@ class Entry(Model):
         return self
 
     @model_validator(mode="after")
+    def _launch_key_is_the_marker(self) -> Entry:
+        if self.middleware == "ec2" and self.options.get("key_name") and self.options.get("marker") != "security_group":
+            from airflow_glidein import ec2_profiles
+
+            profile = ec2_profiles.resolve(self.options, self.endpoint)
+            if profile.key_marker:
+                raise ValueError(f"options.key_name cannot be set with profile {profile.name}: each launch gets "
+                                 "its own key pair there, the marker that finds its instances (pilots need no "
+                                 "SSH key; or set options.marker: security_group)")
+        return self
+
+    @model_validator(mode="after")
     def _cloud_needs_image(self) -> Entry:
         if middlewares.get(self.middleware).vm:
             if not self.image:

@@ -28,7 +28,7 @@ import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -128,6 +128,22 @@ class EC2Options(EntryOptions):
     instance_profile: str | None = None  # an IAM instance profile name
     spot: bool = False  # one-time spot instances, terminated on interruption
     spot_max_price: Annotated[float, Field(gt=0)] | None = None  # default: the on-demand price
+    # what the endpoint honours (airflow_glidein/ec2_profiles.py): aws | eucalyptus | generic; default aws,
+    # generic for an entry that names its own endpoint (an EC2-compatible cloud)
+    profile: str | None = None
+    max_per_call: Annotated[int, Field(ge=1)] | None = None  # instances per RunInstances (default: the profile's)
+    # what marks a launch where tags cannot be trusted: its own key pair (default), or its own (empty)
+    # security group where the site keeps its key_name
+    marker: Literal["key_pair", "security_group"] | None = None
+
+    @field_validator("profile")
+    @classmethod
+    def _known_profile(cls, v: str | None) -> str | None:
+        from airflow_glidein.ec2_profiles import PROFILES
+
+        if v is not None and v not in PROFILES:
+            raise ValueError(f"unknown profile {v!r}; known: {', '.join(PROFILES)}")
+        return v
 
 
 class OpenStackOptions(EntryOptions):

@@ -106,6 +106,21 @@ LAUNCH_CALLS = Table(
     Column("outcome", String(16), nullable=False),
 )
 
+# One row per launch marker made at the provider (an EC2 key pair per launch where tags cannot be
+# trusted): written before the marker is made and before RunInstances, so a listing maps the marker
+# back to the launch's tags after any crash, and the inventory deletes the marker once its instances
+# are gone (markers count against provider quotas).
+MARKERS = Table(
+    "glidein_markers",
+    METADATA,
+    Column("entry", String(64), primary_key=True),
+    Column("name", String(255), primary_key=True),  # the key pair's name
+    Column("kind", String(32), nullable=False),  # key_pair
+    Column("launch_id", String(255), nullable=False),
+    Column("tags", Text, nullable=False),  # JSON: the tags the launch's instances would carry
+    Column("created", Float, nullable=False),
+)
+
 # The configuration of every entry that has had pilots, as it last was: the pilots of an entry taken
 # out of the configuration are still listed and drained through it (and the last connection that saw them).
 ENTRY_SNAPSHOTS = Table(
@@ -258,11 +273,32 @@ class LaunchLog:
                                      "launched": launched or self.now, "state": P.REQUESTED, "memory": {},
                                      "updated": self.now} for i in ids])
 
+    def marking(self, kind: str, name: str, tags: Mapping[str, str], now: float) -> None:
+        """Before a marker is made at the provider: its launch and tags (kept if already recorded).
+        ``now`` on the hook's clock, which also decides when an unused marker may go."""
+        _upsert(self.store, MARKERS, [{"entry": self.entry, "name": name, "kind": kind, "launch_id": self.launch_id,
+                                       "tags": json.dumps(dict(tags)), "created": now}],
+                ("entry", "name"), update=False)
+
     def called(self, outcome: str) -> None:
         with self.store.begin() as conn:
             conn.execute(LAUNCH_CALLS.update().where(LAUNCH_CALLS.c.entry == self.entry,
                                                      LAUNCH_CALLS.c.launch_id == self.launch_id)
                          .values(outcome=outcome))
+
+
+def load_markers(store: StateStore, entry: str) -> dict[str, dict[str, Any]]:
+    """An entry's launch markers by name, each with its tags decoded."""
+    with store.begin() as conn:
+        rows = conn.execute(select(MARKERS).where(MARKERS.c.entry == entry)).mappings().all()
+    return {r["name"]: {**r, "tags": json.loads(r["tags"])} for r in rows}
+
+
+def drop_markers(store: StateStore, entry: str, names: Iterable[str]) -> None:
+    names = list(names)
+    if names:
+        with store.begin() as conn:
+            conn.execute(delete(MARKERS).where(MARKERS.c.entry == entry, MARKERS.c.name.in_(names)))
 
 
 def unlisted_launches(store: StateStore, entries: Iterable[str], since: float) -> list[dict[str, Any]]:

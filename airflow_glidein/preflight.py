@@ -4,7 +4,8 @@ HTCondor annex launches with no quota, image or collector check, so a wrong
 AMI shows up as boot failures long after. ``python -m airflow_glidein
 preflight`` checks each credential (readable, valid), each entry with each
 of its provisioning connections (the provider answers, the image and the
-flavor or template exist), the collector, and the bootstrap service (it
+flavor or template exist; for EC2, what the endpoint honours against the
+entry's quirk profile, a launching probe only with ``probe_launch``), the collector, and the bootstrap service (it
 answers and signs with the factory's key, i.e. shares its state store).
 Every check runs whatever the others found; each result names what is wrong.
 """
@@ -28,7 +29,8 @@ class Check:
     detail: str
 
 
-def run(config: Config, entries: list[str] | None = None, now: float | None = None) -> list[Check]:
+def run(config: Config, entries: list[str] | None = None, now: float | None = None,
+        probe_launch: bool = False) -> list[Check]:
     """Every check, in order: credentials (of the chosen entries' trust domains), entries, factory.
 
     A state store that cannot serve the factory (unreadable, unreachable, or a SQLite file under a
@@ -44,7 +46,7 @@ def run(config: Config, entries: list[str] | None = None, now: float | None = No
     out = [Check(f"credential {cid}", "connection readable, credential valid", v.ok,
                  material.describe(v) if v.ok else v.reason) for cid, v in sorted(validity.items())]
     for entry in chosen:
-        out += _entry(config, entry, validity)
+        out += _entry(config, entry, validity, probe_launch)
     if config.factory.collector:
         out.append(_collector(config.factory.collector))
     out.append(_bootstrap(config.factory.bootstrap_url))
@@ -62,7 +64,7 @@ def _state_store() -> Check:
                                                  f"schema revision {st.revision}")
 
 
-def _entry(config: Config, entry, validity) -> list[Check]:
+def _entry(config: Config, entry, validity, probe_launch: bool = False) -> list[Check]:
     from airflow_glidein.hooks import pilot_hook
 
     scope = f"entry {entry.name}"
@@ -76,7 +78,9 @@ def _entry(config: Config, entry, validity) -> list[Check]:
             out.append(Check(scope, f"provider via {cred.id}", False, f"credential unusable: {validity[cred.id].reason}"))
             continue
         try:
-            results = pilot_hook(entry, config.factory.name, cred.conn_id).preflight()
+            hook = pilot_hook(entry, config.factory.name, cred.conn_id)
+            hook.probe_launch = probe_launch  # only a hook that has a launching probe reads it (EC2)
+            results = hook.preflight()
         except Exception as exc:  # one entry's provider must not stop the checks of the others
             results = [("provider answers", False, f"{type(exc).__name__}: {str(exc)[:300]}")]
         out += [Check(scope, f"{what} via {cred.id}", ok, detail) for what, ok, detail in results]

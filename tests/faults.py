@@ -1,6 +1,7 @@
 """Named fault points for the crash-consistency tests, armed from the test process.
 
-The points are where a crash hurts: before a provider call, after it (the
+The points are where a crash hurts (``KILL_AFTER_CREATE`` is a real SIGKILL between a create call and
+the marking of what it made): before a provider call, after it (the
 response is lost before the factory could record the ids it names),
 between batches, and before the task's result is recorded. A fault fires once; Airflow's retry then runs clean. Faults patch
 the shared hook interface, so they apply to every middleware alike.
@@ -90,3 +91,24 @@ class Faults:
         monkeypatch.setattr(pilotdb, "update_memory", update_memory)
         monkeypatch.setattr(SubmitPilotsOperator, "execute", submit_execute)
         return self
+
+
+# A real crash between create and marking: the process running the factory DAG is SIGKILLed right after
+# the provider answered a create call (its ids in hand) and before anything recorded or tagged them.
+# Run as: python -c KILL_AFTER_CREATE <repo> <logical date>.
+KILL_AFTER_CREATE = '''
+import os, signal, sys
+sys.path.insert(0, sys.argv[1])
+from airflow_glidein.hooks.base import PilotHook
+real = PilotHook.api_call
+def api_call(self, send, what="call", charge=True):
+    result = real(self, send, what, charge)
+    if what == "run_instances":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return result
+PilotHook.api_call = api_call
+import pendulum
+from airflow.dag_processing.dagbag import DagBag
+dag = DagBag(dag_folder=os.path.join(sys.argv[1], "dags")).get_dag("glidein_factory")
+dag.test(logical_date=pendulum.parse(sys.argv[2]), run_after=pendulum.parse(sys.argv[2]))
+'''

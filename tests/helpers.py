@@ -228,6 +228,23 @@ def env_config(path: Path | str) -> None:
     os.environ["AIRFLOW__GLIDEIN__CONFIG_FILE"] = str(path)
 
 
+def zombies_up_for_retry(dag_id: str) -> str:
+    """What the scheduler does with the tasks of a DAG's last run whose process vanished (SIGKILL): up for
+    retry. Returns the run's id, for ``resume_run``."""
+    import pendulum
+    from airflow.models.dagrun import DagRun
+    from airflow.utils.session import create_session
+    from airflow.utils.state import TaskInstanceState
+
+    with create_session() as session:
+        run = session.query(DagRun).filter(DagRun.dag_id == dag_id).order_by(DagRun.id.desc()).first()
+        for ti in run.get_task_instances(session=session):
+            if ti.state == TaskInstanceState.RUNNING:
+                ti.state = TaskInstanceState.UP_FOR_RETRY
+                ti.end_date = pendulum.now("UTC")
+        return run.run_id
+
+
 def resume_run(dag_id: str, run_id: str):
     """Carry on an existing DAG run the way the scheduler would (dag.test's loop, on a run it did not create).
 

@@ -18,7 +18,6 @@ import os
 import random
 import time
 
-import pendulum
 import signal
 import subprocess
 import sys
@@ -38,6 +37,11 @@ pytestmark = pytest.mark.usefixtures("airflow_db")
 
 RUNS = int(os.environ.get("GLIDEIN_FAULT_RUNS", "200"))  # faulted runs in all, split across the middlewares
 MIDDLEWARES = ("ec2", "openstack", "opennebula")
+# EC2-compatible endpoints as the proxy plays them, with the entries' quirk profile set to match
+PROFILES = {
+    "ec2-eucalyptus": {"client_token": "eucalyptus", "tags": "refuse_on_create", "max_per_call": 2},
+    "ec2-generic": {"client_token": "ignore", "tags": "drop", "ignore_filters": True, "max_per_call": 1},
+}
 LIFETIME = 3600
 LAG = 25  # s new instances are missing from every listing
 STEP = 10  # s of simulated time per run: a run's instances stay unlisted for the next two runs
@@ -48,7 +52,7 @@ REGIONS = {"aws-us-east-1": "us-east-1", "aws-us-west-2": "us-west-2"}
 def fault_config(tmp_path, monkeypatch, cloud=None):
     cfg = example_config()
     cfg["factory"].update(retries=3, retry_delay=0, verify_timeout=1, verify_poll=1)
-    if cloud is not None and cloud.middleware != "ec2":  # the two colliding endpoints' entries, their credentials
+    if cloud is not None and not cloud.ec2:  # the two colliding endpoints' entries, their credentials
         cfg["entries"] = [dict(e) for e in cloud.pair.entries]
         cfg["credentials"] = cloud.pair.credentials
     for e in cfg["entries"]:
@@ -57,6 +61,8 @@ def fault_config(tmp_path, monkeypatch, cloud=None):
         e["api_budget"] = {"requests": 100000, "per_seconds": 300}  # 200 cycles back to back, not 500 calls / 5 min
         e["listing_grace"] = GRACE
         e.pop("requirements", None)
+        if cloud is not None and cloud.middleware in PROFILES:
+            e["options"] = {**e.get("options", {}), "profile": cloud.middleware.removeprefix("ec2-")}
     base = cfg["frontends"][0]
     if cloud is not None:
         base = {**base, "entries": list(cloud.entries), "credentials": [c["id"] for c in cfg["credentials"]]}
@@ -102,11 +108,12 @@ class Cloud:
 
     def __init__(self, middleware, request, monkeypatch, clock):
         self.middleware, self.clock = middleware, clock
+        self.ec2 = middleware.startswith("ec2")
         request.getfixturevalue("ec2")  # the pilot credential's connection every cloud uses
-        if middleware == "ec2":
+        if self.ec2:
             self.server = request.getfixturevalue("ec2_compat")
             self.server.clock = clock.time
-            self.server.set(lag=LAG, client_token="ignore")
+            self.server.set(lag=LAG, **PROFILES.get(middleware, {"client_token": "ignore"}))
             self.entries = tuple(REGIONS)
             self.servers = {}
             return
@@ -122,7 +129,7 @@ class Cloud:
 
     def credentials(self, entry):
         """(provisioning, pilot) credential ids for an entry's requests."""
-        if self.middleware == "ec2":
+        if self.ec2:
             return "aws-demo", "cms-pool-token"
         return f"{entry}-cms", f"pool-{entry}"
 
@@ -139,8 +146,8 @@ class Cloud:
 
     def made(self) -> Counter:
         """Instances made per launch id, at every endpoint (launch ids name their entry: no collision)."""
-        if self.middleware == "ec2":
-            return Counter(i["TagMap"][P.TAG_LAUNCH] for i in instances(self.server))
+        if self.ec2:
+            return Counter(ec2_marks(i)[1] for i in instances(self.server))
         if self.middleware == "openstack":
             return Counter(self.created)
         return Counter(vm["USER_TEMPLATE"].get("GLIDEIN_LAUNCH") for one in self.servers.values()
@@ -148,9 +155,8 @@ class Cloud:
 
     def live(self) -> list[str]:
         """Pilot keys ("entry/id") of every live instance: ids collide across the endpoints."""
-        if self.middleware == "ec2":
-            return sorted(P.pilot_key(i["TagMap"][P.TAG_ENTRY], i["InstanceId"])
-                          for i in instances(self.server, live_only=True))
+        if self.ec2:
+            return sorted(P.pilot_key(ec2_marks(i)[0], i["InstanceId"]) for i in instances(self.server, live_only=True))
         if self.middleware == "openstack":
             return sorted(P.pilot_key(e, s["id"]) for e, nova in self.servers.items() for s in nova.live())
         return sorted(P.pilot_key(e, str(vm["ID"])) for e, one in self.servers.items() for vm in one.live())
@@ -166,8 +172,8 @@ class Cloud:
 
     def launches(self) -> dict[str, str]:
         """Launch id of each live pilot key."""
-        if self.middleware == "ec2":
-            return {P.pilot_key(i["TagMap"][P.TAG_ENTRY], i["InstanceId"]): i["TagMap"][P.TAG_LAUNCH]
+        if self.ec2:
+            return {P.pilot_key(ec2_marks(i)[0], i["InstanceId"]): ec2_marks(i)[1]
                     for i in instances(self.server, live_only=True)}
         if self.middleware == "openstack":
             return {P.pilot_key(e, s["id"]): s["metadata"].get(P.TAG_LAUNCH, "") for e, nova in self.servers.items()
@@ -181,7 +187,7 @@ class Cloud:
             entry, pid = P.split_key(key)
             by_entry.setdefault(entry, []).append(pid)
         for entry, ids in by_entry.items():
-            if self.middleware == "ec2":
+            if self.ec2:
                 self.server.age(ids, seconds, REGIONS[entry])
             elif self.middleware == "openstack":
                 for sid in ids:
@@ -194,14 +200,24 @@ class Cloud:
         for server in self.servers.values() or [self.server]:
             server.reset()
             server.lag = LAG
-        if self.middleware == "ec2":
+        if self.ec2:
             self.server.clock = self.clock.time
-            self.server.set(lag=LAG, client_token="ignore")
+            self.server.set(lag=LAG, **PROFILES.get(self.middleware, {"client_token": "ignore"}))
         else:
             self.created.clear()
             if self.middleware == "openstack":
                 for nova in self.servers.values():
                     nova.ids_from(PAIR_SEED)
+
+
+def ec2_marks(inst: dict) -> tuple[str, str]:
+    """(entry, launch id) of an EC2 instance: its tags, or where the profile keeps none its launch key pair
+    (glidein.<factory>.<entry>.<launch id>)."""
+    tags = inst["TagMap"]
+    if P.TAG_LAUNCH in tags:
+        return tags[P.TAG_ENTRY], tags[P.TAG_LAUNCH]
+    _, _, entry, launch = inst["KeyName"].split(".", 3)
+    return entry, launch
 
 
 class FakeTI:
@@ -270,7 +286,7 @@ def next_fault(run, options):
     return None
 
 
-@pytest.mark.parametrize("middleware", MIDDLEWARES)
+@pytest.mark.parametrize("middleware", MIDDLEWARES + tuple(PROFILES))
 def test_randomized_faults_never_duplicate_or_leak(middleware, request, tmp_path, monkeypatch, state_store):
     runs = -(-RUNS // len(MIDDLEWARES))  # this middleware's share of the faulted runs
     rng = random.Random(f"20261204-{middleware}")
@@ -387,19 +403,9 @@ def test_sigkill_after_the_api_call_then_retry_makes_no_duplicate(ec2, tmp_path,
     first = ec2.instances("us-east-1") + ec2.instances("us-west-2")
     assert len(first) == 5  # the first batch was made, then the task process died
 
-    from airflow.models.dagrun import DagRun
-    from airflow.utils.session import create_session
-    from airflow.utils.state import TaskInstanceState
+    from tests.helpers import resume_run, zombies_up_for_retry
 
-    with create_session() as session:  # what the scheduler does with a task whose process vanished
-        run = session.query(DagRun).filter(DagRun.dag_id == "glidein_factory").order_by(DagRun.id.desc()).first()
-        for ti in run.get_task_instances(session=session):
-            if ti.state == TaskInstanceState.RUNNING:
-                ti.state = TaskInstanceState.UP_FOR_RETRY
-                ti.end_date = pendulum.now("UTC")
-        run_id = run.run_id
-    from tests.helpers import resume_run
-
+    run_id = zombies_up_for_retry("glidein_factory")  # what the scheduler does with a task whose process vanished
     resumed = resume_run("glidein_factory", run_id)
     assert str(resumed.state) == "success", task_states(resumed)
     after = ec2.instances("us-east-1") + ec2.instances("us-west-2")
