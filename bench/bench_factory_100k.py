@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -82,7 +83,7 @@ def holdings(kind: str, servers: dict) -> tuple[dict[str, int], dict[str, int], 
     per_entry: dict[str, int] = {}
     per_launch: dict[str, int] = {}
     hidden = 0
-    for server in servers.values():
+    for region, server in servers.items():
         if kind == "standin":
             st = server.stats()
             for mine, theirs in ((per_entry, st["live_per_entry"]), (per_launch, st["live_per_launch"])):
@@ -92,7 +93,7 @@ def holdings(kind: str, servers: dict) -> tuple[dict[str, int], dict[str, int], 
             continue
         import boto3
 
-        client = boto3.client("ec2", region_name="us-east-1", endpoint_url=server.url, aws_access_key_id="k",
+        client = boto3.client("ec2", region_name=region, endpoint_url=server.url, aws_access_key_id="k",
                               aws_secret_access_key="s")
         for page in client.get_paginator("describe_instances").paginate(Filters=[
                 {"Name": "instance-state-name", "Values": ["pending", "running", "stopping", "stopped"]}]):
@@ -195,11 +196,12 @@ def main(argv: list[str] | None = None) -> int:
                                         args.profile)))
         return 0
 
+    load = os.getloadavg()[0]
     runs = [in_child("standin", args.pilots, args, args.cycles)]
     runs += [in_child("moto", int(n), args, args.moto_cycles) for n in args.moto.split(",") if n.strip()]
     print(f"Factory cycle (inventory, plan, submit of the deficit, reap, verify) in {args.entries} entries over "
           f"{len(REGIONS)} regions (a server process and task group each); {COHORT:.0%} of the pilots reaped and "
-          f"replaced per cycle")
+          f"replaced per cycle; {os.cpu_count()} cores, load average {load:.1f} before, {os.getloadavg()[0]:.1f} after")
     head = (f"{'server':>8} {'pilots':>7} {'cycle':>5} {'hidden':>6} {'known':>7} {'made':>5} {'reaped':>6} "
             f"{'calls':>5} {'inv s':>6} {'plan s':>6} {'sub s':>6} {'reap s':>6} {'ver s':>6} {'cycle s':>7} "
             f"{'cpu s':>6} {'parse s':>7}")
