@@ -12,7 +12,10 @@ terminates.
 
 At 100,000 pilots the listings come from bench/ec2_listing_standin.py
 (pre-rendered pages: moto's own listing costs about 1.5 ms of server CPU
-per instance listed and would be timed instead of the factory), with
+per instance listed and would be timed instead of the factory; each
+instance carries all of EC2's description, as AWS sends it, so botocore
+parses as much as it would there; ``--lean``: id, state, launch time and
+tags only), with
 ``--lag`` s of listing lag in real time: what a cycle creates is missing
 from the next cycle's listing, and only the launch records
 (``pilotdb.LaunchLog``: the ids each create returned, written at once)
@@ -60,9 +63,9 @@ GIB = 1024 ** 3
 class Standin(Server):
     """The pre-rendered EC2 stand-in, in its own process."""
 
-    def __init__(self, workdir: Path, name: str, lag: float):
-        super().__init__(workdir, f"standin-{name}",
-                         ["-m", "bench.ec2_listing_standin", "--port", "{port}", "--lag", str(lag)], "/")
+    def __init__(self, workdir: Path, name: str, lag: float, lean: bool):
+        super().__init__(workdir, f"standin-{name}", ["-m", "bench.ec2_listing_standin", "--port", "{port}",
+                                                      "--lag", str(lag), *(["--lean"] if lean else [])], "/")
 
     def stats(self) -> dict:
         return json.loads(urllib.request.urlopen(self.url).read())
@@ -105,13 +108,14 @@ def holdings(kind: str, servers: dict) -> tuple[dict[str, int], dict[str, int], 
     return per_entry, per_launch, hidden
 
 
-def one(kind: str, pilots: int, entries: int, cycles: int, lag: float, grace: int, profile: bool) -> dict:
+def one(kind: str, pilots: int, entries: int, cycles: int, lag: float, grace: int, lean: bool,
+        profile: bool) -> dict:
     """One scale, in this process: populate, ``cycles`` back-to-back cycles, then count duplicates."""
     import logging
 
     logging.disable(logging.WARNING)
     work = workplace()
-    servers = {r: Standin(work, r, lag) if kind == "standin" else Moto(work, r) for r in REGIONS}
+    servers = {r: Standin(work, r, lag, lean) if kind == "standin" else Moto(work, r) for r in REGIONS}
     try:
         connect(servers)
         cfg_path = config(work, entries, entry_fields={
@@ -148,7 +152,8 @@ def one(kind: str, pilots: int, entries: int, cycles: int, lag: float, grace: in
         per_entry, per_launch, _ = holdings(kind, servers)
         made = {lid: n for lid, n in per_launch.items() if not lid.startswith("bench.cms.")}  # the factory's
         return {
-            "kind": kind, "pilots": pilots, "entries": entries, "lag": lag if kind == "standin" else 0.0,
+            "kind": kind + ("-lean" if lean and kind == "standin" else ""), "pilots": pilots, "entries": entries,
+            "lag": lag if kind == "standin" else 0.0,
             "setup_s": setup_s, "cycles": rows, "level": level,
             "duplicates": sum(max(0, per_entry.get(entry_name(n), 0) - level) for n in range(entries)),
             "short": sum(max(0, level - per_entry.get(entry_name(n), 0)) for n in range(entries)),
@@ -163,7 +168,7 @@ def one(kind: str, pilots: int, entries: int, cycles: int, lag: float, grace: in
 def in_child(kind: str, pilots: int, args: argparse.Namespace, cycles: int) -> dict:
     argv = [sys.executable, "-m", "bench.bench_factory_100k", "--one", kind, "--pilots", str(pilots),
             "--entries", str(args.entries), "--cycles", str(cycles), "--lag", str(args.lag),
-            "--listing-grace", str(args.listing_grace)]
+            "--listing-grace", str(args.listing_grace), *(["--lean"] if args.lean else [])]
     out = subprocess.run(argv + (["--profile"] if args.profile and kind == "standin" else []), cwd=REPO,
                          capture_output=True, text=True)
     if args.profile and kind == "standin":
@@ -188,12 +193,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--moto-cycles", type=int, default=3)
     ap.add_argument("--listing-grace", type=int, default=300,
                     help="the entries' listing_grace (0 shows what the launch records prevent: duplicates)")
+    ap.add_argument("--lean", action="store_true", help="the stand-in's instances carry only id, state, launch "
+                    "time and tags (by default, all of EC2's description, as botocore would parse from AWS)")
     ap.add_argument("--profile", action="store_true", help="cProfile the last stand-in cycle (to stderr)")
     ap.add_argument("--one", choices=["standin", "moto"], help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.one:
         print("RESULT " + json.dumps(one(args.one, args.pilots, args.entries, args.cycles, args.lag, args.listing_grace,
-                                        args.profile)))
+                                        args.lean, args.profile)))
         return 0
 
     load = os.getloadavg()[0]

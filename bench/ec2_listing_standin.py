@@ -10,6 +10,12 @@ the server a join of ready bytes: moto renders every instance it lists
 (about 1.5 ms of server CPU each), so at 100,000 pilots a benchmark would
 time the emulator instead of the factory.
 
+``detail``: each instance also carries the rest of an EC2 instance's
+description (bench/ec2_instance_detail.xml: block devices, network
+interface, placement, ... as moto renders them for AWS's schema), so the
+client parses as much per instance as it would from AWS; without it, only
+id, state, launch time and tags.
+
 Switches, as real clouds misbehave: ``lag`` (s an instance stays out of
 listings after it was made, by the server's own clock: eventual consistency;
 named by id it is InvalidInstanceID.NotFound meanwhile, as on AWS),
@@ -33,6 +39,7 @@ import threading
 import time
 from collections import Counter
 from datetime import datetime, timezone
+from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs
 from xml.sax.saxutils import escape
@@ -40,14 +47,16 @@ from xml.sax.saxutils import escape
 from airflow_glidein import pilots as P
 
 NS = "http://ec2.amazonaws.com/doc/2016-11-15/"
+DETAIL = (Path(__file__).parent / "ec2_instance_detail.xml").read_text().strip()
 CODES = {"pending": 0, "running": 16, "shutting-down": 32, "terminated": 48}
 
 
 class Instance:
-    __slots__ = ("id", "made", "launched", "tags", "state", "xml")
+    __slots__ = ("id", "made", "launched", "tags", "state", "detail", "xml")
 
-    def __init__(self, iid: str, made: float, launched: float, tags: dict[str, str], state: str) -> None:
-        self.id, self.made, self.launched, self.tags = iid, made, launched, tags
+    def __init__(self, iid: str, made: float, launched: float, tags: dict[str, str], state: str,
+                 detail: str = "") -> None:
+        self.id, self.made, self.launched, self.tags, self.detail = iid, made, launched, tags, detail
         self.set_state(state)
 
     def set_state(self, state: str) -> None:
@@ -57,11 +66,12 @@ class Instance:
             f"<item><instanceId>{self.id}</instanceId><instanceState><code>{CODES[state]}</code><name>{state}"
             f"</name></instanceState><launchTime>{stamp}</launchTime><tagSet>"
             + "".join(f"<item><key>{escape(k)}</key><value>{escape(v)}</value></item>" for k, v in self.tags.items())
-            + "</tagSet></item>").encode()
+            + f"</tagSet>{self.detail}</item>").encode()
 
 
 class EC2Listing:
-    def __init__(self, lag: float = 0.0, throttle_every: int = 0, port: int = 0) -> None:
+    def __init__(self, lag: float = 0.0, throttle_every: int = 0, port: int = 0, detail: bool = False) -> None:
+        self.detail = DETAIL if detail else ""
         self.instances: dict[str, Instance] = {}  # in the order made: a NextToken is a position in it
         self.order: list[Instance] = []
         self.by_launch: dict[str, list[Instance]] = {}
@@ -108,7 +118,7 @@ class EC2Listing:
         made = now - self.lag if listed_now else now
         with self.lock:
             for i in ids:
-                inst = Instance(i, made, now if launched is None else launched, dict(tags), state)
+                inst = Instance(i, made, now if launched is None else launched, dict(tags), state, self.detail)
                 self.instances[i] = inst
                 self.order.append(inst)
                 self.by_launch.setdefault(tags.get(P.TAG_LAUNCH, ""), []).append(inst)
@@ -233,8 +243,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--lag", type=float, default=0.0)
+    ap.add_argument("--lean", action="store_true", help="instances without the rest of EC2's description")
     args = ap.parse_args()
-    server = EC2Listing(lag=args.lag, port=args.port)
+    server = EC2Listing(lag=args.lag, port=args.port, detail=not args.lean)
     print(server.url, flush=True)
     server.httpd.serve_forever()
 
