@@ -28,8 +28,10 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -44,41 +46,54 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class Moto:
-    """moto's server in its own process; every request is one line on its log."""
+class Server:
+    """A provider's server in its own process on 127.0.0.1, so its CPU is not counted as the factory's."""
 
-    def __init__(self, workdir: Path, name: str, stock: bool = False):
+    def __init__(self, workdir: Path, name: str, argv: list[str], ready: str):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log = workdir / f"moto-{name}.log"
-        server = ["-m", "moto.server"] if stock else [str(REPO / "bench" / "moto_indexed_tags.py")]
-        self.proc = subprocess.Popen([sys.executable, *server, "-H", "127.0.0.1", "-p", str(self.port)],
+        self.log = workdir / f"{name}.log"
+        self.proc = subprocess.Popen([sys.executable, *(a.format(port=self.port) for a in argv)], cwd=REPO,
                                      stdout=open(self.log, "w"), stderr=subprocess.STDOUT)
-        for _ in range(200):
+        for _ in range(300):
             try:
-                urllib.request.urlopen(f"{self.url}/moto-api/").read()
+                urllib.request.urlopen(f"{self.url}{ready}").read()
                 return
             except Exception:
                 time.sleep(0.1)
-        raise RuntimeError("moto server did not start")
-
-    def calls(self) -> int:
-        return sum(1 for line in open(self.log) if '"POST / HTTP' in line)
+        raise RuntimeError(f"{name} did not start: {self.log.read_text()[-2000:]}")
 
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait()
 
 
-def config(workdir: Path) -> Path:
+class Moto(Server):
+    """moto's server; every request is one line on its log."""
+
+    def __init__(self, workdir: Path, name: str, stock: bool = False):
+        server = ["-m", "moto.server"] if stock else [str(REPO / "bench" / "moto_indexed_tags.py")]
+        super().__init__(workdir, f"moto-{name}", [*server, "-H", "127.0.0.1", "-p", "{port}"], "/moto-api/")
+
+    def calls(self) -> int:
+        return sum(1 for line in open(self.log) if '"POST / HTTP' in line)
+
+
+def entry_name(n: int) -> str:
+    return f"e{n:03d}"
+
+
+def config(workdir: Path, entries: int = ENTRIES, entry_fields: dict | None = None,
+           factory_fields: dict | None = None) -> Path:
+    """``entries`` EC2 entries over REGIONS; ``entry_fields`` and ``factory_fields`` replace the defaults."""
     entries = [{
-        "name": f"e{n:02d}", "middleware": "ec2", "region": REGIONS[n % len(REGIONS)], "image": "ami-1e749f67",
+        "name": entry_name(n), "middleware": "ec2", "region": REGIONS[n % len(REGIONS)], "image": "ami-1e749f67",
         "flavor": "c5.xlarge", "cores": 4, "trust_domain": f"aws-{REGIONS[n % len(REGIONS)]}",
         "limits": {"max_pilots": 100000, "max_idle": 100000, "max_per_cycle": 0},
-        "policy": {"max_lifetime": LIFETIME},
-    } for n in range(ENTRIES)]
+        "policy": {"max_lifetime": LIFETIME}, **(entry_fields or {}),
+    } for n in range(entries)]
     cfg = {
-        "factory": {"name": "bench-factory", "bootstrap_url": "http://127.0.0.1:8080/glidein"},
+        "factory": {"name": "bench-factory", "bootstrap_url": "http://127.0.0.1:8080/glidein", **(factory_fields or {})},
         "entries": entries,
         "frontends": [{"name": "cms", "demand": {"queue_file": "none.json"}, "entries": [e["name"] for e in entries],
                        "credentials": [f"aws-{r}" for r in REGIONS] + [f"pool-{r}" for r in REGIONS]}],
@@ -97,97 +112,139 @@ def config(workdir: Path) -> Path:
     return path
 
 
-def populate(motos: dict[str, Moto], pilots: int) -> tuple[float, float]:
-    """Make the pilots, the 10% that will be old first; returns (launch time of the young, duration)."""
+def run_instances(servers: dict) -> Callable[[str, dict[str, str], int], None]:
+    """Make pilots at a server the way the factory does (RunInstances with tags)."""
     import boto3
 
-    clients = {r: boto3.client("ec2", region_name=r, endpoint_url=motos[r].url, aws_access_key_id="k",
+    clients = {r: boto3.client("ec2", region_name=r, endpoint_url=servers[r].url, aws_access_key_id="k",
                                aws_secret_access_key="s") for r in REGIONS}
-    per_entry = pilots // ENTRIES
 
-    def make(n: int, entry: int, batch: str) -> None:
-        for start in range(0, n, 500):
-            count = min(500, n - start)
-            tags = {"glidein:factory": "bench-factory", "glidein:frontend": "cms", "glidein:entry": f"e{entry:02d}",
-                    "glidein:launch": f"bench.cms.e{entry:02d}.{batch}{start}", "glidein:request": "bench"}
-            clients[REGIONS[entry % len(REGIONS)]].run_instances(
-                ImageId="ami-1e749f67", InstanceType="c5.xlarge", MinCount=count, MaxCount=count,
-                TagSpecifications=[{"ResourceType": "instance",
-                                    "Tags": [{"Key": k, "Value": v} for k, v in tags.items()]}])
+    def make(region: str, tags: dict[str, str], count: int) -> None:
+        clients[region].run_instances(
+            ImageId="ami-1e749f67", InstanceType="c5.xlarge", MinCount=count, MaxCount=count,
+            TagSpecifications=[{"ResourceType": "instance", "Tags": [{"Key": k, "Value": v} for k, v in tags.items()]}])
+
+    return make
+
+
+def populate(servers: dict, pilots: int, entries: int = ENTRIES, old: tuple[float, ...] = (0.1,),
+             make: Callable[[str, dict[str, str], int], None] | None = None) -> tuple[list[float], float]:
+    """Make the pilots: a cohort per share in ``old`` first (oldest first), then the rest. Returns each
+    cohort's boundary (a time after it and before the next cohort's launch times) and the duration."""
+    make = make or run_instances(servers)
+    per_entry = pilots // entries
+
+    def cohort(n: int, batch: str) -> None:
+        for e in range(entries):
+            for start in range(0, n, 500):
+                tags = {"glidein:factory": "bench-factory", "glidein:frontend": "cms", "glidein:entry": entry_name(e),
+                        "glidein:launch": f"bench.cms.{entry_name(e)}.{batch}{start}", "glidein:request": "bench"}
+                make(REGIONS[e % len(REGIONS)], tags, min(500, n - start))
 
     t0 = time.time()
-    old = per_entry // 10
-    for e in range(ENTRIES):
-        make(old, e, "old")
-    time.sleep(2.5)  # LaunchTime has 1 s resolution: keep the two cohorts apart
-    young_from = time.time() - 0.5
-    for e in range(ENTRIES):
-        make(per_entry - old, e, "young")
-    return young_from, time.time() - t0
+    boundaries = []
+    for j, share in enumerate(old):
+        cohort(int(per_entry * share + 1e-9), f"old{j}-")
+        time.sleep(2.5)  # LaunchTime has 1 s resolution: keep the cohorts apart
+        boundaries.append(time.time() - 0.5)
+    cohort(per_entry - sum(int(per_entry * share + 1e-9) for share in old), "young")
+    return boundaries, time.time() - t0
 
 
-def cycle(cfg_path: Path, motos: dict[str, Moto], young_from: float) -> dict:
-    """One inventory + reaping cycle through the factory's operators; the clock makes the first cohort old."""
+class ParseClock:
+    """CPU seconds botocore spends parsing responses (XML to dicts), summed over the threads that parse."""
+
+    def __init__(self) -> None:
+        from botocore.parsers import ResponseParser
+
+        self.seconds, self.lock, self.original = 0.0, threading.Lock(), ResponseParser.parse
+
+        def timed(parser, response, shape):
+            t = time.thread_time()
+            try:
+                return self.original(parser, response, shape)
+            finally:
+                with self.lock:
+                    self.seconds += time.thread_time() - t
+
+        ResponseParser.parse = timed
+
+
+PARSING: ParseClock | None = None
+
+
+def cycle(cfg_path: Path, servers: dict, now: float, requests: dict | None = None, run_id: str = "bench") -> dict:
+    """One factory cycle through the factory's operators, on the factory's clock ``now``: inventory, plan,
+    submit of the deficit (with ``requests``: the frontends' requests, as collect_requests gives them),
+    reap, verify. Wall and CPU seconds of each step; CPU is this process's (the servers run apart)."""
+    global PARSING
     from concurrent.futures import ThreadPoolExecutor
 
     from airflow_glidein.config import get_config
-    from airflow_glidein.operators import InventoryOperator, PlanCycleOperator, ReapPilotsOperator
+    from airflow_glidein.operators import InventoryOperator, PlanCycleOperator, ReapPilotsOperator, SubmitPilotsOperator
     from airflow_glidein.operators.base import GlideinBaseOperator
     from airflow_glidein.sensors.pilots import still_present
 
-    # the factory's clock, frozen where every young pilot is just under its lifetime and the old cohort past it
+    PARSING = PARSING or ParseClock()
     real_now = GlideinBaseOperator.now
-    GlideinBaseOperator.now = lambda op: young_from + LIFETIME - 1
+    GlideinBaseOperator.now = lambda op: now
     endpoints = {ep: [e.name for e in es] for ep, es in get_config(str(cfg_path)).endpoints().items()}
 
     class TI:
-        pushed: dict = {}
+        def __init__(self):
+            self.pushed = {}
 
         def xcom_push(self, key, value):
             self.pushed[key] = value
 
     def calls() -> int:
-        return sum(m.calls() for m in motos.values())
+        return sum(m.calls() for m in servers.values())
 
-    def per_endpoint(make):
+    def per_endpoint(work):
         with ThreadPoolExecutor(len(endpoints)) as pool:  # the DAG's endpoint task groups, side by side
-            return list(pool.map(lambda names: make(names).execute(ctx), endpoints.values()))
+            return list(pool.map(work, endpoints.values()))
 
-    ctx = {"run_id": "bench", "ti": TI()}
-    figures = {}
-    calls0 = calls()
-    t = time.perf_counter()
-    invs = per_endpoint(lambda names: InventoryOperator(task_id="inventory", entries=names, config_file=str(cfg_path)))
-    figures["inventory_s"] = time.perf_counter() - t
-    figures["inventory_calls"] = calls() - calls0
-    t1 = time.perf_counter()
-    PlanCycleOperator(task_id="plan_cycle", requests={}, inventory=invs, config_file=str(cfg_path)).execute(ctx)
-    figures["plan_s"] = time.perf_counter() - t1
+    ctx = {"run_id": run_id, "ti": TI()}
+    figures: dict = {}
+    marks = [(time.perf_counter(), time.process_time(), PARSING.seconds, calls())]
+
+    def step(name: str) -> None:
+        marks.append((time.perf_counter(), time.process_time(), PARSING.seconds, calls()))
+        (w0, c0, p0, n0), (w1, c1, p1, n1) = marks[-2:]
+        figures.update({f"{name}_s": w1 - w0, f"{name}_cpu": c1 - c0, f"{name}_parse": p1 - p0,
+                        f"{name}_calls": n1 - n0})
+
+    invs = per_endpoint(lambda names: InventoryOperator(
+        task_id="inventory", entries=names, config_file=str(cfg_path)).execute(ctx))
+    step("inventory")
+    work = PlanCycleOperator(task_id="plan_cycle", requests=requests or {}, inventory=invs,
+                             config_file=str(cfg_path)).execute(ctx)
     actions = ctx["ti"].pushed["actions"]
-    calls1 = calls()
-    t2 = time.perf_counter()
+    step("plan")
+    submitted = [r for part in per_endpoint(lambda names: [  # the mapped submit_pilots of the endpoint's entries
+        SubmitPilotsOperator(task_id="submit_pilots", work=w, config_file=str(cfg_path)).execute(ctx)
+        for w in work if w["entry"] in names]) for r in part]
+    step("submit")
     done = [t for r in per_endpoint(lambda names: ReapPilotsOperator(
-        task_id="reap_pilots", actions=actions, entries=names, config_file=str(cfg_path))) for t in r]
-    figures["reap_s"] = time.perf_counter() - t2
-    figures["reap_calls"] = calls() - calls1
-    calls2 = calls()
-    t3 = time.perf_counter()
-    with ThreadPoolExecutor(len(endpoints)) as pool:
-        left = [i for part in pool.map(lambda names: still_present(str(cfg_path), [d for d in done if d["entry"] in names]),
-                                       endpoints.values()) for i in part]
-    figures["verify_s"] = time.perf_counter() - t3
-    figures["verify_calls"] = calls() - calls2
-    figures["cycle_s"] = time.perf_counter() - t
-    figures["calls"] = calls() - calls0
+        task_id="reap_pilots", actions=actions, entries=names, config_file=str(cfg_path)).execute(ctx)) for t in r]
+    step("reap")
+    left = [i for part in per_endpoint(lambda names: still_present(
+        str(cfg_path), [d for d in done if d["entry"] in names])) for i in part]
+    step("verify")
+    (w0, c0, p0, n0), (w1, c1, p1, n1) = marks[0], marks[-1]
+    figures.update({"cycle_s": w1 - w0, "cpu_s": c1 - c0, "parse_s": p1 - p0, "calls": n1 - n0})
     figures["pilots_listed"] = sum(c.get("total", 0) for inv in invs for fes in inv["counts"].values()
                                    for c in fes.values())
+    figures["planned"] = sum(b["count"] for w in work for b in w["launches"])
+    figures["created"] = sum(len(x["created"]) for r in submitted for x in r["launched"])
     figures["terminated"] = len(actions)
     figures["left_after_terminate"] = len(left)
     GlideinBaseOperator.now = real_now
     return figures
 
 
-def run(pilots: int, stock: bool) -> dict:
+def workplace() -> Path:
+    """A fresh AIRFLOW_HOME and state store for this process (a store's URL is resolved once per process)."""
     work = Path(tempfile.mkdtemp(prefix="glidein-bench-"))
     os.environ.update({
         "AIRFLOW_HOME": str(work), "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
@@ -195,15 +252,25 @@ def run(pilots: int, stock: bool) -> dict:
         "AIRFLOW__LOGGING__LOGGING_LEVEL": "WARNING", "AWS_EC2_METADATA_DISABLED": "true",
         "GLIDEIN_STATE_URL": f"sqlite:///{work}/state.db",
     })
+    return work
+
+
+def connect(servers: dict) -> None:
+    """The factory's connections: one per region (its server), and the pool's token."""
+    for r, server in servers.items():
+        os.environ[f"AIRFLOW_CONN_BENCH_AWS_{r.replace('-', '_').upper()}"] = json.dumps({
+            "conn_type": "aws", "login": "k", "password": "s", "extra": {"endpoint_url": server.url}})
+    os.environ["AIRFLOW_CONN_BENCH_POOL"] = json.dumps({"conn_type": "generic", "password": "x.y.z"})
+
+
+def run(pilots: int, stock: bool) -> dict:
+    work = workplace()
     motos = {r: Moto(work, r, stock) for r in REGIONS}
     try:
-        for r, moto in motos.items():
-            os.environ[f"AIRFLOW_CONN_BENCH_AWS_{r.replace('-', '_').upper()}"] = json.dumps({
-                "conn_type": "aws", "login": "k", "password": "s", "extra": {"endpoint_url": moto.url}})
-        os.environ["AIRFLOW_CONN_BENCH_POOL"] = json.dumps({"conn_type": "generic", "password": "x.y.z"})
+        connect(motos)
         cfg_path = config(work)
-        young_from, setup_s = populate(motos, pilots)
-        figures = cycle(cfg_path, motos, young_from)
+        (young_from,), setup_s = populate(motos, pilots)
+        figures = cycle(cfg_path, motos, young_from + LIFETIME - 1)
         figures["setup_s"] = setup_s
         return figures
     finally:

@@ -12,6 +12,7 @@ BENCHES = [
     "bench.bench_demand",  # 1,000,000 jobs, 500 shapes, 200 entries
     "bench.bench_budget",  # token cost; 500 Nova servers within 500 calls / 5 min
     "bench.bench_factory_scale",  # inventory + reaping over 10,000 pilots in 20 entries
+    "bench.bench_factory_100k",  # the factory cycle at 100,000 pilots in 200 entries under listing lag; moto beside
     "bench.bench_boot_storm",  # 10,000 pilots exchange and upload against two bootstrap service processes
     "bench.bench_pilots_page",  # the Pilots page over 100,000 pilots and 30 days of history
 ]
