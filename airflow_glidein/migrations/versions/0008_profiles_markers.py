@@ -1,7 +1,7 @@
 """Launch markers: the key pair each launch gets on an EC2-compatible cloud whose tags cannot be trusted.
 
-Revision ID: 0007
-Revises: 0006
+Revision ID: 0008
+Revises: 0007
 Create Date: 2026-12-04
 
 - ``glidein_markers``: (entry, name) of a marker made at the provider (kind
@@ -16,8 +16,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0007"
-down_revision = "0006"
+revision = "0008"
+down_revision = "0007"
 branch_labels = None
 depends_on = None
 
