@@ -27,6 +27,7 @@ marking left instances that carry the marker already.
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 
 RELIABLE, MAY_NOOP = "reliable", "may_noop"
@@ -62,8 +63,10 @@ PROFILES = {
 
 
 def default_profile(endpoint: str | None) -> str:
-    """An entry that names its own endpoint is an EC2-compatible cloud: assume nothing (generic)."""
-    return "generic" if endpoint else "aws"
+    """AWS (no endpoint named, or one of AWS's own EC2 hosts, as glideinWMS gatekeepers name them) honours
+    everything; any other endpoint is an EC2-compatible cloud: assume nothing (generic)."""
+    host = re.sub(r"^[a-z]+://", "", endpoint or "").split("/")[0].split(":")[0].lower()
+    return "aws" if not host or host.endswith((".amazonaws.com", ".amazonaws.com.cn")) else "generic"
 
 
 def resolve(options: dict, endpoint: str | None) -> Profile:

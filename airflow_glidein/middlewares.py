@@ -129,7 +129,7 @@ class EC2Options(EntryOptions):
     spot: bool = False  # one-time spot instances, terminated on interruption
     spot_max_price: Annotated[float, Field(gt=0)] | None = None  # default: the on-demand price
     # what the endpoint honours (airflow_glidein/ec2_profiles.py): aws | eucalyptus | generic; default aws,
-    # generic for an entry that names its own endpoint (an EC2-compatible cloud)
+    # generic for an entry that names an endpoint other than AWS's own (an EC2-compatible cloud)
     profile: str | None = None
     max_per_call: Annotated[int, Field(ge=1)] | None = None  # instances per RunInstances (default: the profile's)
     # what marks a launch where tags cannot be trusted: its own key pair (default), or its own (empty)

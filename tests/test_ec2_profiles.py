@@ -173,3 +173,13 @@ def test_a_call_above_what_eucalyptus_places_is_split_to_its_size(ec2_compat):
     made = [c.status for c in ec2_compat.calls if c.path == "RunInstances"]
     assert made.count(200) == 3 and set(made) <= {200, 503}  # 2 + 2 + 1 after the refusals
     assert hook.launch(LaunchSpec("run1.cms.0", "cms", 5, "ami-1e749f67", "#!/bin/sh\n"))["created"] == []
+
+
+def test_the_default_profile_is_aws_at_aws_own_endpoints_and_generic_elsewhere():
+    from airflow_glidein.ec2_profiles import default_profile
+
+    assert default_profile(None) == "aws"
+    assert default_profile("ec2.us-east-1.amazonaws.com") == "aws"  # as import-gwms writes a gatekeeper
+    assert default_profile("https://ec2.cn-north-1.amazonaws.com.cn/") == "aws"
+    assert default_profile("https://euca.example.org:8773/services/compute") == "generic"
+    assert default_profile("amazonaws.com.evil.example") == "generic"
