@@ -33,8 +33,9 @@ endpoint processes' (RUSAGE_CHILDREN, read after each step's pool is
 joined; the servers run apart and are waited for only at the end);
 botocore's parsing of the responses is timed apart (thread CPU inside
 botocore.parsers.ResponseParser.parse, each endpoint process returning its
-own). Peak RSS is the largest factory process's (the bench's or an endpoint
-process's): the 2 GiB goal is per factory task process.
+own). Peak RSS is the largest factory process's (the bench's, or an
+endpoint process's as it reports its own ru_maxrss): the 2 GiB goal is per
+factory task process.
 
 Goals (issue 14), printed PASS/FAIL: at 100,000 pilots in 200 entries the
 cycle (median of ``--cycles``) takes at most 60 s, the peak RSS of a factory

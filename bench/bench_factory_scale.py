@@ -175,11 +175,13 @@ class ParseClock:
 
 PARSING: ParseClock | None = None
 _STEP = None  # the step's per-endpoint work, for the forked children (so lambdas need not pickle)
+CHILD_PEAK = 0  # bytes: the largest peak RSS an endpoint process reported
 
 
 def _endpoint_task(names: list[str]):
     """One endpoint group's step in a forked child, as its own task instance: with state of its own (no
-    provider socket or database connection shared with the parent), the botocore parse seconds returned."""
+    provider socket or database connection shared with the parent); returns the result, botocore's parse
+    seconds and the child's peak RSS (its own: RUSAGE_CHILDREN would count the reaped servers too)."""
     from airflow_glidein import state
     from airflow_glidein.hooks import base
 
@@ -188,7 +190,7 @@ def _endpoint_task(names: list[str]):
         state.store().engine.dispose(close=False)  # drop the parent's connections without closing them
     parsed = PARSING.seconds
     result = _STEP(names)
-    return result, PARSING.seconds - parsed
+    return result, PARSING.seconds - parsed, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def children_cpu() -> float:
@@ -198,8 +200,8 @@ def children_cpu() -> float:
 
 
 def peak_rss() -> int:
-    """Bytes: the peak RSS of the largest factory process, this one or a child waited for."""
-    return max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)) * 1024
+    """Bytes: the peak RSS of the largest factory process, this one or an endpoint process."""
+    return max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, CHILD_PEAK)
 
 
 def cycle(cfg_path: Path, servers: dict, now: float, requests: dict | None = None, run_id: str = "bench",
@@ -235,12 +237,15 @@ def cycle(cfg_path: Path, servers: dict, now: float, requests: dict | None = Non
 
     def per_endpoint(work):
         """The DAG's endpoint task groups, side by side: a process each (a thread each with ``threads``)."""
-        global _STEP
+        global _STEP, CHILD_PEAK
         if threads:
             with ThreadPoolExecutor(len(endpoints)) as pool:
                 return list(pool.map(work, endpoints.values()))
         _STEP = work
-        # a fresh pool per step, one task per process, joined so its CPU and peak RSS reach RUSAGE_CHILDREN
+        from airflow_glidein import state
+
+        state.store()  # migrated (and SQLite in WAL) before the fork: children do not race to make the schema
+        # a fresh pool per step, one task per process, joined so its CPU reaches RUSAGE_CHILDREN
         pool = multiprocessing.get_context("fork").Pool(len(endpoints), maxtasksperchild=1)
         try:
             done = pool.map(_endpoint_task, list(endpoints.values()), chunksize=1)
@@ -248,8 +253,9 @@ def cycle(cfg_path: Path, servers: dict, now: float, requests: dict | None = Non
             pool.close()
             pool.join()
             _STEP = None
-        PARSING.seconds += sum(parsed for _, parsed in done)
-        return [result for result, _ in done]
+        PARSING.seconds += sum(parsed for _, parsed, _ in done)
+        CHILD_PEAK = max([CHILD_PEAK] + [rss for _, _, rss in done])
+        return [result for result, _, _ in done]
 
     def cpu() -> float:
         return time.process_time() + children_cpu()
