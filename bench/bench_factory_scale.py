@@ -4,8 +4,11 @@
 lifetime. Times the factory's own operators as the factory DAG runs them:
 the per-endpoint tasks (inventory, then reap_pilots and the verify check)
 side by side, as the DAG's endpoint task groups do on several workers, and
-plan_cycle between them. Counts the provider API calls at the servers and
-reports the peak memory of the factory process. Each region is its own
+plan_cycle between them. Each endpoint group's step runs in a process of its
+own (forked), as each is an Airflow task instance of its own; ``--threads``
+runs them as threads of one process instead (one GIL), for comparison.
+Counts the provider API calls at the servers and reports the peak memory of
+the largest factory process (the bench's, or an endpoint task's). Each region is its own
 endpoint, as on AWS, so each gets its own moto server (and connection).
 The servers run through bench/moto_indexed_tags.py, which looks an instance's
 tags up by id: stock moto scans every tag in the region for each instance it
@@ -15,7 +18,7 @@ would time moto, not the factory (--stock-moto shows that).
 Goals (issue 7): calls grow with entries and pages, not with pilots; the
 cycle takes at most 60 s on this machine at 10,000 pilots.
 
-    python -m bench.bench_factory_scale [--pilots 10000] [--also 2000] [--stock-moto]
+    python -m bench.bench_factory_scale [--pilots 10000] [--also 2000] [--stock-moto] [--threads]
 """
 
 from __future__ import annotations
@@ -171,13 +174,45 @@ class ParseClock:
 
 
 PARSING: ParseClock | None = None
+_STEP = None  # the step's per-endpoint work, for the forked children (so lambdas need not pickle)
+CHILD_PEAK = 0  # bytes: the largest peak RSS an endpoint process reported
 
 
-def cycle(cfg_path: Path, servers: dict, now: float, requests: dict | None = None, run_id: str = "bench") -> dict:
+def _endpoint_task(names: list[str]):
+    """One endpoint group's step in a forked child, as its own task instance: with state of its own (no
+    provider socket or database connection shared with the parent); returns the result, botocore's parse
+    seconds and the child's peak RSS (its own: RUSAGE_CHILDREN would count the reaped servers too)."""
+    from airflow_glidein import state
+    from airflow_glidein.hooks import base
+
+    base._clients.clear()  # their urllib3 sockets are the parent's: build this process's own clients
+    if state._store.cache_info().currsize:
+        state.store().engine.dispose(close=False)  # drop the parent's connections without closing them
+    parsed = PARSING.seconds
+    result = _STEP(names)
+    return result, PARSING.seconds - parsed, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def children_cpu() -> float:
+    """CPU seconds of this process's children that have been waited for (the endpoint tasks' processes)."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def peak_rss() -> int:
+    """Bytes: the peak RSS of the largest factory process, this one or an endpoint process."""
+    return max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, CHILD_PEAK)
+
+
+def cycle(cfg_path: Path, servers: dict, now: float, requests: dict | None = None, run_id: str = "bench",
+          threads: bool = False) -> dict:
     """One factory cycle through the factory's operators, on the factory's clock ``now``: inventory, plan,
     submit of the deficit (with ``requests``: the frontends' requests, as collect_requests gives them),
-    reap, verify. Wall and CPU seconds of each step; CPU is this process's (the servers run apart)."""
+    reap, verify. The endpoint groups' steps run in a forked process each (``threads``: a thread each).
+    Wall and CPU seconds of each step; CPU is this process's and its endpoint processes' (the servers
+    run apart), botocore's parsing likewise."""
     global PARSING
+    import multiprocessing
     from concurrent.futures import ThreadPoolExecutor
 
     from airflow_glidein.config import get_config
@@ -201,15 +236,36 @@ def cycle(cfg_path: Path, servers: dict, now: float, requests: dict | None = Non
         return sum(m.calls() for m in servers.values())
 
     def per_endpoint(work):
-        with ThreadPoolExecutor(len(endpoints)) as pool:  # the DAG's endpoint task groups, side by side
-            return list(pool.map(work, endpoints.values()))
+        """The DAG's endpoint task groups, side by side: a process each (a thread each with ``threads``)."""
+        global _STEP, CHILD_PEAK
+        if threads:
+            with ThreadPoolExecutor(len(endpoints)) as pool:
+                return list(pool.map(work, endpoints.values()))
+        _STEP = work
+        from airflow_glidein import state
+
+        state.store()  # migrated (and SQLite in WAL) before the fork: children do not race to make the schema
+        # a fresh pool per step, one task per process, joined so its CPU reaches RUSAGE_CHILDREN
+        pool = multiprocessing.get_context("fork").Pool(len(endpoints), maxtasksperchild=1)
+        try:
+            done = pool.map(_endpoint_task, list(endpoints.values()), chunksize=1)
+        finally:
+            pool.close()
+            pool.join()
+            _STEP = None
+        PARSING.seconds += sum(parsed for _, parsed, _ in done)
+        CHILD_PEAK = max([CHILD_PEAK] + [rss for _, _, rss in done])
+        return [result for result, _, _ in done]
+
+    def cpu() -> float:
+        return time.process_time() + children_cpu()
 
     ctx = {"run_id": run_id, "ti": TI()}
     figures: dict = {}
-    marks = [(time.perf_counter(), time.process_time(), PARSING.seconds, calls())]
+    marks = [(time.perf_counter(), cpu(), PARSING.seconds, calls())]
 
     def step(name: str) -> None:
-        marks.append((time.perf_counter(), time.process_time(), PARSING.seconds, calls()))
+        marks.append((time.perf_counter(), cpu(), PARSING.seconds, calls()))
         (w0, c0, p0, n0), (w1, c1, p1, n1) = marks[-2:]
         figures.update({f"{name}_s": w1 - w0, f"{name}_cpu": c1 - c0, f"{name}_parse": p1 - p0,
                         f"{name}_calls": n1 - n0})
@@ -263,14 +319,14 @@ def connect(servers: dict) -> None:
     os.environ["AIRFLOW_CONN_BENCH_POOL"] = json.dumps({"conn_type": "generic", "password": "x.y.z"})
 
 
-def run(pilots: int, stock: bool) -> dict:
+def run(pilots: int, stock: bool, threads: bool = False) -> dict:
     work = workplace()
     motos = {r: Moto(work, r, stock) for r in REGIONS}
     try:
         connect(motos)
         cfg_path = config(work)
         (young_from,), setup_s = populate(motos, pilots)
-        figures = cycle(cfg_path, motos, young_from + LIFETIME - 1)
+        figures = cycle(cfg_path, motos, young_from + LIFETIME - 1, threads=threads)
         figures["setup_s"] = setup_s
         return figures
     finally:
@@ -283,14 +339,17 @@ def main() -> int:
     ap.add_argument("--pilots", type=int, default=10000)
     ap.add_argument("--also", type=int, default=2000, help="a smaller scale, to show calls do not grow with pilots")
     ap.add_argument("--stock-moto", action="store_true", help="moto's server as shipped (tag lookups scan the region)")
+    ap.add_argument("--threads", action="store_true",
+                    help="the endpoint groups as threads of one process (default: a process each, as task instances)")
     args = ap.parse_args()
     import logging
 
     logging.disable(logging.WARNING)
-    results = {n: run(n, args.stock_moto) for n in sorted({args.also, args.pilots}) if n}
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    results = {n: run(n, args.stock_moto, args.threads) for n in sorted({args.also, args.pilots}) if n}
+    peak_mb = peak_rss() / 2**20
     print(f"Factory inventory + reaping cycle on moto's EC2 servers, {ENTRIES} entries in {len(REGIONS)} regions "
-          f"(one endpoint, server and task group each; {'stock moto' if args.stock_moto else 'moto, tags indexed'})")
+          f"(one endpoint, server and task group each, the groups as {'threads' if args.threads else 'processes'}; "
+          f"{'stock moto' if args.stock_moto else 'moto, tags indexed'})")
     print(f"{'pilots':>8} {'listed':>7} {'reaped':>7} {'calls':>6} {'inv s':>7} {'plan s':>7} {'reap s':>7} "
           f"{'verify s':>8} {'cycle s':>8} {'left':>5}")
     for n, f in results.items():
@@ -302,7 +361,7 @@ def main() -> int:
     print(f"API calls at {max(results)} pilots: {big['inventory_calls']} listing + {big['reap_calls']} terminate + "
           f"{big['verify_calls']} verify (moto pages by reservation; AWS, at 1,000 instances a page, would take "
           f"{pages} listing calls)")
-    print(f"peak RSS of the factory process: {peak_mb:.0f} MB")
+    print(f"peak RSS of the largest factory process: {peak_mb:.0f} MB")
     calls = [f["calls"] for f in results.values()]
     ok_calls = len(set(calls)) == 1
     ok_time = big["cycle_s"] <= 60
